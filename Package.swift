@@ -1,0 +1,44 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+// The layers of Docs/architecture.md; imports only point down. ArchitectureTests checks
+// every `import` in Sources/ against the table in that document.
+let package = Package(
+    name: "Vireo",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "vireo", targets: ["vireo"]),
+        .library(name: "VireoABI", targets: ["VireoABI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // The guest ABI in C (Hypercalls/): imported by Swift, included by C and Embedded Swift guests.
+        .target(
+            name: "VireoHypercalls",
+            path: "Hypercalls",
+            exclude: ["README.md"],
+            sources: ["abi.c"],
+            publicHeadersPath: "include",
+            cSettings: [.unsafeFlags(["-std=c11", "-Wall", "-Wextra", "-Werror"])]
+        ),
+        // Typed Swift names over the C ABI: DomainID, GrantRef, EventPort, Hypercall, XenError...
+        .target(name: "VireoABI", dependencies: ["VireoHypercalls"]),
+        // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
+        .target(name: "VireoBench"),
+        .executableTarget(
+            name: "vireo",
+            dependencies: [
+                "VireoABI",
+                "VireoBench",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "VireoABITests", dependencies: ["VireoABI"]),
+        .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
+        .testTarget(name: "ArchitectureTests"),
+        .testTarget(name: "CLITests", dependencies: ["vireo"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

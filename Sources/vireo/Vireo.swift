@@ -1,0 +1,15 @@
+import ArgumentParser
+import VireoABI
+
+/// `vireo`: the command operators and developers type.
+@main
+struct Vireo: AsyncParsableCommand {
+    static let version = "0.1.0-dev"
+
+    static let configuration = CommandConfiguration(
+        commandName: "vireo",
+        abstract: "A paravirtualized microhypervisor toolkit with Xen's guest ABI.",
+        version: "vireo \(version) (guest ABI \(vireoABIVersion), Xen interface 4.14)",
+        subcommands: [ABICommand.self, BenchCommand.self]
+    )
+}

@@ -1,0 +1,59 @@
+import Foundation
+import Testing
+
+/// The built `vireo` executable, run as a user would.
+@Suite struct CLITests {
+    static var vireo: URL {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vireo")
+    }
+
+    static func run(_ arguments: [String]) throws -> (status: Int32, out: String, err: String) {
+        let process = Process()
+        process.executableURL = vireo
+        process.arguments = arguments
+        let out = Pipe(), err = Pipe()
+        process.standardOutput = out
+        process.standardError = err
+        try process.run()
+        let outData = out.fileHandleForReading.readDataToEndOfFile()
+        let errData = err.fileHandleForReading.readDataToEndOfFile()
+        process.waitUntilExit()
+        return (process.terminationStatus, String(decoding: outData, as: UTF8.self), String(decoding: errData, as: UTF8.self))
+    }
+
+    @Test func versionNamesTheABI() throws {
+        let r = try Self.run(["--version"])
+        #expect(r.status == 0)
+        #expect(r.out.hasPrefix("vireo "))
+        #expect(r.out.contains("guest ABI 1"))
+    }
+
+    @Test func abiPrintsTheSupportedTable() throws {
+        let r = try Self.run(["abi"])
+        #expect(r.status == 0)
+        #expect(r.out.contains("event_channel_op"))
+        #expect(r.out.contains("EVTCHNOP_send"))
+        #expect(!r.out.contains("mmu_update"), "unsupported calls only with --all")
+        let all = try Self.run(["abi", "--all"])
+        #expect(all.out.contains("mmu_update"))
+        #expect(all.out.contains("GNTTABOP_set_version"))
+    }
+
+    @Test func abiJSONIsOneObject() throws {
+        let r = try Self.run(["abi", "--json"])
+        #expect(r.status == 0)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(r.out.utf8)) as? [String: Any])
+        let calls = try #require(object["hypercalls"] as? [[String: Any]])
+        #expect(calls.count == 50)
+        #expect(object["unsupported_result"] as? Int == -38)
+    }
+
+    @Test func unknownBenchmarkIsRefusedByName() throws {
+        let r = try Self.run(["bench", "no-such-bench", "--json"])
+        #expect(r.status != 0)
+        #expect(r.err.contains("no benchmark named 'no-such-bench'"))
+        let missing = try Self.run(["bench"])
+        #expect(missing.status != 0)
+        #expect(missing.err.contains("--list"))
+    }
+}
