@@ -25,6 +25,13 @@ let package = Package(
         ),
         // Typed Swift names over the C ABI: DomainID, GrantRef, EventPort, Hypercall, XenError...
         .target(name: "VireoABI", dependencies: ["VireoHypercalls"]),
+        // Atomics and fences on memory Swift does not own (shared pages); freestanding C.
+        .target(name: "VireoAtomics"),
+        // The Linux calls Swift cannot make directly (memfd_create, variadic ioctl). Host-only.
+        .target(name: "VireoLinux"),
+        // The shared-memory core: guest memory, grant tables, event channels, shared rings.
+        // Pure logic over memory: no KVM, no threads of its own, no files.
+        .target(name: "VireoCore", dependencies: ["VireoABI", "VireoHypercalls", "VireoAtomics", "VireoLinux"]),
         // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
         .target(name: "VireoBench"),
         .executableTarget(
@@ -37,6 +44,7 @@ let package = Package(
         ),
         .testTarget(name: "VireoABITests", dependencies: ["VireoABI"]),
         .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
+        .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
     ],
