@@ -17,4 +17,12 @@ unsigned int vireo_mfd_cloexec(void);
 int vireo_ioctl_ptr(int fd, unsigned long request, void *arg);
 int vireo_ioctl_int(int fd, unsigned long request, unsigned long arg);
 
+/*
+ * futex(2) on a 32-bit word: wait while *addr == expected (up to timeout_ns, or forever when
+ * negative); returns 0 when woken, -1 with errno EAGAIN (value changed), ETIMEDOUT or EINTR.
+ * wake wakes up to `count` waiters and returns how many woke.
+ */
+int vireo_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns);
+int vireo_futex_wake(uint32_t *addr, int count);
+
 #endif
