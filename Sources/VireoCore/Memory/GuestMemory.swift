@@ -147,6 +147,14 @@ public final class GuestMemory: @unchecked Sendable {
         return try translate(gpa, count: Self.pageSize)
     }
 
+    /// Whether `frame` is a RAM page the guest owns (not hidden by a placed special frame):
+    /// the only pages a guest may grant.
+    public func isRAM(_ frame: GuestFrame) -> Bool {
+        guard frame.rawValue < ramFrames else { return false }
+        guard anyPlaced.load(ordering: .acquiring) else { return true }
+        return physmap.withLock { $0.placed[frame.rawValue] == nil }
+    }
+
     /// Whether `frame` is guest memory (RAM or a placed special frame).
     public func contains(frame: GuestFrame) -> Bool {
         (try? region(frame: frame)) != nil
