@@ -366,5 +366,17 @@ import VireoABI
         #expect(weakOwner != nil)
         try hub.removeDomain(DomainID(9))
         #expect(weakOwner == nil)
+
+        // Connected domains still registered when the hub goes away are released with it.
+        weak var weakMemory: GuestMemory?
+        do {
+            let hub = EventChannels()
+            let a = try SimulatedGuest(hub, id: 1)
+            let b = try SimulatedGuest(hub, id: 2)
+            let p = try hub.allocUnbound(caller: a.id, in: .calling, remote: b.id)
+            _ = try hub.bindInterdomain(caller: b.id, remoteDomain: a.id, remotePort: p)
+            weakMemory = a.memory
+        }
+        #expect(weakMemory == nil)
     }
 }

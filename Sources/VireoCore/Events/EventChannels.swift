@@ -23,6 +23,12 @@ public final class EventChannels: Sendable {
 
     public init() {}
 
+    /// Interdomain bindings point at each other's domains; removing every domain breaks those
+    /// cycles so their owners (guest memory) are released with the hub.
+    deinit {
+        for id in registry.withLock({ Array($0.keys) }) { try? removeDomain(id) }
+    }
+
     // MARK: Domains
 
     /// Registers a domain's event channel state.
