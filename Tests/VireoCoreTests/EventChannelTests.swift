@@ -13,6 +13,8 @@ import VireoHypercalls
         #expect(TwoLevelLayout.sharedInfoSize == MemoryLayout<vireo_shared_info>.size)
         #expect(TwoLevelLayout.pendingOffset == MemoryLayout<vireo_shared_info>.offset(of: \.evtchn_pending))
         #expect(TwoLevelLayout.maskOffset == MemoryLayout<vireo_shared_info>.offset(of: \.evtchn_mask))
+        #expect(TwoLevelLayout.maskOffset == TwoLevelLayout.pendingOffset + TwoLevelLayout.bitmapBytes)
+        #expect(TwoLevelLayout.bitmapBytes == TwoLevelLayout.portCount / 8)
         #expect(TwoLevelLayout.vcpuInfoSize == MemoryLayout<vireo_vcpu_info>.size)
         #expect(TwoLevelLayout.upcallPendingOffset == MemoryLayout<vireo_vcpu_info>.offset(of: \.evtchn_upcall_pending))
         #expect(TwoLevelLayout.upcallMaskOffset == MemoryLayout<vireo_vcpu_info>.offset(of: \.evtchn_upcall_mask))

@@ -62,7 +62,7 @@ public final class EventChannels: Sendable {
         try registry.withLock { (domains: inout [DomainID: EventDomain]) throws(XenError) in
             guard domains[id] == nil else { throw .EEXIST }
             // Cleared under the registry lock, before anyone can find the domain.
-            sharedInfo.fill(0, at: TwoLevelLayout.pendingOffset, count: 2 * TwoLevelLayout.bitsPerWord * 8)
+            sharedInfo.fill(0, at: TwoLevelLayout.pendingOffset, count: 2 * TwoLevelLayout.bitmapBytes)  // pending, then mask
             for vcpu in 0..<min(vcpus, TwoLevelLayout.legacyVcpuSlots) {
                 let slot = vcpu * TwoLevelLayout.vcpuInfoSize
                 sharedInfo.storeRelease64(0, at: slot + TwoLevelLayout.pendingSelOffset)

@@ -18,6 +18,8 @@ public enum TwoLevelLayout {
     public static let pendingOffset = 2048
     /// `shared_info.evtchn_mask[0]`.
     public static let maskOffset = 2560
+    /// Bytes in each of the two bitmaps (64 words of 8 bytes).
+    public static let bitmapBytes = 512
     /// Bytes of one vcpu_info record.
     public static let vcpuInfoSize = 64
     /// vCPUs whose vcpu_info has a slot in shared_info (`VIREO_XEN_LEGACY_MAX_VCPUS`).
