@@ -44,7 +44,7 @@ let package = Package(
         ),
         .testTarget(name: "VireoABITests", dependencies: ["VireoABI"]),
         .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
-        .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
     ],
