@@ -50,6 +50,14 @@ struct RingSlots: Sendable {
         region.store(value, at: offset)
     }
 
+    /// Zeroes slot `index` and hands it to `body` to write field by field.
+    @inlinable @inline(__always)
+    func write<T: BitwiseCopyable>(fieldsOf type: T.Type, at index: UInt32, _ body: (RingSlotWriter<T>) -> Void) {
+        let offset = offset(of: index)
+        region.fill(0, at: offset, count: entrySize)
+        body(RingSlotWriter(region: region, offset: offset))
+    }
+
     /// Copies slot `index` out of shared memory, once (XSA-155).
     @inlinable @inline(__always)
     func read<T: BitwiseCopyable>(_ type: T.Type, at index: UInt32) -> T {
@@ -85,6 +93,30 @@ struct RingSlots: Sendable {
     func requestEvent(after consumed: UInt32, eventAt eventOffset: Int) {
         region.storeRelease32(consumed &+ 1, at: eventOffset)
         Barrier.full()
+    }
+}
+
+/// One ring slot, zeroed, being written field by field (see
+/// ``BackRing/produceResponse(fields:)``). Only the bytes of the fields set are written; every
+/// other byte of the slot, padding included, stays zero.
+public struct RingSlotWriter<Entry: BitwiseCopyable> {
+    @usableFromInline let region: SharedRegion
+    @usableFromInline let offset: Int
+
+    @inlinable
+    init(region: SharedRegion, offset: Int) {
+        self.region = region
+        self.offset = offset
+    }
+
+    /// Writes one stored field of the entry (`\.status`, `\.seg.0.gref`). Set leaf fields:
+    /// a field that is itself a struct with padding would copy that padding.
+    @inlinable @inline(__always)
+    public func set<Field: BitwiseCopyable>(_ field: WritableKeyPath<Entry, Field>, to value: Field) {
+        guard let fieldOffset = MemoryLayout<Entry>.offset(of: field) else {
+            preconditionFailure("a key path that is not a stored field of the ring entry")
+        }
+        region.store(value, at: offset + fieldOffset)
     }
 }
 
@@ -303,14 +335,38 @@ public struct BackRing<Request: BitwiseCopyable, Response: BitwiseCopyable>: Sen
     }
 
     /// Writes `response` into the slot of the oldest unanswered request: the whole slot, the
-    /// response's bytes and zeroes for the rest (XSA-216). The front sees it after
-    /// ``pushResponsesAndCheckNotify()``. Throws ``RingError/noRequestToAnswer`` when every
-    /// consumed request is answered: the back never writes a slot the front may be filling.
+    /// response's bytes and zeroes for the rest of it (XSA-216), so nothing of the request the
+    /// slot held is left. The front sees it after ``pushResponsesAndCheckNotify()``. Throws
+    /// ``RingError/noRequestToAnswer`` when every consumed request is answered: the back never
+    /// writes a slot the front may be filling.
+    ///
+    /// The response's own padding bytes (blkif_response has five) are copied as the value
+    /// holds them, and Swift makes no promise about those: code that is not specialised for
+    /// the response type copies the value from a temporary whose padding is whatever the stack
+    /// held. For a response type with padding, ``produceResponse(fields:)`` is the form that
+    /// guarantees every padding byte is zero.
     @inlinable
     public mutating func produceResponse(_ response: Response) throws(RingError) {
         guard !isDisconnected else { throw .disconnected }
         guard responseProducer != requestConsumer else { throw .noRequestToAnswer }
         slots.write(response, at: responseProducer)
+        responseProducer &+= 1
+    }
+
+    /// Writes a response field by field into the zeroed slot of the oldest unanswered request:
+    /// every byte that `body` does not set, the response's padding included, is zero, whatever
+    /// the compiler does with Swift values (XSA-216).
+    ///
+    ///     try back.produceResponse { slot in
+    ///         slot.set(\.id, to: request.id)
+    ///         slot.set(\.operation, to: request.operation)
+    ///         slot.set(\.status, to: Int16(VIREO_BLKIF_RSP_OKAY))
+    ///     }
+    @inlinable
+    public mutating func produceResponse(fields body: (RingSlotWriter<Response>) -> Void) throws(RingError) {
+        guard !isDisconnected else { throw .disconnected }
+        guard responseProducer != requestConsumer else { throw .noRequestToAnswer }
+        slots.write(fieldsOf: Response.self, at: responseProducer, body)
         responseProducer &+= 1
     }
 
