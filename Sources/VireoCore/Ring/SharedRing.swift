@@ -17,27 +17,28 @@
 
 /// The slots and header words of one ring, as both ends address them.
 @usableFromInline
-struct RingSlots: Sendable {
+struct RingSlots<Request: BitwiseCopyable, Response: BitwiseCopyable>: Sendable {
     @usableFromInline let region: SharedRegion
     @usableFromInline let size: UInt32
     @usableFromInline let mask: UInt32
-    @usableFromInline let entrySize: Int
     @usableFromInline let geometry: RingGeometry
 
-    init<Request: BitwiseCopyable, Response: BitwiseCopyable>(
-        _ region: SharedRegion, request: Request.Type, response: Response.Type
-    ) throws(RingError) {
-        let geometry = try RingGeometry(request: request, response: response, byteCount: region.count)
+    init(_ region: SharedRegion) throws(RingError) {
+        let geometry = try RingGeometry(request: Request.self, response: Response.self, byteCount: region.count)
         self.region = region
         self.geometry = geometry
         self.size = UInt32(geometry.slots)
         self.mask = UInt32(geometry.slots - 1)
-        self.entrySize = geometry.entrySize
     }
+
+    /// Bytes in a slot. A compile-time constant once specialised for the entry types, so
+    /// slot offsets are shifts and the zeroing of a slot is a few vector stores, not a call.
+    @inlinable
+    static var entrySize: Int { RingLayout.entrySize(request: Request.self, response: Response.self) }
 
     @inlinable @inline(__always)
     func offset(of index: UInt32) -> Int {
-        RingLayout.headerSize &+ Int(truncatingIfNeeded: index & mask) &* entrySize
+        RingLayout.headerSize &+ Int(truncatingIfNeeded: index & mask) &* Self.entrySize
     }
 
     /// Writes `value` into slot `index`, every byte of it: the slot is zeroed first, so the
@@ -46,7 +47,7 @@ struct RingSlots: Sendable {
     @inlinable @inline(__always)
     func write<T: BitwiseCopyable>(_ value: T, at index: UInt32) {
         let offset = offset(of: index)
-        region.fill(0, at: offset, count: entrySize)
+        region.fill(0, at: offset, count: Self.entrySize)
         region.store(value, at: offset)
     }
 
@@ -54,7 +55,7 @@ struct RingSlots: Sendable {
     @inlinable @inline(__always)
     func write<T: BitwiseCopyable>(fieldsOf type: T.Type, at index: UInt32, _ body: (RingSlotWriter<T>) -> Void) {
         let offset = offset(of: index)
-        region.fill(0, at: offset, count: entrySize)
+        region.fill(0, at: offset, count: Self.entrySize)
         body(RingSlotWriter(region: region, offset: offset))
     }
 
@@ -131,7 +132,7 @@ public struct RingSlotWriter<Entry: BitwiseCopyable> {
 /// one thread at a time drives one end (the other end may run on another thread or in
 /// another domain).
 public struct FrontRing<Request: BitwiseCopyable, Response: BitwiseCopyable>: Sendable {
-    @usableFromInline let slots: RingSlots
+    @usableFromInline let slots: RingSlots<Request, Response>
     /// `req_prod_pvt`: requests written so far, published or not.
     @usableFromInline var requestProducer: UInt32
     /// `req_prod` as this side last published it.
@@ -147,7 +148,7 @@ public struct FrontRing<Request: BitwiseCopyable, Response: BitwiseCopyable>: Se
     /// `req_event = rsp_event = 1`, `pvt` and `__pad` zeroed). The front does this before it
     /// grants the pages to the back.
     public init(initializing region: SharedRegion) throws(RingError) {
-        let slots = try RingSlots(region, request: Request.self, response: Response.self)
+        let slots = try RingSlots<Request, Response>(region)
         region.fill(0, at: 0, count: RingLayout.headerSize)
         region.storeRelaxed32(0, at: RingLayout.requestProducerOffset)
         region.storeRelaxed32(1, at: RingLayout.requestEventOffset)
@@ -159,10 +160,10 @@ public struct FrontRing<Request: BitwiseCopyable, Response: BitwiseCopyable>: Se
     /// Takes over a ring whose header is already set up, with every request before `index`
     /// produced and answered (Xen's FRONT_RING_ATTACH). Nothing is written.
     public init(attaching region: SharedRegion, at index: UInt32 = 0) throws(RingError) {
-        self.init(slots: try RingSlots(region, request: Request.self, response: Response.self), at: index)
+        self.init(slots: try RingSlots(region), at: index)
     }
 
-    init(slots: RingSlots, at index: UInt32) {
+    init(slots: RingSlots<Request, Response>, at index: UInt32) {
         self.slots = slots
         self.requestProducer = index
         self.publishedRequests = index
@@ -270,7 +271,7 @@ public struct FrontRing<Request: BitwiseCopyable, Response: BitwiseCopyable>: Se
 /// mapping, the ``GuestMemory``) alive for as long as the ring is used. Keep exactly one copy
 /// in use. Not thread-safe: one thread at a time drives one end.
 public struct BackRing<Request: BitwiseCopyable, Response: BitwiseCopyable>: Sendable {
-    @usableFromInline let slots: RingSlots
+    @usableFromInline let slots: RingSlots<Request, Response>
     /// `req_cons`: requests consumed (copied out) so far.
     @usableFromInline var requestConsumer: UInt32
     /// The last `req_prod` read and found valid: requests up to it may be consumed.
@@ -285,7 +286,7 @@ public struct BackRing<Request: BitwiseCopyable, Response: BitwiseCopyable>: Sen
     /// Attaches to a ring the front set up, with every request before `index` consumed and
     /// answered (Xen's BACK_RING_ATTACH; 0 for a new ring). Reads and writes nothing.
     public init(attaching region: SharedRegion, at index: UInt32 = 0) throws(RingError) {
-        self.slots = try RingSlots(region, request: Request.self, response: Response.self)
+        self.slots = try RingSlots(region)
         self.requestConsumer = index
         self.requestsAvailable = index
         self.responseProducer = index
