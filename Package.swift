@@ -34,11 +34,17 @@ let package = Package(
         .target(name: "VireoCore", dependencies: ["VireoABI", "VireoHypercalls", "VireoAtomics", "VireoLinux"]),
         // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
         .target(name: "VireoBench"),
+        // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
+        .target(
+            name: "VireoBenchmarks",
+            dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux"]
+        ),
         .executableTarget(
             name: "vireo",
             dependencies: [
                 "VireoABI",
                 "VireoBench",
+                "VireoBenchmarks",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
