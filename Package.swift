@@ -34,17 +34,23 @@ let package = Package(
         .target(name: "VireoCore", dependencies: ["VireoABI", "VireoHypercalls", "VireoAtomics", "VireoLinux"]),
         // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
         .target(name: "VireoBench"),
+        // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
+        .target(
+            name: "VireoBenchmarks",
+            dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux"]
+        ),
         .executableTarget(
             name: "vireo",
             dependencies: [
                 "VireoABI",
                 "VireoBench",
+                "VireoBenchmarks",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .testTarget(name: "VireoABITests", dependencies: ["VireoABI"]),
         .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
-        .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
     ],

@@ -1,10 +1,12 @@
 #define _GNU_SOURCE
+#include <sched.h>
 #include <sys/ioctl.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
+#include <errno.h>
 #include "vireo_linux.h"
 
 int vireo_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
@@ -24,4 +26,23 @@ int vireo_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns) {
 
 int vireo_futex_wake(uint32_t *addr, int count) {
     return (int)syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, count, 0, 0, 0);
+}
+
+int vireo_allowed_cpus(int *cpus, int capacity) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) != 0) return -1;
+    int count = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && count < capacity; cpu++) {
+        if (CPU_ISSET(cpu, &set)) cpus[count++] = cpu;
+    }
+    return count;
+}
+
+int vireo_pin_thread(int cpu) {
+    if (cpu < 0 || cpu >= CPU_SETSIZE) { errno = EINVAL; return -1; }
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return sched_setaffinity(0, sizeof set, &set);
 }

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Glibc
 import VireoBench
+import VireoBenchmarks
 
 /// `vireo bench NAME [--json]`: runs one benchmark; the last line is its figure, its same-run
 /// baseline and their ratio (as one JSON object with `--json`).
@@ -11,7 +12,7 @@ struct BenchCommand: AsyncParsableCommand {
     )
 
     /// Every benchmark the CLI knows. Later layers add theirs here.
-    static let registry = BenchmarkRegistry([])
+    static let registry = BenchmarkRegistry([RingBenchmark()])
 
     @Argument(help: "The benchmark to run (see --list).")
     var name: String?

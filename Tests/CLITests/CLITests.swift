@@ -48,6 +48,33 @@ import Testing
         #expect(object["unsupported_result"] as? Int == -38)
     }
 
+    /// The JSON contract of `vireo bench ring`; never its speed (a smoke test on a shared machine).
+    @Test func benchRingQuickPrintsTheContractLine() throws {
+        let r = try Self.run(["bench", "ring", "--quick", "--json"])
+        #expect(r.status == 0, "\(r.err)")
+        let last = try #require(r.out.split(separator: "\n").last)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(last.utf8)) as? [String: Any])
+        #expect(object["bench"] as? String == "ring")
+        #expect(object["unit"] as? String == "Mreq/s")
+        let value = try #require(object["value"] as? Double)
+        let baseline = try #require(object["baseline"] as? Double)
+        #expect(value > 0 && baseline > 0)
+        #expect(object["baseline_name"] is String)
+        let ratio = try #require(object["ratio"] as? Double)
+        #expect(abs(ratio - value / baseline) < 1e-9 * max(1, ratio))
+        #expect(object["ring_slots"] as? Int == 32 && object["ring_pages"] as? Int == 1)
+        #expect(object["entry_bytes"] as? Int == 64 && object["request_bytes"] as? Int == 64)
+        #expect(object["response_bytes"] as? Int == 16)
+        #expect(object["multi_page_ring_slots"] as? Int == 128 && object["multi_page_ring_pages"] as? Int == 4)
+        for key in ["notifications_per_request", "requests_per_push", "responses_per_push", "multi_page_value",
+                    "multi_page_baseline", "multi_page_ratio"] {
+            #expect(object[key] is Double || object[key] is Int, "\(key)")
+        }
+        #expect(r.err.contains("ring: round 1"), "progress goes to stderr")
+        let list = try Self.run(["bench", "--list"])
+        #expect(list.out.contains("ring\t"))
+    }
+
     @Test func unknownBenchmarkIsRefusedByName() throws {
         let r = try Self.run(["bench", "no-such-bench", "--json"])
         #expect(r.status != 0)

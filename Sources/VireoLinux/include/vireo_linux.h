@@ -25,4 +25,13 @@ int vireo_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int vireo_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 int vireo_futex_wake(uint32_t *addr, int count);
 
+/*
+ * CPU affinity of the calling thread (sched_getaffinity(2) / sched_setaffinity(2), which need
+ * _GNU_SOURCE). allowed_cpus writes up to `capacity` CPU numbers the thread may run on, in
+ * order, and returns how many (or -1 with errno set); pin_thread restricts the thread to one
+ * CPU and returns 0 (or -1 with errno set). Benchmarks use them to keep two sides on two cores.
+ */
+int vireo_allowed_cpus(int *cpus, int capacity);
+int vireo_pin_thread(int cpu);
+
 #endif
