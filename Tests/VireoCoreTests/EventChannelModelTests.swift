@@ -206,9 +206,9 @@ struct EventModel {
     func randomOperationsMatchTheModel(seed: Int) throws {
         let hub = EventChannels()
         var model = EventModel()
-        var guests: [SimulatedGuest] = []
+        var guests: [EventTestDomain] = []
         for s in Self.setups {
-            guests.append(try SimulatedGuest(hub, id: s.id, vcpus: s.vcpus, portLimit: s.limit, privileged: s.privileged))
+            guests.append(try EventTestDomain(hub, id: s.id, vcpus: s.vcpus, portLimit: s.limit, privileged: s.privileged))
             model.domains[DomainID(s.id)] = .init(id: DomainID(s.id), vcpus: s.vcpus, limit: s.limit, privileged: s.privileged)
         }
         var rng = SeededGenerator(seed: UInt64(seed))

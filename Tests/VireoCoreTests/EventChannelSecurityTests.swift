@@ -11,8 +11,8 @@ import VireoABI
     /// changes nothing.
     @Test func item11_portsAreValidated() throws {
         let hub = EventChannels()
-        let a = try SimulatedGuest(hub, id: 1, vcpus: 2, portLimit: 64)
-        let b = try SimulatedGuest(hub, id: 2, vcpus: 2, portLimit: 64)
+        let a = try EventTestDomain(hub, id: 1, vcpus: 2, portLimit: 64)
+        let b = try EventTestDomain(hub, id: 2, vcpus: 2, portLimit: 64)
         // Some state to disturb: an interdomain pair, an IPI, a VIRQ, a pending port in each.
         let ap = try hub.allocUnbound(caller: a.id, in: .calling, remote: b.id)
         let bq = try hub.bindInterdomain(caller: b.id, remoteDomain: a.id, remotePort: ap)
@@ -87,9 +87,9 @@ import VireoABI
     /// A's sends must never reach the new binding.
     @Test func item11_closedPortIsNeverConfusedWithAReusedOne() throws {
         let hub = EventChannels()
-        let a = try SimulatedGuest(hub, id: 1)
-        let b = try SimulatedGuest(hub, id: 2)
-        let c = try SimulatedGuest(hub, id: 3)
+        let a = try EventTestDomain(hub, id: 1)
+        let b = try EventTestDomain(hub, id: 2)
+        let c = try EventTestDomain(hub, id: 3)
         let p = try hub.allocUnbound(caller: b.id, in: .calling, remote: a.id)
         let ap = try hub.bindInterdomain(caller: a.id, remoteDomain: b.id, remotePort: p)
         try hub.send(caller: a.id, port: ap)
@@ -163,9 +163,9 @@ import VireoABI
     @Test func item11_concurrentBindCloseSendIsRaceFree() throws {
         let hub = EventChannels()
         let limit = 48
-        var guests: [SimulatedGuest] = []
-        guests.append(try SimulatedGuest(hub, id: 0, portLimit: limit, privileged: true))
-        for id: UInt16 in 1...3 { guests.append(try SimulatedGuest(hub, id: id, portLimit: limit)) }
+        var guests: [EventTestDomain] = []
+        guests.append(try EventTestDomain(hub, id: 0, portLimit: limit, privileged: true))
+        for id: UInt16 in 1...3 { guests.append(try EventTestDomain(hub, id: id, portLimit: limit)) }
         let snapshot = guests
         let ids = guests.map(\.id)
         let reRegistrations = Atomic<Int>(0)
@@ -245,9 +245,9 @@ import VireoABI
     /// more upcalls than acknowledgements plus one.
     @Test func item12_eventStormCoalescesUpcalls() throws {
         let hub = EventChannels()
-        let hostile = try SimulatedGuest(hub, id: 1)
-        let victim = try SimulatedGuest(hub, id: 2)
-        let other = try SimulatedGuest(hub, id: 3)
+        let hostile = try EventTestDomain(hub, id: 1)
+        let victim = try EventTestDomain(hub, id: 2)
+        let other = try EventTestDomain(hub, id: 3)
         let stormPort = try hub.allocUnbound(caller: victim.id, in: .calling, remote: hostile.id)
         let hostilePort = try hub.bindInterdomain(caller: hostile.id, remoteDomain: victim.id, remotePort: stormPort)
         let quietPort = try hub.allocUnbound(caller: victim.id, in: .calling, remote: other.id)
@@ -302,11 +302,11 @@ import VireoABI
     /// and vcpu_info placement never reach a later domain with the same ID.
     @Test func reusedDomainIDStartsClean() throws {
         let hub = EventChannels()
-        let a = try SimulatedGuest(hub, id: 1)
+        let a = try EventTestDomain(hub, id: 1)
         let memory = try GuestMemory(ramBytes: 64 * 1024, specialFrames: 1)
         let upcalls: [Int]
         do {
-            let b = try SimulatedGuest(hub, id: 2, memory: memory)
+            let b = try EventTestDomain(hub, id: 2, memory: memory)
             // B: a channel to A with events both ways, a timer VIRQ, a pending IPI, a moved vcpu_info.
             let ap = try hub.allocUnbound(caller: a.id, in: .calling, remote: b.id)
             _ = try hub.bindInterdomain(caller: b.id, remoteDomain: a.id, remotePort: ap)
@@ -330,7 +330,7 @@ import VireoABI
         }
         do {
             // A different memory object for the new domain 2: the old one is released.
-            let fresh = try SimulatedGuest(hub, id: 2)
+            let fresh = try EventTestDomain(hub, id: 2)
             #expect(fresh.eventBits().allSatisfy { $0 == 0 })
             #expect(try (0..<64).allSatisfy { try hub.status(caller: fresh.id, domain: .calling, port: EventPort(UInt32($0))).binding == .closed })
             _ = try hub.bindVirq(caller: fresh.id, virq: .timer, vcpu: 0)  // not EEXIST
@@ -338,7 +338,7 @@ import VireoABI
             try hub.removeDomain(fresh.id)
         }
         // The same memory again, with the old domain's selector and upcall bits still in it.
-        let again = try SimulatedGuest(hub, id: 2, memory: memory)
+        let again = try EventTestDomain(hub, id: 2, memory: memory)
         #expect(again.eventBits().allSatisfy { $0 == 0 }, "registration clears stale event state")
         #expect(again.upcalls.total == 0)
         let newPort = try hub.allocUnbound(caller: again.id, in: .calling, remote: a.id)
@@ -371,8 +371,8 @@ import VireoABI
         weak var weakMemory: GuestMemory?
         do {
             let hub = EventChannels()
-            let a = try SimulatedGuest(hub, id: 1)
-            let b = try SimulatedGuest(hub, id: 2)
+            let a = try EventTestDomain(hub, id: 1)
+            let b = try EventTestDomain(hub, id: 2)
             let p = try hub.allocUnbound(caller: a.id, in: .calling, remote: b.id)
             _ = try hub.bindInterdomain(caller: b.id, remoteDomain: a.id, remotePort: p)
             weakMemory = a.memory

@@ -13,9 +13,9 @@ final class UpcallLog: Sendable {
     var total: Int { all.reduce(0, +) }
 }
 
-/// A simulated guest: real guest memory whose special frame 0 is its shared_info, registered
+/// An event-only test domain: real guest memory whose special frame 0 is its shared_info, registered
 /// with a hub, plus the guest's view of its event bits.
-struct SimulatedGuest {
+struct EventTestDomain {
     let id: DomainID
     let memory: GuestMemory
     let upcalls: UpcallLog
@@ -48,19 +48,6 @@ struct SimulatedGuest {
             words.append(UInt64(info.loadAcquire8(at: TwoLevelLayout.upcallPendingOffset)))
         }
         return words
-    }
-}
-
-/// A small, seedable generator (SplitMix64), so a failing random run can be replayed.
-struct SeededGenerator: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9e37_79b9_7f4a_7c15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xbf58_476d_1ce4_e5b9
-        z = (z ^ (z >> 27)) &* 0x94d0_49bb_1331_11eb
-        return z ^ (z >> 31)
     }
 }
 

@@ -28,8 +28,8 @@ import VireoHypercalls
 
     @Test func interdomainChannelConnectsSendsAndCloses() throws {
         let hub = EventChannels()
-        let a = try SimulatedGuest(hub, id: 1)
-        let b = try SimulatedGuest(hub, id: 2)
+        let a = try EventTestDomain(hub, id: 1)
+        let b = try EventTestDomain(hub, id: 2)
 
         let p = try hub.allocUnbound(caller: a.id, in: .calling, remote: b.id)
         #expect(p == EventPort(1))  // the lowest port; 0 is never handed out
@@ -79,7 +79,7 @@ import VireoHypercalls
 
     @Test func loopbackChannelWithDomidSelf() throws {
         let hub = EventChannels()
-        let a = try SimulatedGuest(hub, id: 5)
+        let a = try EventTestDomain(hub, id: 5)
         let p = try hub.allocUnbound(caller: a.id, in: .calling, remote: .calling)
         #expect(try hub.status(caller: a.id, domain: .calling, port: p).binding == .unbound(remote: a.id))
         let q = try hub.bindInterdomain(caller: a.id, remoteDomain: .calling, remotePort: p)
@@ -97,7 +97,7 @@ import VireoHypercalls
 
     @Test func virqsBindPerVcpuOrGlobally() throws {
         let hub = EventChannels()
-        let g = try SimulatedGuest(hub, id: 3)
+        let g = try EventTestDomain(hub, id: 3)
 
         let timer1 = try hub.bindVirq(caller: g.id, virq: .timer, vcpu: 1)
         #expect(try hub.status(caller: g.id, domain: .calling, port: timer1) == .init(binding: .virq(.timer), vcpu: 1))
@@ -132,7 +132,7 @@ import VireoHypercalls
 
     @Test func ipiPortsNotifyTheirVcpu() throws {
         let hub = EventChannels()
-        let g = try SimulatedGuest(hub, id: 4)
+        let g = try EventTestDomain(hub, id: 4)
         let ipi = try hub.bindIPI(caller: g.id, vcpu: 1)
         #expect(try hub.status(caller: g.id, domain: .calling, port: ipi) == .init(binding: .ipi, vcpu: 1))
         try hub.send(caller: g.id, port: ipi)
@@ -144,7 +144,7 @@ import VireoHypercalls
 
     @Test func maskedPortsStayPendingUntilUnmasked() throws {
         let hub = EventChannels()
-        let g = try SimulatedGuest(hub, id: 1)
+        let g = try EventTestDomain(hub, id: 1)
         let ipi = try hub.bindIPI(caller: g.id, vcpu: 0)
         g.events.mask(ipi)
         try hub.send(caller: g.id, port: ipi)
@@ -178,7 +178,7 @@ import VireoHypercalls
 
     @Test func scanReportsPortsInOrderAndSkipsMasked() throws {
         let hub = EventChannels()
-        let g = try SimulatedGuest(hub, id: 1, vcpus: 1)
+        let g = try EventTestDomain(hub, id: 1, vcpus: 1)
         let ports = try (0..<200).map { _ in try hub.bindIPI(caller: g.id, vcpu: 0) }
         #expect(ports.first == EventPort(1) && ports.last == EventPort(200))
         for port in ports.reversed() where port.rawValue % 3 == 0 { try hub.send(caller: g.id, port: port) }
@@ -192,7 +192,7 @@ import VireoHypercalls
 
     @Test func portLimitIsEnforcedAndPort0NeverHandedOut() throws {
         let hub = EventChannels()
-        let g = try SimulatedGuest(hub, id: 1, portLimit: 8)
+        let g = try EventTestDomain(hub, id: 1, portLimit: 8)
         var ports: [EventPort] = []
         for _ in 0..<7 { ports.append(try hub.bindIPI(caller: g.id, vcpu: 0)) }
         #expect(ports == (1...7).map { EventPort(UInt32($0)) })
@@ -205,7 +205,7 @@ import VireoHypercalls
         #expect(try hub.status(caller: g.id, domain: .calling, port: EventPort(0)).binding == .closed)
 
         // The default limit is 1024; all 1023 usable ports can be taken, never port 0.
-        let big = try SimulatedGuest(hub, id: 2, vcpus: 1)
+        let big = try EventTestDomain(hub, id: 2, vcpus: 1)
         var seen = Set<EventPort>()
         for _ in 1..<EventChannels.defaultPortLimit { seen.insert(try hub.bindIPI(caller: big.id, vcpu: 0)) }
         #expect(seen.count == 1023 && !seen.contains(EventPort(0)))
@@ -214,9 +214,9 @@ import VireoHypercalls
 
     @Test func onlyPrivilegedCallersReachOtherDomains() throws {
         let hub = EventChannels()
-        let dom0 = try SimulatedGuest(hub, id: 0, privileged: true)
-        let a = try SimulatedGuest(hub, id: 1)
-        let b = try SimulatedGuest(hub, id: 2)
+        let dom0 = try EventTestDomain(hub, id: 0, privileged: true)
+        let a = try EventTestDomain(hub, id: 1)
+        let b = try EventTestDomain(hub, id: 2)
         #expect(throws: XenError.EPERM) { try hub.allocUnbound(caller: a.id, in: b.id, remote: a.id) }
         let p = try hub.allocUnbound(caller: b.id, in: .calling, remote: a.id)
         #expect(throws: XenError.EPERM) { try hub.status(caller: a.id, domain: b.id, port: p) }
@@ -273,7 +273,7 @@ import VireoHypercalls
 
     @Test func registeringVcpuInfoMovesTheRecordAndLosesNothing() throws {
         let hub = EventChannels()
-        var g = try SimulatedGuest(hub, id: 1, vcpus: 34)
+        var g = try EventTestDomain(hub, id: 1, vcpus: 34)
         let ipi1 = try hub.bindIPI(caller: g.id, vcpu: 1)
         try hub.send(caller: g.id, port: ipi1)
         #expect(g.upcalls.count(1) == 1)

@@ -3,19 +3,6 @@ import VireoABI
 import VireoHypercalls
 @testable import VireoCore
 
-/// A small deterministic generator (SplitMix64) so property tests replay from their seed.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE5_E9B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// The grant state machine against a model: random sequences of guest grants and revokes and
 /// host maps, unmaps and copies; after every step the shared flags, the pin counts and every
 /// operation's outcome match what the model predicts.
@@ -28,7 +15,7 @@ struct SeededRandom: RandomNumberGenerator {
 
     @Test(arguments: [1, 2, 3, 4, 5] as [UInt64])
     func randomOperationSequencesMatchTheModel(seed: UInt64) throws {
-        var rng = SeededRandom(seed: seed)
+        var rng = SeededGenerator(seed: seed)
         var f = try GrantFixture(ramPages: 32, maxFrames: 1)
         let tables = GrantTables()
         try tables.add(f.table)

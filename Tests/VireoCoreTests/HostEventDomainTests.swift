@@ -9,7 +9,7 @@ import VireoABI
     @Test func backendHandlersRunOnDispatch() throws {
         let hub = EventChannels()
         let host = try HostEventDomain(hub: hub)
-        let guest = try SimulatedGuest(hub, id: 1)
+        let guest = try EventTestDomain(hub, id: 1)
         let seen = Mutex<[EventPort]>([])
 
         // The frontend allocates a port for the backend; the backend binds it with a handler.
@@ -49,7 +49,7 @@ import VireoABI
     @Test func dispatchSleepsUntilAnEventArrives() throws {
         let hub = EventChannels()
         let host = try HostEventDomain(hub: hub, id: DomainID(0))
-        let guest = try SimulatedGuest(hub, id: 7)
+        let guest = try EventTestDomain(hub, id: 7)
         let virq = try host.bindVirq(.console)
         let front = try hub.allocUnbound(caller: guest.id, in: .calling, remote: host.id)
         let back = try host.bindInterdomain(remoteDomain: guest.id, remotePort: front)

@@ -1,0 +1,185 @@
+import Glibc
+import Synchronization
+import VireoABI
+
+/// A guest played from the host, for tests and benchmarks (the core's counterpart of an
+/// embedded event loop): it owns real guest memory with a shared_info page and a grant table
+/// placed in its physical address space as a PVH guest places them, registers with the event
+/// channel hub and the grant tables, and drives them with the same frontend code the guest
+/// library uses: ``GuestGrantTable`` to grant and revoke, ``FrontRing`` for rings,
+/// ``GuestEventState`` to take events. Every grant entry, ring entry and event bit it writes is
+/// real shared memory that the host-side code reads exactly as it would read a real guest's.
+///
+/// Hostile tests reach the same memory through ``memory`` to write what a well-behaved guest
+/// never would.
+public final class SimulatedGuest: @unchecked Sendable {  // mutable state sits behind `state`
+    public let id: DomainID
+    public let memory: GuestMemory
+    /// The host's side of this guest's grant table.
+    public let grantTable: GrantTable
+    public let hub: EventChannels
+    public let grantTables: GrantTables
+    /// The guest's view of its event bits (shared_info as placed in its physical memory).
+    public let events: GuestEventState
+    /// Where the guest placed shared_info and its grant table frames.
+    public let sharedInfoFrame: GuestFrame
+    public let grantFrames: [GuestFrame]
+
+    private struct State {
+        var grants: GuestGrantTable
+        var nextFrame: UInt64 = 1  // frame 0 stays unused, as real guests keep it
+        var freeFrames: [UInt64] = []
+    }
+    private let state: Mutex<State>
+    private let upcalls = UpcallCounter()
+    private let destroyed = Atomic<Bool>(false)
+
+    /// A guest with `ramPages` pages of RAM and `grantFrames` grant table frames (512 grants
+    /// each), registered as domain `id` with `hub` and `grantTables`.
+    public init(id: DomainID, ramPages: Int = 256, hub: EventChannels, grantTables: GrantTables,
+                grantFrames: Int = 4, portLimit: Int = EventChannels.defaultPortLimit) throws {
+        let memory = try GuestMemory(ramBytes: UInt64(ramPages) * 4096, specialFrames: 1 + grantFrames,
+                                     name: "vireo-simulated-\(id.rawValue)")
+        // Special frame 0 is shared_info, 1... the grant table; the guest maps them in the
+        // hole just above its RAM (XENMEM_add_to_physmap), as a PVH guest would.
+        let sharedInfoFrame = GuestFrame(UInt64(ramPages))
+        try memory.placeSpecialFrame(0, at: sharedInfoFrame)
+        let table = try GrantTable(domain: id, memory: memory, firstSpecialFrame: 1, maxFrames: grantFrames,
+                                   initialFrames: grantFrames)
+        var frames: [GuestFrame] = []
+        for i in 0..<grantFrames {
+            let frame = GuestFrame(UInt64(ramPages + 1 + i))
+            try table.place(frame: i, at: frame)
+            frames.append(frame)
+        }
+        let guestView = try frames.map { try memory.region(frame: $0) }
+        self.id = id
+        self.memory = memory
+        self.grantTable = table
+        self.hub = hub
+        self.grantTables = grantTables
+        self.sharedInfoFrame = sharedInfoFrame
+        self.grantFrames = frames
+        self.events = GuestEventState(sharedInfo: try memory.region(frame: sharedInfoFrame))
+        self.state = Mutex(State(grants: GuestGrantTable(frames: guestView)))
+        let upcalls = self.upcalls
+        try hub.registerDomain(id, vcpus: 1, sharedInfo: try memory.specialRegion(0), portLimit: portLimit,
+                               owner: memory, upcall: { _ in upcalls.count.add(1, ordering: .sequentiallyConsistent) })
+        do {
+            try grantTables.add(table)
+        } catch {
+            try? hub.removeDomain(id)
+            throw error
+        }
+    }
+
+    deinit { destroy() }
+
+    /// The domain dies: its ports close, its grants can no longer be mapped, and mappings of
+    /// them end. Idempotent.
+    public func destroy() {
+        guard !destroyed.exchange(true, ordering: .sequentiallyConsistent) else { return }
+        try? hub.removeDomain(id)
+        grantTables.remove(id)
+    }
+
+    // MARK: Pages
+
+    /// A free RAM page of the guest's.
+    public func allocatePage() throws(GuestMemoryError) -> GuestFrame {
+        let frame = state.withLock { s -> UInt64? in
+            if let free = s.freeFrames.popLast() { return free }
+            guard s.nextFrame < memory.ramFrames else { return nil }
+            defer { s.nextFrame += 1 }
+            return s.nextFrame
+        }
+        guard let frame else { throw .invalidLayout("simulated guest \(id) is out of RAM pages") }
+        return GuestFrame(frame)
+    }
+
+    /// Returns a page to the allocator.
+    public func freePage(_ frame: GuestFrame) {
+        state.withLock { $0.freeFrames.append(frame.rawValue) }
+    }
+
+    /// The guest's view of one of its pages.
+    public func page(_ frame: GuestFrame) throws(GuestMemoryError) -> SharedRegion {
+        try memory.region(frame: frame)
+    }
+
+    // MARK: Grants (the frontend's side)
+
+    /// Grants `domain` access to `frame`, writing the entry as a guest does.
+    public func grantAccess(to domain: DomainID, frame: GuestFrame, readOnly: Bool) throws(GrantStatus) -> GrantRef {
+        guard let ref = state.withLock({ $0.grants.grantAccess(to: domain, frame: frame, readOnly: readOnly) }) else {
+            throw .noSpace
+        }
+        return ref
+    }
+
+    /// Revokes a grant; false (nothing changed) while the backend still uses it.
+    public func endAccess(_ ref: GrantRef) -> Bool {
+        state.withLock { $0.grants.endAccess(ref) }
+    }
+
+    public func isInUse(_ ref: GrantRef) -> Bool {
+        state.withLock { $0.grants.isInUse(ref) }
+    }
+
+    // MARK: Rings
+
+    /// Initialises a shared ring on `frame` and returns the guest's front end of it.
+    public func frontRing<Request: BitwiseCopyable, Response: BitwiseCopyable>(
+        on frame: GuestFrame, _ request: Request.Type = Request.self, _ response: Response.Type = Response.self
+    ) throws -> FrontRing<Request, Response> {
+        try FrontRing<Request, Response>(initializing: try page(frame))
+    }
+
+    // MARK: Events (the hypercalls a guest makes, with itself as the caller)
+
+    public func allocUnbound(remote: DomainID) throws(XenError) -> EventPort {
+        try hub.allocUnbound(caller: id, in: id, remote: remote)
+    }
+
+    public func bindInterdomain(remoteDomain: DomainID, remotePort: EventPort) throws(XenError) -> EventPort {
+        try hub.bindInterdomain(caller: id, remoteDomain: remoteDomain, remotePort: remotePort)
+    }
+
+    /// EVTCHNOP_send.
+    public func notify(_ port: EventPort) throws(XenError) {
+        try hub.send(caller: id, port: port)
+    }
+
+    public func close(_ port: EventPort) throws(XenError) {
+        try hub.close(caller: id, port: port)
+    }
+
+    /// Upcalls the host has raised for this guest so far.
+    public var upcallCount: Int { upcalls.count.load(ordering: .sequentiallyConsistent) }
+
+    /// Takes every pending, unmasked port, as the guest's upcall handler does.
+    public func takePendingEvents() -> [EventPort] {
+        var ports: [EventPort] = []
+        repeat {
+            events.scanPending(vcpu: 0) { ports.append($0) }
+        } while events.upcallPending(vcpu: 0)
+        return ports
+    }
+
+    /// Waits (polling, as a halted vCPU would be woken) until an event is pending or `timeout`
+    /// passes; returns the pending ports, empty on timeout.
+    public func waitForEvents(timeout: Duration) -> [EventPort] {
+        let clock = ContinuousClock()
+        let deadline = clock.now.advanced(by: timeout)
+        while true {
+            let ports = takePendingEvents()
+            if !ports.isEmpty || clock.now >= deadline { return ports }
+            usleep(20)
+        }
+    }
+}
+
+/// The upcall hook's counter, shared with the hub without a reference to the guest itself.
+private final class UpcallCounter: Sendable {
+    let count = Atomic<Int>(0)
+}
