@@ -59,8 +59,9 @@ public final class GrantTables: Sendable {
         _ segments: C, by grantee: DomainID, statuses: inout [GrantStatus]
     ) -> Int {
         var processed = 0
+        var cache = TableCache()
         for segment in segments.prefix(Self.copyBatchLimit) {
-            statuses.append(copy(segment, by: grantee))
+            statuses.append(copy(segment, by: grantee, cache: &cache))
             processed += 1
         }
         return processed
@@ -68,12 +69,25 @@ public final class GrantTables: Sendable {
 
     /// Copies one segment; returns its status.
     public func copy(_ segment: GrantCopySegment, by grantee: DomainID) -> GrantStatus {
+        var cache = TableCache()
+        return copy(segment, by: grantee, cache: &cache)
+    }
+
+    /// The table last looked up in a batch: consecutive segments usually name the same domain,
+    /// and the table object stays right for the whole batch even if the domain dies meanwhile
+    /// (a destroyed table refuses pins).
+    private struct TableCache {
+        var domain: DomainID?
+        var table: GrantTable?
+    }
+
+    private func copy(_ segment: GrantCopySegment, by grantee: DomainID, cache: inout TableCache) -> GrantStatus {
         guard segment.length >= 0, segment.length <= guestPageSize else { return .badCopyArg }
         guard Self.fits(segment.source, segment.length), Self.fits(segment.dest, segment.length) else { return .badCopyArg }
         do throws(GrantStatus) {
-            let source = try resolve(segment.source, grantee: grantee, writable: false)
+            let source = try resolve(segment.source, grantee: grantee, writable: false, cache: &cache)
             defer { source.table?.unpinAfterCopy(source.ref, writable: false) }
-            let dest = try resolve(segment.dest, grantee: grantee, writable: true)
+            let dest = try resolve(segment.dest, grantee: grantee, writable: true, cache: &cache)
             defer { dest.table?.unpinAfterCopy(dest.ref, writable: true) }
             dest.region.copyBytes(from: source.region, offset: source.offset, to: dest.offset, count: segment.length)
             return .okay
@@ -98,10 +112,15 @@ public final class GrantTables: Sendable {
         }
     }
 
-    private func resolve(_ endpoint: GrantCopyEndpoint, grantee: DomainID, writable: Bool) throws(GrantStatus) -> Resolved {
+    private func resolve(
+        _ endpoint: GrantCopyEndpoint, grantee: DomainID, writable: Bool, cache: inout TableCache
+    ) throws(GrantStatus) -> Resolved {
         switch endpoint {
         case .grant(let domain, let ref, let offset):
-            guard let table = table(for: domain) else { throw .badDomain }
+            if cache.domain != domain {
+                cache = TableCache(domain: domain, table: table(for: domain))
+            }
+            guard let table = cache.table else { throw .badDomain }
             let region = try table.pinForCopy(ref, grantee: grantee, writable: writable)
             return Resolved(region: region, offset: offset, table: table, ref: ref)
         case .local(let region, let offset):

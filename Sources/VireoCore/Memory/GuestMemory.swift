@@ -66,8 +66,12 @@ public final class GuestMemory: @unchecked Sendable {
         var placement: [Int: UInt64] = [:]
     }
     private let physmap = Mutex(Physmap())
-    /// Whether any special frame is placed: lets RAM accesses skip the physmap lookup.
-    private let anyPlaced = Atomic<Bool>(false)
+    /// One bit per RAM frame, set while a special frame hides it: RAM accesses check it with
+    /// an atomic load and take the physmap lock only for hidden frames.
+    private let hiddenRAM: SharedRegion
+    private let hiddenRAMStorage: UnsafeMutableRawPointer
+    /// Whether any special frame is placed outside RAM (in a hole above it).
+    private let anyPlacedOutsideRAM = Atomic<Bool>(false)
 
     /// Creates zeroed guest memory. `ramBytes` must be a positive multiple of the page size.
     public init(ramBytes: UInt64, specialFrames: Int = 0, name: String = "vireo-guest") throws(GuestMemoryError) {
@@ -93,6 +97,10 @@ public final class GuestMemory: @unchecked Sendable {
             close(fd)
             throw .system(call: "mmap", errno: e)
         }
+        let words = (Int(ramBytes) / Self.pageSize + 63) / 64
+        hiddenRAMStorage = UnsafeMutableRawPointer.allocate(byteCount: words * 8, alignment: 8)
+        hiddenRAMStorage.initializeMemory(as: UInt64.self, repeating: 0, count: words)
+        hiddenRAM = SharedRegion(base: hiddenRAMStorage, count: words * 8)
         self.fd = fd
         self.base = mapped
         self.backingSize = total
@@ -101,6 +109,7 @@ public final class GuestMemory: @unchecked Sendable {
     }
 
     deinit {
+        hiddenRAMStorage.deallocate()
         munmap(base, backingSize)
         close(fd)
     }
@@ -118,27 +127,50 @@ public final class GuestMemory: @unchecked Sendable {
         let (end, overflow) = gpa.rawValue.addingReportingOverflow(UInt64(count))
         guard !overflow else { throw .overflow(gpa, count: count) }
         let page = UInt64(Self.pageSize)
-        if anyPlaced.load(ordering: .acquiring) {
-            let firstFrame = gpa.rawValue / page
-            let lastFrame = count == 0 ? firstFrame : (end - 1) / page
-            enum Lookup { case ram, special(Int), straddles }
-            let lookup: Lookup = physmap.withLock { map in
-                if firstFrame == lastFrame { return map.placed[firstFrame].map(Lookup.special) ?? .ram }
-                for frame in firstFrame...lastFrame where map.placed[frame] != nil { return .straddles }
-                return .ram
+        let firstFrame = gpa.rawValue / page
+        let lastFrame = count == 0 ? firstFrame : (end - 1) / page
+        if end <= ramSize {
+            var hidden = false
+            var frame = firstFrame
+            while frame <= lastFrame {
+                if isHidden(frame) { hidden = true; break }
+                frame += 1
             }
-            switch lookup {
-            case .special(let index):
-                let offset = Int(ramSize) + index * Self.pageSize + Int(gpa.rawValue % page)
-                return SharedRegion(base: base + offset, count: count)
-            case .straddles:
-                throw .outOfRange(gpa, count: count)  // a range may not run into or out of a special frame
-            case .ram:
-                break
-            }
+            if !hidden { return SharedRegion(base: base + Int(gpa.rawValue), count: count) }
+        } else if !anyPlacedOutsideRAM.load(ordering: .acquiring) {
+            throw .outOfRange(gpa, count: count)
         }
-        guard end <= ramSize else { throw .outOfRange(gpa, count: count) }
-        return SharedRegion(base: base + Int(gpa.rawValue), count: count)
+        enum Lookup { case ram, special(Int), straddles }
+        let lookup: Lookup = physmap.withLock { map in
+            if firstFrame == lastFrame { return map.placed[firstFrame].map(Lookup.special) ?? .ram }
+            for frame in firstFrame...lastFrame where map.placed[frame] != nil { return .straddles }
+            return .ram
+        }
+        switch lookup {
+        case .special(let index):
+            let offset = Int(ramSize) + index * Self.pageSize + Int(gpa.rawValue % page)
+            return SharedRegion(base: base + offset, count: count)
+        case .straddles:
+            throw .outOfRange(gpa, count: count)  // a range may not run into or out of a special frame
+        case .ram:
+            guard end <= ramSize else { throw .outOfRange(gpa, count: count) }
+            return SharedRegion(base: base + Int(gpa.rawValue), count: count)
+        }
+    }
+
+    @inline(__always)
+    private func isHidden(_ frame: UInt64) -> Bool {
+        hiddenRAM.loadAcquire64(at: Int(frame / 64) * 8) & (1 << (frame % 64)) != 0
+    }
+
+    private func setHidden(_ frame: UInt64, _ hidden: Bool) {
+        guard frame < ramFrames else { return }
+        let bit: UInt64 = 1 << (frame % 64)
+        if hidden {
+            _ = hiddenRAM.fetchOr64(bit, at: Int(frame / 64) * 8)
+        } else {
+            _ = hiddenRAM.fetchAnd64(~bit, at: Int(frame / 64) * 8)
+        }
     }
 
     /// The page at `frame`, as a region.
@@ -150,9 +182,7 @@ public final class GuestMemory: @unchecked Sendable {
     /// Whether `frame` is a RAM page the guest owns (not hidden by a placed special frame):
     /// the only pages a guest may grant.
     public func isRAM(_ frame: GuestFrame) -> Bool {
-        guard frame.rawValue < ramFrames else { return false }
-        guard anyPlaced.load(ordering: .acquiring) else { return true }
-        return physmap.withLock { $0.placed[frame.rawValue] == nil }
+        frame.rawValue < ramFrames && !isHidden(frame.rawValue)
     }
 
     /// Whether `frame` is guest memory (RAM or a placed special frame).
@@ -277,12 +307,16 @@ public final class GuestMemory: @unchecked Sendable {
         }
         guard frame.rawValue < 1 << 40 else { throw .invalidLayout("guest frame \(frame) beyond the physical address width") }
         physmap.withLock { map in
-            if let old = map.placement[index] { map.placed[old] = nil }
+            if let old = map.placement[index] {
+                map.placed[old] = nil
+                setHidden(old, false)
+            }
             if let displaced = map.placed[frame.rawValue] { map.placement[displaced] = nil }
             map.placed[frame.rawValue] = index
             map.placement[index] = frame.rawValue
+            setHidden(frame.rawValue, true)
+            if frame.rawValue >= ramFrames { anyPlacedOutsideRAM.store(true, ordering: .releasing) }
         }
-        anyPlaced.store(true, ordering: .releasing)
     }
 
     /// Where special frame `index` is placed, if anywhere.
@@ -293,7 +327,10 @@ public final class GuestMemory: @unchecked Sendable {
     /// Removes a special frame from the guest's view (the RAM page under it shows again).
     public func unplaceSpecialFrame(_ index: Int) {
         physmap.withLock { map in
-            if let old = map.placement.removeValue(forKey: index) { map.placed[old] = nil }
+            if let old = map.placement.removeValue(forKey: index) {
+                map.placed[old] = nil
+                setHidden(old, false)
+            }
         }
     }
 
