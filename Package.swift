@@ -32,6 +32,8 @@ let package = Package(
         // The shared-memory core: guest memory, grant tables, event channels, shared rings.
         // Pure logic over memory: no KVM, no threads of its own, no files.
         .target(name: "VireoCore", dependencies: ["VireoABI", "VireoHypercalls", "VireoAtomics", "VireoLinux"]),
+        // The hypervisor core: PVH loading, domains, hypercall dispatch. Engines run it.
+        .target(name: "VireoHypervisor", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
         // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
         .target(name: "VireoBench"),
         // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
@@ -51,6 +53,7 @@ let package = Package(
         .testTarget(name: "VireoABITests", dependencies: ["VireoABI"]),
         .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
         .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
+        .testTarget(name: "VireoHypervisorTests", dependencies: ["VireoHypervisor", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
     ],

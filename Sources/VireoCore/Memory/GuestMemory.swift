@@ -239,6 +239,14 @@ public final class GuestMemory: @unchecked Sendable {
         }
     }
 
+    /// Fills `count` bytes at `gpa` with `byte`, page by page; checked whole before any write.
+    public func fill(_ byte: UInt8, at gpa: GuestPhysicalAddress, count: Int) throws(GuestMemoryError) {
+        _ = try pieces(gpa, count: count)
+        try forEachPage(gpa, count: count) { (region: SharedRegion, _: Int) throws(GuestMemoryError) in
+            region.fill(byte, at: 0, count: region.count)
+        }
+    }
+
     /// The page-bounded pieces of a range, each translated: the range is all guest memory or
     /// this throws.
     private func pieces(_ gpa: GuestPhysicalAddress, count: Int) throws(GuestMemoryError) -> [SharedRegion] {
