@@ -75,13 +75,13 @@ public enum HypercallTable {
         case .memoryOp:
             Entry(hypercall: call, support: .supported("the HVM/PVH subset"), subOps: [
                 no("XENMEM_increase_reservation", VIREO_XENMEM_increase_reservation, "PV-MMU only; use populate_physmap"),
-                yes("XENMEM_decrease_reservation", VIREO_XENMEM_decrease_reservation, "balloons frames out of the domain"),
+                no("XENMEM_decrease_reservation", VIREO_XENMEM_decrease_reservation, "no ballooning yet"),
                 no("XENMEM_maximum_ram_page", VIREO_XENMEM_maximum_ram_page),
                 yes("XENMEM_current_reservation", VIREO_XENMEM_current_reservation, "DOMID_SELF only: pages the domain holds"),
                 no("XENMEM_maximum_reservation", VIREO_XENMEM_maximum_reservation),
-                yes("XENMEM_populate_physmap", VIREO_XENMEM_populate_physmap, "up to the domain's memory limit"),
+                no("XENMEM_populate_physmap", VIREO_XENMEM_populate_physmap, "no ballooning yet: RAM is fixed at creation"),
                 yes("XENMEM_add_to_physmap", VIREO_XENMEM_add_to_physmap, "spaces shared_info and grant_table"),
-                yes("XENMEM_memory_map", VIREO_XENMEM_memory_map, "the domain's E820 map"),
+                yes("XENMEM_memory_map", VIREO_XENMEM_memory_map, "the domain's E820 map (20-byte entries)"),
                 no("XENMEM_machine_memory_map", VIREO_XENMEM_machine_memory_map, "privileged"),
                 no("XENMEM_maximum_gpfn", VIREO_XENMEM_maximum_gpfn),
                 no("XENMEM_machphys_mfn_list", VIREO_XENMEM_machphys_mfn_list, "PV-MMU only"),
@@ -100,12 +100,12 @@ public enum HypercallTable {
             Entry(hypercall: call, support: .supported("one-shot timer at an absolute system time; fires VIRQ_TIMER"), subOps: [])
         case .grantTableOp:
             Entry(hypercall: call, support: .supported("grant table v1"), subOps: [
-                yes("GNTTABOP_map_grant_ref", VIREO_GNTTABOP_map_grant_ref, "backend domains; checks flags, domid, frame bounds"),
-                yes("GNTTABOP_unmap_grant_ref", VIREO_GNTTABOP_unmap_grant_ref),
+                no("GNTTABOP_map_grant_ref", VIREO_GNTTABOP_map_grant_ref, "Vireo's backends map grants in the host, not in a guest"),
+                no("GNTTABOP_unmap_grant_ref", VIREO_GNTTABOP_unmap_grant_ref, "as map_grant_ref"),
                 yes("GNTTABOP_setup_table", VIREO_GNTTABOP_setup_table, "up to the domain's maximum grant frames"),
                 no("GNTTABOP_dump_table", VIREO_GNTTABOP_dump_table),
                 no("GNTTABOP_transfer", VIREO_GNTTABOP_transfer, "page flipping is not supported"),
-                yes("GNTTABOP_copy", VIREO_GNTTABOP_copy, "per-segment status"),
+                yes("GNTTABOP_copy", VIREO_GNTTABOP_copy, "per-segment status; 512 segments per continuation"),
                 yes("GNTTABOP_query_size", VIREO_GNTTABOP_query_size),
                 no("GNTTABOP_unmap_and_replace", VIREO_GNTTABOP_unmap_and_replace, "PV-MMU only"),
                 no("GNTTABOP_set_version", VIREO_GNTTABOP_set_version, "v1 only"),

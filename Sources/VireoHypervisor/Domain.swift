@@ -1,0 +1,213 @@
+import Glibc
+import Synchronization
+import VireoABI
+import VireoCore
+import VireoHypercalls
+
+/// How a domain ended (SCHEDOP_shutdown's reasons, plus the host's own verdicts).
+public enum ShutdownReason: Equatable, Sendable, CustomStringConvertible {
+    case poweroff, reboot, suspend, crash, watchdog, softReset
+    /// A reason number outside Xen's list.
+    case unknown(UInt32)
+
+    public init(xenReason: UInt32) {
+        switch Int32(bitPattern: xenReason) {
+        case VIREO_SHUTDOWN_poweroff: self = .poweroff
+        case VIREO_SHUTDOWN_reboot: self = .reboot
+        case VIREO_SHUTDOWN_suspend: self = .suspend
+        case VIREO_SHUTDOWN_crash: self = .crash
+        case VIREO_SHUTDOWN_watchdog: self = .watchdog
+        case VIREO_SHUTDOWN_soft_reset: self = .softReset
+        default: self = .unknown(xenReason)
+        }
+    }
+
+    public var description: String {
+        switch self {
+        case .poweroff: "poweroff"
+        case .reboot: "reboot"
+        case .suspend: "suspend"
+        case .crash: "crash"
+        case .watchdog: "watchdog"
+        case .softReset: "soft_reset"
+        case .unknown(let r): "unknown reason \(r)"
+        }
+    }
+}
+
+/// What a domain is made of.
+public struct DomainConfig: Sendable {
+    public var id: DomainID
+    public var name: String
+    public var memoryBytes: UInt64
+    public var vcpus: Int
+    /// Grant table frames the guest may set up (512 grants each).
+    public var maxGrantFrames: Int
+    public var portLimit: Int
+    /// Console bytes per second the host accepts from the guest (beyond, output is dropped
+    /// and counted: SECURITY.md 19); the burst is one second's worth.
+    public var consoleBytesPerSecond: Int
+
+    public init(id: DomainID, name: String, memoryBytes: UInt64, vcpus: Int = 1, maxGrantFrames: Int = 32,
+                portLimit: Int = EventChannels.defaultPortLimit, consoleBytesPerSecond: Int = 1 << 20) {
+        self.id = id
+        self.name = name
+        self.memoryBytes = memoryBytes
+        self.vcpus = vcpus
+        self.maxGrantFrames = maxGrantFrames
+        self.portLimit = portLimit
+        self.consoleBytesPerSecond = consoleBytesPerSecond
+    }
+}
+
+/// One guest domain's hypervisor-side state: its memory (RAM plus special frames: shared_info
+/// at 0, the grant table after it), its grant table and event channel registration, HVM
+/// parameters, timers, console and shutdown state. Engines run its vCPUs and hand it their
+/// hypercalls (``HypercallDispatcher``).
+public final class Domain: @unchecked Sendable {  // mutable state sits behind `state`
+    public let config: DomainConfig
+    public var id: DomainID { config.id }
+    public let memory: GuestMemory
+    public let grantTable: GrantTable
+    public let hub: EventChannels
+    public let grantTables: GrantTables
+    /// Ranges of RAM the toolstack reserved (console and XenStore pages), marked so in the
+    /// memory map.
+    public let reservedRanges: [PVHLoader.ReservedRange]
+
+    public static let sharedInfoSpecialFrame = 0
+    public static let firstGrantSpecialFrame = 1
+
+    struct State {
+        var params: [UInt32: UInt64] = [:]
+        var shutdown: ShutdownReason?
+        var timers: [UInt64?]
+        var consoleBudget: Double
+        var consoleRefilled: UInt64
+        var consoleDropped = 0
+        var hypercalls = 0
+    }
+    let state: Mutex<State>
+    private let consoleSink: @Sendable ([UInt8]) -> Void
+    private let bootTime: UInt64
+
+    /// Creates the domain's memory and registers it with the hub and the grant tables.
+    /// `upcall` is the engine's hook for event upcalls; `console` receives console_io output.
+    public init(config: DomainConfig, hub: EventChannels, grantTables: GrantTables,
+                reserved: [PVHLoader.ReservedRange] = [],
+                console: @escaping @Sendable ([UInt8]) -> Void,
+                upcall: @escaping @Sendable (Int) -> Void) throws {
+        let memory = try GuestMemory(ramBytes: config.memoryBytes, specialFrames: 1 + config.maxGrantFrames,
+                                     name: "vireo-\(config.name)")
+        let table = try GrantTable(domain: config.id, memory: memory, firstSpecialFrame: Self.firstGrantSpecialFrame,
+                                   maxFrames: config.maxGrantFrames, initialFrames: 1)
+        try hub.registerDomain(config.id, vcpus: config.vcpus, sharedInfo: try memory.specialRegion(Self.sharedInfoSpecialFrame),
+                               portLimit: config.portLimit, owner: memory, upcall: upcall)
+        do {
+            try grantTables.add(table)
+        } catch {
+            try? hub.removeDomain(config.id)
+            throw error
+        }
+        self.config = config
+        self.memory = memory
+        self.grantTable = table
+        self.hub = hub
+        self.grantTables = grantTables
+        self.reservedRanges = reserved
+        self.consoleSink = console
+        self.bootTime = Self.monotonicNanoseconds()
+        self.state = Mutex(State(timers: Array(repeating: nil, count: config.vcpus),
+                                 consoleBudget: Double(config.consoleBytesPerSecond), consoleRefilled: Self.monotonicNanoseconds()))
+    }
+
+    /// The domain is gone: its ports close, its grants end. Idempotent.
+    public func destroy() {
+        try? hub.removeDomain(id)
+        grantTables.remove(id)
+    }
+
+    static func monotonicNanoseconds() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    /// Xen's system time: nanoseconds since the domain was created.
+    public func systemTime() -> UInt64 { Self.monotonicNanoseconds() &- bootTime }
+
+    // MARK: HVM parameters
+
+    public func setParam(_ index: Int32, _ value: UInt64) {
+        state.withLock { $0.params[UInt32(index)] = value }
+    }
+
+    public func param(_ index: Int32) -> UInt64 {
+        state.withLock { $0.params[UInt32(index)] ?? 0 }
+    }
+
+    /// The upcall vector the guest chose (HVM_PARAM_CALLBACK_IRQ of type vector), if any.
+    public var callbackVector: UInt8? {
+        let value = param(VIREO_HVM_PARAM_CALLBACK_IRQ)
+        guard value >> 56 == UInt64(VIREO_HVM_PARAM_CALLBACK_TYPE_VECTOR) else { return nil }
+        return UInt8(truncatingIfNeeded: value)
+    }
+
+    // MARK: Timers
+
+    /// Arms vCPU `vcpu`'s single-shot timer at `deadline` (system time), or disarms it (nil).
+    public func setTimer(vcpu: Int, deadline: UInt64?) {
+        state.withLock { $0.timers[vcpu] = deadline }
+    }
+
+    public func timer(vcpu: Int) -> UInt64? { state.withLock { $0.timers[vcpu] } }
+
+    /// Fires every timer whose deadline has passed (VIRQ_TIMER on its vCPU); returns the
+    /// earliest deadline still armed.
+    @discardableResult
+    public func fireDueTimers() -> UInt64? {
+        let now = systemTime()
+        let due: [Int] = state.withLock { s in
+            var fired: [Int] = []
+            for (vcpu, deadline) in s.timers.enumerated() {
+                if let deadline, deadline <= now {
+                    s.timers[vcpu] = nil
+                    fired.append(vcpu)
+                }
+            }
+            return fired
+        }
+        for vcpu in due { _ = try? hub.raiseVirq(in: id, virq: VirtualIRQ(UInt32(VIREO_VIRQ_TIMER)), vcpu: vcpu) }
+        return state.withLock { $0.timers.compactMap { $0 }.min() }
+    }
+
+    // MARK: Console and shutdown
+
+    /// Console output from the guest, rate-limited to `consoleBytesPerSecond`.
+    public func writeConsole(_ bytes: [UInt8]) {
+        let now = Self.monotonicNanoseconds()
+        let accepted: Int = state.withLock { s in
+            let rate = Double(config.consoleBytesPerSecond)
+            s.consoleBudget = min(rate, s.consoleBudget + Double(now &- s.consoleRefilled) * rate / 1e9)
+            s.consoleRefilled = now
+            let n = min(bytes.count, Int(s.consoleBudget))
+            s.consoleBudget -= Double(n)
+            s.consoleDropped += bytes.count - n
+            return n
+        }
+        if accepted > 0 { consoleSink(Array(bytes.prefix(accepted))) }
+    }
+
+    /// Console bytes dropped by the rate limit.
+    public var consoleDropped: Int { state.withLock { $0.consoleDropped } }
+
+    /// Records the first shutdown; later ones do not change it.
+    public func shutDown(_ reason: ShutdownReason) {
+        state.withLock { s in if s.shutdown == nil { s.shutdown = reason } }
+    }
+
+    public var shutdownReason: ShutdownReason? { state.withLock { $0.shutdown } }
+
+    func countHypercall() { state.withLock { $0.hypercalls += 1 } }
+    public var hypercallCount: Int { state.withLock { $0.hypercalls } }
+}
