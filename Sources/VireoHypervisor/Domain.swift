@@ -86,6 +86,7 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
         var consoleRefilled: UInt64
         var consoleDropped = 0
         var hypercalls = 0
+        var vcpuInfo: [SharedRegion?]
     }
     let state: Mutex<State>
     private let consoleSink: @Sendable ([UInt8]) -> Void
@@ -118,7 +119,8 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
         self.consoleSink = console
         self.bootTime = Self.monotonicNanoseconds()
         self.state = Mutex(State(timers: Array(repeating: nil, count: config.vcpus),
-                                 consoleBudget: Double(config.consoleBytesPerSecond), consoleRefilled: Self.monotonicNanoseconds()))
+                                 consoleBudget: Double(config.consoleBytesPerSecond), consoleRefilled: Self.monotonicNanoseconds(),
+                                 vcpuInfo: Array(repeating: nil, count: config.vcpus)))
     }
 
     /// The domain is gone: its ports close, its grants end. Idempotent.
@@ -179,6 +181,67 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
         }
         for vcpu in due { _ = try? hub.raiseVirq(in: id, virq: VirtualIRQ(UInt32(VIREO_VIRQ_TIMER)), vcpu: vcpu) }
         return state.withLock { $0.timers.compactMap { $0 }.min() }
+    }
+
+    // MARK: Time (pvclock and wallclock)
+
+    /// Where vCPU `vcpu`'s vcpu_info lives: where the guest registered it, else its slot in
+    /// shared_info (vCPUs from 32 up have none until they register one).
+    public func vcpuInfoRegion(_ vcpu: Int) -> SharedRegion? {
+        if let moved = state.withLock({ $0.vcpuInfo[vcpu] }) { return moved }
+        guard vcpu < Int(VIREO_XEN_LEGACY_MAX_VCPUS),
+              let shared = try? memory.specialRegion(Self.sharedInfoSpecialFrame) else { return nil }
+        return shared.slice(offset: vcpu * 64, count: 64)
+    }
+
+    func noteVcpuInfo(_ vcpu: Int, _ region: SharedRegion) {
+        state.withLock { $0.vcpuInfo[vcpu] = region }
+    }
+
+    /// The pvclock scale for a TSC of `hz`: ns = ((delta << shift) * mul) >> 32 (negative
+    /// shift: >> -shift), with mul < 2^32.
+    public static func pvclockScale(tscHz hz: UInt64) -> (mul: UInt32, shift: Int8) {
+        let nsPerSecond: UInt64 = 1_000_000_000
+        var ticks = max(hz, 1)
+        var shift: Int8 = 0
+        while ticks > 2 * nsPerSecond { ticks >>= 1; shift -= 1 }
+        while ticks <= nsPerSecond { ticks <<= 1; shift += 1 }
+        return (UInt32((nsPerSecond << 32) / ticks), shift)
+    }
+
+    /// Publishes vCPU `vcpu`'s pvclock record: at guest TSC `tsc`, system time is now. The
+    /// record is a seqlock: version odd while it is written (vireo/xen.h).
+    public func publishTime(vcpu: Int, guestTSC tsc: UInt64, tscHz: UInt64) {
+        guard let info = vcpuInfoRegion(vcpu) else { return }
+        let (mul, shift) = Self.pvclockScale(tscHz: tscHz)
+        let timeAt = 32  // vcpu_info.time
+        let version = info.loadAcquire32(at: timeAt)
+        info.storeRelease32((version | 1) &+ (version & 1 == 0 ? 0 : 2), at: timeAt)
+        Barrier.write()
+        info.store(tsc, at: timeAt + 8)
+        info.store(systemTime(), at: timeAt + 16)
+        info.store(mul, at: timeAt + 24)
+        info.store(shift, at: timeAt + 28)
+        info.store(UInt8(VIREO_XEN_PVCLOCK_TSC_STABLE_BIT), at: timeAt + 29)
+        Barrier.write()
+        info.storeRelease32((version | 1) &+ 1, at: timeAt)
+    }
+
+    /// Publishes the wallclock at domain boot (system time 0) in shared_info.
+    public func publishWallclock() {
+        guard let shared = try? memory.specialRegion(Self.sharedInfoSpecialFrame) else { return }
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let boot = (UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec)) &- systemTime()
+        let version = shared.loadAcquire32(at: 3072)
+        shared.storeRelease32((version | 1) &+ (version & 1 == 0 ? 0 : 2), at: 3072)
+        Barrier.write()
+        let seconds = boot / 1_000_000_000
+        shared.store(UInt32(truncatingIfNeeded: seconds), at: 3076)
+        shared.store(UInt32(boot % 1_000_000_000), at: 3080)
+        shared.store(UInt32(truncatingIfNeeded: seconds >> 32), at: 3084)
+        Barrier.write()
+        shared.storeRelease32((version | 1) &+ 1, at: 3072)
     }
 
     // MARK: Console and shutdown

@@ -332,8 +332,9 @@ public struct HypercallDispatcher: Sendable {
             }
             let page: SharedRegion
             do { page = try domain.memory.region(frame: GuestFrame(op.mfn)) } catch { throw error.xenError }
-            try domain.hub.registerVcpuInfo(domain: domain.id, vcpu: vcpu,
-                                            region: page.slice(offset: Int(op.offset), count: MemoryLayout<vireo_vcpu_info>.size))
+            let region = page.slice(offset: Int(op.offset), count: MemoryLayout<vireo_vcpu_info>.size)
+            try domain.hub.registerVcpuInfo(domain: domain.id, vcpu: vcpu, region: region)
+            domain.noteVcpuInfo(vcpu, region)
         case VIREO_VCPUOP_set_singleshot_timer:
             let op = try space.load(vireo_vcpu_set_singleshot_timer.self, at: at)
             if op.flags & UInt32(VIREO_VCPU_SSHOTTMR_future) != 0 && op.timeout_abs_ns < domain.systemTime() { throw .ETIME }

@@ -259,3 +259,33 @@ let ENOSYS = XenError.ENOSYS.hypercallResult
         #expect(f.domain.hypercallCount > 0)
     }
 }
+
+@Suite struct TimeTests {
+    /// The guest's pvclock formula, as vireo/xen.h states it.
+    static func guestNanoseconds(delta: UInt64, mul: UInt32, shift: Int8) -> UInt64 {
+        let shifted = shift >= 0 ? delta << UInt64(shift) : delta >> UInt64(-shift)
+        return UInt64((UInt128(shifted) * UInt128(mul)) >> 32)
+    }
+
+    @Test(arguments: [1_000_000, 999_999_999, 1_000_000_000, 2_100_000_000, 3_000_000_000, 10_000_000_000] as [UInt64])
+    func pvclockScaleConvertsTicksToNanoseconds(hz: UInt64) {
+        let (mul, shift) = Domain.pvclockScale(tscHz: hz)
+        let oneSecond = Self.guestNanoseconds(delta: hz, mul: mul, shift: shift)
+        #expect(oneSecond > 999_999_000 && oneSecond <= 1_000_000_000, "\(hz) Hz: \(oneSecond) ns")
+    }
+
+    @Test func pvclockRecordIsPublishedWithAnEvenVersion() throws {
+        let f = try DispatchFixture()
+        f.domain.publishTime(vcpu: 1, guestTSC: 12345, tscHz: 2_000_000_000)
+        f.domain.publishTime(vcpu: 1, guestTSC: 22345, tscHz: 2_000_000_000)
+        let info = try #require(f.domain.vcpuInfoRegion(1))
+        let time = info.load(vireo_vcpu_time_info.self, at: 32)
+        #expect(time.version % 2 == 0 && time.version >= 4)
+        #expect(time.tsc_timestamp == 22345)
+        #expect(time.tsc_to_system_mul != 0)
+        f.domain.publishWallclock()
+        let shared = try f.domain.memory.specialRegion(0)
+        #expect(shared.load(UInt32.self, at: 3072) % 2 == 0)
+        #expect(shared.load(UInt32.self, at: 3076) > 1_700_000_000, "seconds since the epoch")
+    }
+}
