@@ -34,12 +34,20 @@ let package = Package(
         .target(name: "VireoCore", dependencies: ["VireoABI", "VireoHypercalls", "VireoAtomics", "VireoLinux"]),
         // The hypervisor core: PVH loading, domains, hypercall dispatch. Engines run it.
         .target(name: "VireoHypervisor", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
+        // Linux's KVM ABI (<linux/kvm.h>) and its ioctl numbers as constants Swift can import.
+        .target(name: "VireoKVMSys"),
+        // The KVM engine's foundation: typed wrappers over /dev/kvm (system, VM, vCPU), the exit
+        // enum, Xen's CPUID leaves and the PVH entry state. The only Swift code touching /dev/kvm.
+        .target(
+            name: "VireoKVM",
+            dependencies: ["VireoKVMSys", "VireoLinux", "VireoCore", "VireoABI", "VireoHypercalls"]
+        ),
         // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
         .target(name: "VireoBench"),
         // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
         .target(
             name: "VireoBenchmarks",
-            dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux"]
+            dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM"]
         ),
         .executableTarget(
             name: "vireo",
@@ -54,6 +62,7 @@ let package = Package(
         .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
         .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "VireoHypervisorTests", dependencies: ["VireoHypervisor", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
     ],

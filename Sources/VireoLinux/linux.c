@@ -1,5 +1,8 @@
 #define _GNU_SOURCE
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <linux/futex.h>
 #include <sys/mman.h>
@@ -46,3 +49,31 @@ int vireo_pin_thread(int cpu) {
     CPU_SET(cpu, &set);
     return sched_setaffinity(0, sizeof set, &set);
 }
+
+static void vireo_wakeup_handler(int signo) { (void)signo; }
+
+int vireo_wakeup_signal(void) { return SIGRTMIN; }
+
+int vireo_install_wakeup_handler(int signo) {
+    struct sigaction action;
+    memset(&action, 0, sizeof action);
+    action.sa_handler = vireo_wakeup_handler;
+    sigemptyset(&action.sa_mask);
+    /* SA_RESTART keeps other threads' restartable calls from seeing EINTR if a late kick
+       lands on them; KVM_RUN returns EINTR regardless. */
+    action.sa_flags = SA_RESTART;
+    return sigaction(signo, &action, 0);
+}
+
+int vireo_unblock_signal(int signo) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, signo);
+    int error = pthread_sigmask(SIG_UNBLOCK, &set, 0);
+    if (error != 0) { errno = error; return -1; }
+    return 0;
+}
+
+unsigned long vireo_current_thread(void) { return (unsigned long)pthread_self(); }
+
+int vireo_signal_thread(unsigned long thread, int signo) { return pthread_kill((pthread_t)thread, signo); }

@@ -122,6 +122,10 @@ typedef uint8_t vireo_xen_domain_handle_t[16];
 #define VIREO_XEN_CPUID_SIGNATURE_ECX   0x65584d4d /* "MMXe" */
 #define VIREO_XEN_CPUID_SIGNATURE_EDX   0x4d4d566e /* "nVMM" */
 #define VIREO_XEN_CPUID_MAX_NUM_LEAVES  5
+/* Leaf +4, HVM-specific features, in EAX: EBX holds the vCPU id (the vcpuid of vcpu_op) and
+ * ECX the domain id when these flags are set. */
+#define VIREO_XEN_HVM_CPUID_VCPU_ID_PRESENT (1u << 3)
+#define VIREO_XEN_HVM_CPUID_DOMID_PRESENT   (1u << 4)
 /* The MSR a guest writes to install the hypercall page (reported in leaf +2, EBX). */
 #define VIREO_ABI_HYPERCALL_PAGE_MSR    0x40000000u
 

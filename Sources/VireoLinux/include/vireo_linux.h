@@ -34,4 +34,18 @@ int vireo_futex_wake(uint32_t *addr, int count);
 int vireo_allowed_cpus(int *cpus, int capacity);
 int vireo_pin_thread(int cpu);
 
+/*
+ * Waking a thread out of a blocking call (a vCPU thread in KVM_RUN) with a signal whose
+ * handler does nothing: the call returns EINTR. wakeup_signal is the signal Vireo uses
+ * (a real-time one, SIGRTMIN); install_wakeup_handler installs the empty handler for it
+ * process-wide (idempotent; 0 or -1 with errno set); unblock_signal unblocks it in the
+ * calling thread; current_thread is pthread_self(); signal_thread is pthread_kill(), which
+ * returns 0 or an errno value (the thread must still exist).
+ */
+int vireo_wakeup_signal(void);
+int vireo_install_wakeup_handler(int signo);
+int vireo_unblock_signal(int signo);
+unsigned long vireo_current_thread(void);
+int vireo_signal_thread(unsigned long thread, int signo);
+
 #endif
