@@ -39,12 +39,16 @@ let package = Package(
             name: "VireoBenchmarks",
             dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux"]
         ),
+        // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the
+        // toolchain's swiftc, clang and ld.lld. Host-only tooling.
+        .target(name: "VireoGuestBuilder"),
         .executableTarget(
             name: "vireo",
             dependencies: [
                 "VireoABI",
                 "VireoBench",
                 "VireoBenchmarks",
+                "VireoGuestBuilder",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
