@@ -57,6 +57,8 @@ let package = Package(
         .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
+        // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.
+        .testTarget(name: "GuestTests", dependencies: ["VireoGuestBuilder"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]
 )
