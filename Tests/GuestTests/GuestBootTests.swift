@@ -53,4 +53,14 @@ import VireoGuestBuilder
         #expect(elf.loads.contains { $0.executable && $0.contains(physical: address) }, "rip \(rip) in the code")
         #expect(r.out.contains("vireo: shutting down (crash)\n"))
     }
+
+    /// The runtime's allocator and memory functions, checked from inside a guest.
+    @Test func theHeapAndMemoryFunctionsWork() throws {
+        guard let qemu = GuestSupport.qemu() else { return }
+        let r = try GuestSupport.boot(qemu, try GuestSupport.image("heap"))
+        #expect(!r.out.contains("FAIL"), "\(r.out)")
+        #expect(r.out.hasSuffix("heap done\n"), "\(r.out)")
+        #expect(r.out.split(separator: "\n").filter { $0.hasPrefix("ok ") }.count == 11)
+        #expect(r.status == GuestSupport.poweroffStatus, "main returned 0")
+    }
 }

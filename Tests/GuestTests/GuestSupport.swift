@@ -18,13 +18,15 @@ enum GuestSupport {
         GuestBuilder(repository: repository, toolchain: toolchain, workDirectory: temporaryDirectory("guest-objects"))
     }
 
-    /// Every sample plus the `trap` fixture, built by the builder itself, once.
+    /// Every sample plus the runnable fixtures (`trap`, `heap`), built by the builder itself, once.
     static let built: Result<[String: GuestImage], GuestBuildError> = Result { () throws(GuestBuildError) in
         let output = temporaryDirectory("guests")
         let guestBuilder = builder()
         var images = try guestBuilder.buildSamples(into: output)
-        images.append(try guestBuilder.build(directory: fixtures.appendingPathComponent("trap"),
-                                        output: output.appendingPathComponent("trap.elf")))
+        for fixture in ["trap", "heap"] {
+            images.append(try guestBuilder.build(directory: fixtures.appendingPathComponent(fixture),
+                                                 output: output.appendingPathComponent("\(fixture).elf")))
+        }
         return Dictionary(uniqueKeysWithValues: images.map { ($0.name, $0) })
     }
 
