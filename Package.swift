@@ -49,12 +49,16 @@ let package = Package(
             name: "VireoBenchmarks",
             dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM"]
         ),
+        // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the
+        // toolchain's swiftc, clang and ld.lld. Host-only tooling.
+        .target(name: "VireoGuestBuilder"),
         .executableTarget(
             name: "vireo",
             dependencies: [
                 "VireoABI",
                 "VireoBench",
                 "VireoBenchmarks",
+                "VireoGuestBuilder",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -65,6 +69,8 @@ let package = Package(
         .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
+        // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.
+        .testTarget(name: "GuestTests", dependencies: ["VireoGuestBuilder"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]
 )

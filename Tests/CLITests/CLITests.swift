@@ -83,4 +83,49 @@ import Testing
         #expect(missing.status != 0)
         #expect(missing.err.contains("--list"))
     }
+
+    static let root = URL(fileURLWithPath: #filePath)
+        .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+
+    /// DESIGN.md's interface: `vireo guest build --samples` writes `.build/guests/NAME.elf`.
+    @Test func guestBuildSamplesWritesBuildGuests() throws {
+        let r = try Self.run(["guest", "build", "--samples", "--repository", Self.root.path])
+        #expect(r.status == 0, "\(r.err)")
+        for name in ["hello", "hello-c"] {
+            let path = Self.root.appendingPathComponent(".build/guests/\(name).elf").path
+            #expect(r.out.contains("\(name)\t\(path)\t"), "\(r.out)")
+            #expect(FileManager.default.fileExists(atPath: path))
+        }
+    }
+
+    /// `vireo guest build DIR -o OUT.elf`, from a directory outside the repository.
+    @Test func guestBuildDirectoryWritesTheImage() throws {
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-cli-\(UUID().uuidString)/greeter.elf")
+        defer { try? FileManager.default.removeItem(at: output.deletingLastPathComponent()) }
+        let r = try Self.run(["guest", "build", Self.root.appendingPathComponent("Hypercalls/samples/hello").path,
+                              "-o", output.path, "--name", "greeter", "--repository", Self.root.path])
+        #expect(r.status == 0, "\(r.err)")
+        #expect(r.out.hasPrefix("greeter\t"))
+        let data = try Data(contentsOf: output)
+        #expect(data.starts(with: [0x7f, 0x45, 0x4c, 0x46, 2]), "an ELF64 image")
+    }
+
+    @Test func guestBuildWantsSamplesOrADirectory() throws {
+        let none = try Self.run(["guest", "build"])
+        #expect(none.status != 0)
+        #expect(none.err.contains("pass either --samples or a guest directory"))
+        let noOutput = try Self.run(["guest", "build", "somewhere"])
+        #expect(noOutput.status != 0)
+        #expect(noOutput.err.contains("-o OUT.elf"))
+    }
+
+    @Test func guestBuildNamesTheFailedStep() throws {
+        let output = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-cli-\(UUID().uuidString).elf")
+        let r = try Self.run(["guest", "build", Self.root.appendingPathComponent("Tests/GuestTests/Fixtures/broken").path,
+                              "-o", output.path, "--repository", Self.root.path])
+        #expect(r.status != 0)
+        #expect(r.err.contains("compiling broken (swiftc, Embedded Swift) failed"), "\(r.err)")
+        #expect(r.err.contains("main.swift:2"))
+        #expect(!FileManager.default.fileExists(atPath: output.path))
+    }
 }

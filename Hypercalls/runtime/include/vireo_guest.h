@@ -1,0 +1,72 @@
+/*
+ * vireo_guest.h — what the guest runtime (Hypercalls/runtime) gives a guest's code, in C
+ * and in Embedded Swift (`import VireoGuestRuntime`).
+ *
+ * Before main runs, the runtime has: entered long mode with the first 1 GiB identity-mapped,
+ * installed an exception table that reports a fault and shuts the domain down as a crash,
+ * found the hypervisor and, under Xen (or Vireo), installed the hypercall page, copied the
+ * command line, and set up the heap (malloc/posix_memalign/free).
+ *
+ * main is called as `int main(int argc, char **argv)` with argc = 1 and argv[0] = "guest";
+ * when it returns 0 the domain powers off, otherwise it shuts down as a crash.
+ */
+#ifndef VIREO_GUEST_H
+#define VIREO_GUEST_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* The kernel command line from hvm_start_info (copied at boot); "" when none was given. */
+const char *vireo_guest_cmdline(void);
+
+/* 1 when the hypervisor is Xen-compatible (CPUID "XenVMMXenVMM") and the hypercall page
+ * is installed; 0 otherwise (e.g. QEMU without Xen: console and shutdown use ports). */
+int vireo_guest_has_hypercalls(void);
+
+/* A short description of the hypervisor found: "Xen 4.14 (XenVMMXenVMM)", "KVMKVMKVM",
+ * "none", ... */
+const char *vireo_guest_hypervisor(void);
+
+/*
+ * A hypercall through the hypercall page: RDI, RSI, RDX, R10, R8 = a1..a5; returns RAX
+ * (>= 0 success, -VIREO_XEN_E* failure). Returns -VIREO_XEN_ENOSYS (-38) when there is
+ * no hypercall page. Pointer arguments are guest-virtual addresses (identity-mapped).
+ */
+long vireo_guest_hypercall(unsigned nr, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
+
+/* Writes bytes to the console: console_io(CONSOLEIO_write) under Xen, else port 0xe9.
+ * Output buffered by putchar is written first, so the two never interleave. */
+void vireo_guest_console_write(const char *bytes, size_t count);
+
+/* Writes what putchar has buffered (putchar flushes at each newline by itself). */
+void vireo_guest_console_flush(void);
+
+/*
+ * Stops the domain with a VIREO_SHUTDOWN_* reason (vireo/sched.h): sched_op(SCHEDOP_shutdown)
+ * under Xen. Without Xen it writes the reason to port 0xf4, which QEMU's
+ * `-device isa-debug-exit,iobase=0xf4,iosize=4` turns into exit status (reason << 1) | 1
+ * (poweroff: 1, crash: 7); if nothing stops the guest it halts with interrupts off.
+ */
+_Noreturn void vireo_guest_shutdown(unsigned reason);
+
+/* C library pieces the runtime provides (Embedded Swift needs them). */
+int putchar(int c);
+int posix_memalign(void **result, size_t alignment, size_t size);
+void *malloc(size_t size);
+void *calloc(size_t count, size_t size);
+void free(void *pointer);
+void *memset(void *dest, int value, size_t count);
+void *memcpy(void *dest, const void *src, size_t count);
+void *memmove(void *dest, const void *src, size_t count);
+int memcmp(const void *a, const void *b, size_t count);
+size_t strlen(const char *s);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* VIREO_GUEST_H */
