@@ -42,6 +42,8 @@ let package = Package(
             name: "VireoKVM",
             dependencies: ["VireoKVMSys", "VireoLinux", "VireoCore", "VireoABI", "VireoHypercalls"]
         ),
+        // Runs domains: the hypervisor core on an engine (KVM today), one thread per vCPU.
+        .target(name: "VireoMachine", dependencies: ["VireoHypervisor", "VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
         .target(name: "VireoBench"),
         // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
@@ -59,6 +61,9 @@ let package = Package(
                 "VireoBench",
                 "VireoBenchmarks",
                 "VireoGuestBuilder",
+                "VireoMachine",
+                "VireoHypervisor",
+                "VireoCore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -70,7 +75,7 @@ let package = Package(
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.
-        .testTarget(name: "GuestTests", dependencies: ["VireoGuestBuilder"], exclude: ["Fixtures"]),
+        .testTarget(name: "GuestTests", dependencies: ["VireoGuestBuilder", "vireo"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]
 )

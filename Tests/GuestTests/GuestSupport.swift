@@ -23,7 +23,7 @@ enum GuestSupport {
         let output = temporaryDirectory("guests")
         let guestBuilder = builder()
         var images = try guestBuilder.buildSamples(into: output)
-        for fixture in ["trap", "heap"] {
+        for fixture in ["trap", "heap", "hostile"] {
             images.append(try guestBuilder.build(directory: fixtures.appendingPathComponent(fixture),
                                                  output: output.appendingPathComponent("\(fixture).elf")))
         }
@@ -97,6 +97,18 @@ enum GuestSupport {
 
     static let poweroffStatus: Int32 = 1  // (SHUTDOWN_poweroff = 0) << 1 | 1
     static let crashStatus: Int32 = 7     // (SHUTDOWN_crash = 3) << 1 | 1
+
+    /// The `vireo` executable built beside the test bundle.
+    static var vireo: String {
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().appendingPathComponent("vireo").path
+    }
+
+    /// Whether /dev/kvm can be used; otherwise says why the test is skipped.
+    static func kvmAvailable() -> Bool {
+        if access("/dev/kvm", R_OK | W_OK) == 0 { return true }
+        print("skipped: /dev/kvm is missing or not accessible, so guests are not booted on Vireo's KVM engine")
+        return false
+    }
 
     /// A disassembler: llvm-objdump from the toolchain, else objdump on PATH.
     static func objdump() -> String? {

@@ -1,0 +1,247 @@
+import Glibc
+import Synchronization
+import VireoABI
+import VireoCore
+import VireoHypercalls
+import VireoHypervisor
+import VireoKVM
+import VireoLinux
+
+/// Where a domain's upcall hook leads: created before the domain (the hook is given at
+/// creation) and pointed at the runner once it exists.
+public final class UpcallRouter: Sendable {
+    private let target = Mutex<(@Sendable (Int) -> Void)?>(nil)
+    public init() {}
+    public func connect(_ hook: @escaping @Sendable (Int) -> Void) { target.withLock { $0 = hook } }
+    public func upcall(_ vcpu: Int) { target.withLock { $0 }?(vcpu) }
+}
+
+/// A sleeping vCPU's wake-up word (a futex): events, timers and kicks set it.
+final class VCPUWaker: @unchecked Sendable {  // the word is only touched atomically
+    private let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
+    private let region: SharedRegion
+
+    init() {
+        word.initialize(to: 0)
+        region = .unsafe(UnsafeMutableRawPointer(word), count: 4)
+    }
+
+    deinit { word.deallocate() }
+
+    func wake() {
+        region.storeRelease32(1, at: 0)
+        _ = vireo_futex_wake(word, Int32.max)
+    }
+
+    /// Clears the word; then `ready()` is checked; then sleeps while the word stays 0 (a wake
+    /// between the check and the sleep sets it, and the sleep returns at once).
+    func wait(until ready: () -> Bool, timeoutNanoseconds: Int64) {
+        region.storeRelease32(0, at: 0)
+        Barrier.full()
+        if ready() { return }
+        _ = vireo_futex_wait(word, 0, timeoutNanoseconds)
+    }
+}
+
+/// Runs one domain's vCPUs on KVM, one host thread each: the engine half of Vireo for a
+/// domain. Exits are handled as DESIGN.md describes: the hypercall page's I/O exits go to the
+/// dispatcher, the hypercall-page MSR installs the page, HLT and SCHEDOP_block sleep until an
+/// event or a timer, event upcalls are injected as the guest's callback vector (no LAPIC EOI).
+public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per thread
+    public let built: BuiltDomain
+    public var domain: Domain { built.domain }
+    private let vm: VMBox
+    private let vcpus: [KVMVirtualCPU]
+    private let wakers: [VCPUWaker]
+    private let dispatcher: HypercallDispatcher
+    private let failure = Mutex<String?>(nil)
+    private let exitCount = Atomic<Int>(0)
+
+    final class VMBox: @unchecked Sendable {
+        let vm: KVMVirtualMachine
+        init(_ vm: consuming KVMVirtualMachine) { self.vm = vm }
+    }
+
+    /// Why the run ended, beyond the guest's own shutdown reason (a triple fault, an exit the
+    /// engine cannot handle, an error from KVM).
+    public var failureDescription: String? { failure.withLock { $0 } }
+    public var exits: Int { exitCount.load(ordering: .relaxed) }
+
+    /// Creates the KVM VM and vCPUs for `built` and puts vCPU 0 in the PVH entry state.
+    public init(built: BuiltDomain, router: UpcallRouter) throws(KVMError) {
+        let kvm = try KVMSystem()
+        try kvm.requireCapabilities()
+        let vm = try kvm.makeVirtualMachine(memory: built.domain.memory)
+        let supported = try kvm.supportedCPUID()
+        var vcpus: [KVMVirtualCPU] = []
+        for id in 0..<built.domain.config.vcpus {
+            let vcpu = try vm.makeVirtualCPU(id: UInt32(id))
+            try vcpu.setCPUID(XenCPUID.guestCPUID(supported: supported, vcpu: UInt32(id), domain: built.domain.id))
+            vcpus.append(vcpu)
+        }
+        try vcpus[0].setPVHEntryState(entry: built.boot.entry, startInfo: GuestPhysicalAddress(UInt64(built.boot.startInfo)))
+        self.built = built
+        self.vm = VMBox(vm)
+        self.vcpus = vcpus
+        self.wakers = vcpus.map { _ in VCPUWaker() }
+        self.dispatcher = HypercallDispatcher(domain: built.domain)
+        let wakers = self.wakers, cpus = vcpus
+        router.connect { vcpu in
+            guard vcpu < wakers.count else { return }
+            wakers[vcpu].wake()
+            cpus[vcpu].kick()
+        }
+    }
+
+    /// Runs vCPU 0 on the calling thread until the domain shuts down (other vCPUs wait for
+    /// VCPUOP_up, which Vireo does not offer yet, so only vCPU 0 runs). Returns the reason.
+    public func run() -> ShutdownReason {
+        runVCPU(0)
+        return domain.shutdownReason ?? .crash
+    }
+
+    /// Stops the domain from another thread (the reason is recorded; the vCPU stops soon).
+    public func stop(_ reason: ShutdownReason) {
+        domain.shutDown(reason)
+        for (waker, cpu) in zip(wakers, vcpus) {
+            waker.wake()
+            cpu.kick()
+        }
+    }
+
+    private func crash(_ why: String) {
+        failure.withLock { if $0 == nil { $0 = why } }
+        domain.shutDown(.crash)
+    }
+
+    private func upcallPending(_ vcpu: Int) -> Bool {
+        domain.vcpuInfoRegion(vcpu).map { $0.loadAcquire8(at: 0) != 0 } ?? false
+    }
+
+    private func upcallMasked(_ vcpu: Int) -> Bool {
+        domain.vcpuInfoRegion(vcpu).map { $0.loadAcquire8(at: 1) != 0 } ?? true
+    }
+
+    private func runVCPU(_ index: Int) {
+        let cpu = vcpus[index]
+        while domain.shutdownReason == nil {
+            _ = domain.fireDueTimers()
+            if let vector = domain.callbackVector, upcallPending(index), !upcallMasked(index) {
+                if cpu.readyForInterruptInjection {
+                    do { try cpu.injectInterrupt(vector: vector) } catch { return crash("KVM_INTERRUPT: \(error)") }
+                    cpu.requestInterruptWindow = false
+                } else {
+                    cpu.requestInterruptWindow = true
+                }
+            }
+            let exit: KVMExit
+            do { exit = try cpu.run() } catch { return crash("KVM_RUN: \(error)") }
+            exitCount.add(1, ordering: .relaxed)
+            switch exit {
+            case .port(let access):
+                handlePort(access, cpu: cpu, vcpu: index)
+            case .halt:
+                sleep(vcpu: index, cpu: cpu, ports: nil, deadline: nil)
+            case .writeMSR(let msr, let value, _):
+                if msr == VIREO_ABI_HYPERCALL_PAGE_MSR && HypercallPage.install(msrValue: value, in: domain.memory) {
+                    continue
+                }
+                cpu.failMSRAccess()
+            case .readMSR:
+                cpu.completeMSRRead(0)
+            case .shutdown:
+                crash("the guest triple-faulted (vCPU \(index), RIP 0x\(String(cpu.registers.rip, radix: 16)))")
+            case .internalError(let suberror, let data):
+                crash("KVM could not emulate an instruction (suberror \(suberror), \(data.map { "0x" + String($0, radix: 16) }));"
+                      + " on this host guests must avoid SSE and x87")
+            case .failedEntry(let reason, _):
+                crash("KVM refused to enter the guest (hardware reason 0x\(String(reason, radix: 16)))")
+            case .memory(let access):
+                if !access.isWrite { cpu.completeMemoryRead(UInt64.max) }  // no devices: reads float high
+            case .interruptWindowOpen, .interrupted, .debug:
+                continue
+            case .systemEvent, .other:
+                crash("unexpected KVM exit \(exit)")
+            }
+        }
+    }
+
+    private func handlePort(_ access: KVMPortAccess, cpu: KVMVirtualCPU, vcpu: Int) {
+        switch (access.direction, access.port) {
+        case (.output, HypercallPage.port):
+            hypercall(cpu: cpu, vcpu: vcpu)
+        case (.output, UInt16(VIREO_XEN_HVM_DEBUGCONS_IOPORT)):
+            domain.writeConsole(Array(cpu.portData))
+        case (.input, _):
+            cpu.completeInput(UInt32.max)
+        default:
+            break
+        }
+    }
+
+    private func hypercall(cpu: KVMVirtualCPU, vcpu: Int) {
+        var regs = cpu.registers
+        let sregs: X86SpecialRegisters
+        do { sregs = try cpu.specialRegisters() } catch { return crash("KVM_GET_SREGS: \(error)") }
+        let longMode = sregs.efer & (1 << 10) != 0
+        let result: UInt64
+        if sregs.cs.selector & 3 != 0 {
+            result = UInt64(bitPattern: XenError.EPERM.hypercallResult)  // hypercalls are for the kernel only
+        } else {
+            let arguments = longMode ? [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8]
+                : [regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi].map { $0 & 0xFFFF_FFFF }
+            let space = GuestAddressSpace(memory: domain.memory,
+                                          mode: PagingMode(cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer))
+            switch dispatcher.dispatch(HypercallPage.number(fromEAX: regs.rax), arguments, vcpu: vcpu, space: space) {
+            case .result(let r):
+                result = UInt64(bitPattern: r)
+            case .yield:
+                sched_yield()
+                result = 0
+            case .block:
+                // SCHEDOP_block: sleep until an event is pending (delivered after return).
+                sleep(vcpu: vcpu, cpu: cpu, ports: nil, deadline: nil)
+                result = 0
+            case .poll(let ports, let deadline):
+                sleep(vcpu: vcpu, cpu: cpu, ports: ports, deadline: deadline)
+                result = 0
+            case .shutdown:
+                return
+            case .restart(let args):
+                if longMode {
+                    (regs.rdi, regs.rsi, regs.rdx) = (args[0], args[1], args[2])
+                } else {
+                    (regs.rbx, regs.rcx, regs.rdx) = (args[0], args[1], args[2])
+                }
+                regs.rip &-= 2  // back onto `out %eax, $port`: the call runs again
+                cpu.registers = regs
+                return
+            }
+        }
+        regs.rax = longMode ? result : result & 0xFFFF_FFFF
+        cpu.registers = regs
+    }
+
+    /// Sleeps the vCPU until an event is pending for it (or one of `ports`, for SCHEDOP_poll),
+    /// a timer fires, the deadline passes, or the domain stops.
+    private func sleep(vcpu: Int, cpu: KVMVirtualCPU, ports: [EventPort]?, deadline: UInt64?) {
+        let events = (try? domain.memory.specialRegion(Domain.sharedInfoSpecialFrame)).map { GuestEventState(sharedInfo: $0) }
+        func ready() -> Bool {
+            if domain.shutdownReason != nil { return true }
+            if let ports, let events { return ports.contains { events.isPending($0) } }
+            return upcallPending(vcpu)
+        }
+        while !ready() {
+            let next = domain.fireDueTimers()
+            if ready() { return }
+            let wakeAt = [next, deadline].compactMap { $0 }.min()
+            if let deadline, domain.systemTime() >= deadline { return }
+            if wakeAt == nil && ports == nil && domain.callbackVector == nil && !cpu.interruptFlag {
+                // Halted with interrupts off, nothing armed: nothing can ever wake it.
+                return crash("vCPU \(vcpu) halted with interrupts disabled and nothing to wake it")
+            }
+            let timeout = wakeAt.map { Int64(clamping: $0 &- min($0, domain.systemTime())) } ?? -1
+            wakers[vcpu].wait(until: ready, timeoutNanoseconds: timeout)
+        }
+    }
+}

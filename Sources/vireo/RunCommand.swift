@@ -1,0 +1,93 @@
+import ArgumentParser
+import Foundation
+import Glibc
+import VireoABI
+import VireoCore
+import VireoHypervisor
+import VireoMachine
+
+/// `vireo run KERNEL.elf`: one domain in the foreground, on the embedded default (no daemon).
+struct RunCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Boot a PVH kernel in the foreground; its console goes to stdout.",
+        discussion: """
+            Exit status: 0 when the guest powers off; 1 when the domain cannot be created \
+            (bad file, bad option, no engine); 2 when the guest crashes (its own crash shutdown, \
+            a triple fault, an instruction the engine cannot run); 3 when it asks to reboot; \
+            4 for any other shutdown reason (suspend, watchdog, soft reset).
+            """
+    )
+
+    enum Engine: String, ExpressibleByArgument, CaseIterable {
+        case kvm, soft, auto
+    }
+
+    @Argument(help: "The guest kernel: an ELF image with a Xen PVH entry note.")
+    var kernel: String
+
+    @Option(help: "The execution engine: kvm, soft or auto (KVM when /dev/kvm is usable).")
+    var engine: Engine = .auto
+
+    @Option(help: "Guest memory in MiB.")
+    var memory: Int = 64
+
+    @Option(help: "Virtual CPUs.")
+    var vcpus: Int = 1
+
+    @Option(help: "The guest's command line.")
+    var cmdline: String = ""
+
+    func validate() throws {
+        guard (2...65536).contains(memory) else { throw ValidationError("--memory \(memory): give 2 to 65536 MiB") }
+        guard (1...128).contains(vcpus) else { throw ValidationError("--vcpus \(vcpus): give 1 to 128") }
+    }
+
+    static let exitCrash: Int32 = 2, exitReboot: Int32 = 3, exitOther: Int32 = 4
+
+    func run() throws {
+        if engine == .soft || (engine == .auto && access("/dev/kvm", R_OK | W_OK) != 0) {
+            throw RunError("the SoftCPU engine is not built yet; run on a host with /dev/kvm (--engine kvm)")
+        }
+        guard let bytes = FileManager.default.contents(atPath: kernel) else {
+            throw RunError("cannot read the kernel '\(kernel)'")
+        }
+        let hub = EventChannels(), grants = GrantTables()
+        let host: HostEventDomain
+        do { host = try HostEventDomain(hub: hub) } catch { throw RunError("cannot set up the host domain: \(error)") }
+        let router = UpcallRouter()
+        let built: BuiltDomain
+        do {
+            built = try DomainBuilder.build(
+                config: DomainConfig(id: DomainID(1), name: URL(fileURLWithPath: kernel).lastPathComponent,
+                                     memoryBytes: UInt64(memory) << 20, vcpus: vcpus),
+                kernel: Array(bytes), commandLine: cmdline, hub: hub, grantTables: grants, backend: host.id,
+                console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } },
+                upcall: { router.upcall($0) })
+        } catch {
+            throw RunError("\(kernel): \(error)")
+        }
+        let runner: KVMDomainRunner
+        do { runner = try KVMDomainRunner(built: built, router: router) } catch {
+            throw RunError("cannot start the domain on KVM: \(error)")
+        }
+        let reason = runner.run()
+        if let failure = runner.failureDescription {
+            FileHandle.standardError.write(Data("vireo: \(failure)\n".utf8))
+        }
+        built.domain.destroy()
+        withExtendedLifetime(host) {}
+        switch reason {
+        case .poweroff: return
+        case .crash: throw ExitCode(Self.exitCrash)
+        case .reboot: throw ExitCode(Self.exitReboot)
+        default: throw ExitCode(Self.exitOther)
+        }
+    }
+}
+
+/// A setup error for `vireo run`: printed, exit status 1.
+struct RunError: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}

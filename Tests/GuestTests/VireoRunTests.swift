@@ -1,0 +1,58 @@
+import Foundation
+import Testing
+import VireoGuestBuilder
+
+/// Real guest images booted by `vireo run` on Vireo's KVM engine: hypercall page, console_io,
+/// sched_op shutdown, the fault path, hostile hypercalls, broken files. Small guests only: this
+/// host's KVM emulates instructions at about 2 M/s.
+@Suite(.serialized) struct VireoRunTests {
+    @Test func helloPrintsThroughHypercallsAndPowersOff() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let hello = try GuestSupport.image("hello")
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", hello.path.path, "--engine", "kvm", "--cmdline", "greeting=hi"])
+        #expect(!r.timedOut)
+        #expect(r.status == 0, "\(r.err)")
+        #expect(r.out.contains("Hello from Vireo"))
+        #expect(r.out.contains("command line: greeting=hi"))
+        #expect(r.out.contains("XenVMMXenVMM"), "the guest found Vireo's Xen CPUID leaves")
+        #expect(r.out.contains("hypercall page installed"))
+        let c = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("hello-c").path.path])
+        #expect(c.status == 0 && c.out.contains("Hello from Vireo (C)"), "\(c.out)\(c.err)")
+    }
+
+    @Test func aTrappingGuestIsReportedAndExitsAsACrash() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("trap").path.path])
+        #expect(r.status == 2, "crash exit status; \(r.err)")
+        #expect(r.out.contains("vector 6 (#UD invalid opcode: a Swift trap)"))
+    }
+
+    @Test func hostileHypercallsGetErrorsAndTheGuestCarriesOn() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("hostile").path.path])
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(!r.out.contains("FAIL"), "\(r.out)")
+        #expect(r.out.contains("hostile done"))
+    }
+
+    @Test func theHeapGuestReadsItsMemoryMap() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("heap").path.path, "--memory", "32"])
+        #expect(r.status == 0 && r.out.contains("heap done") && !r.out.contains("FAIL"), "\(r.out)\(r.err)")
+    }
+
+    @Test func brokenFilesAndOptionsAreRefusedWithAReason() throws {
+        let dir = GuestSupport.temporaryDirectory("broken")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        let script = dir.appendingPathComponent("not-elf")
+        try "#!/bin/sh\n".write(to: script, atomically: true, encoding: .utf8)
+        let notELF = try GuestSupport.run(GuestSupport.vireo, ["run", script.path, "--engine", "kvm"])
+        #expect(notELF.status == 1 && notELF.err.contains("not an ELF file"), "\(notELF.err)")
+        let missing = try GuestSupport.run(GuestSupport.vireo, ["run", dir.appendingPathComponent("nope").path, "--engine", "kvm"])
+        #expect(missing.status == 1 && missing.err.contains("cannot read the kernel"))
+        let memory = try GuestSupport.run(GuestSupport.vireo, ["run", script.path, "--memory", "1"])
+        #expect(memory.status != 0 && memory.err.contains("--memory"))
+        let vcpus = try GuestSupport.run(GuestSupport.vireo, ["run", script.path, "--vcpus", "0"])
+        #expect(vcpus.status != 0 && vcpus.err.contains("--vcpus"))
+    }
+}
