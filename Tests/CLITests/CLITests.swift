@@ -48,6 +48,27 @@ import Testing
         #expect(object["unsupported_result"] as? Int == -38)
     }
 
+    /// `vireo bench exit` on KVM: the contract line where /dev/kvm is usable, a clear error where not.
+    @Test func benchExitQuick() throws {
+        let r = try Self.run(["bench", "exit", "--quick", "--json"])
+        guard FileManager.default.isWritableFile(atPath: "/dev/kvm") else {
+            #expect(r.status != 0)
+            #expect(r.err.contains("benchmark 'exit' cannot run here"), "\(r.err)")
+            return
+        }
+        #expect(r.status == 0, "\(r.err)")
+        let last = try #require(r.out.split(separator: "\n").last)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(last.utf8)) as? [String: Any])
+        #expect(object["bench"] as? String == "exit")
+        #expect(object["unit"] as? String == "round trips/s")
+        let value = try #require(object["value"] as? Double)
+        let baseline = try #require(object["baseline"] as? Double)
+        #expect(value > 0 && baseline > 0)
+        for key in ["us_per_exit", "us_per_ioctl", "us_per_exit_with_get_regs"] {
+            #expect(object[key] is Double || object[key] is Int, "\(key)")
+        }
+    }
+
     /// The JSON contract of `vireo bench ring`; never its speed (a smoke test on a shared machine).
     @Test func benchRingQuickPrintsTheContractLine() throws {
         let r = try Self.run(["bench", "ring", "--quick", "--json"])
