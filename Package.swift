@@ -49,7 +49,8 @@ let package = Package(
         // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
         .target(
             name: "VireoBenchmarks",
-            dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM"]
+            dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM",
+                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder"]
         ),
         // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the
         // toolchain's swiftc, clang and ld.lld. Host-only tooling.

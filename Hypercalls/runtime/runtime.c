@@ -107,6 +107,8 @@ static void detect_hypervisor(void) {
     }
 }
 
+const void *vireo_guest_hypercall_page(void) { return have_hypercalls ? hypercall_page : 0; }
+
 long vireo_guest_hypercall(unsigned nr, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5) {
     if (!have_hypercalls || nr >= VIREO_ABI_HYPERCALL_SLOTS) return -VIREO_XEN_ENOSYS;
     register uint64_t rdi __asm__("rdi") = a1;

@@ -52,7 +52,7 @@ public final class KVMVirtualCPU: @unchecked Sendable {
         _ = Self.wakeupSignal
         // Ask KVM to store the registers in the run area at every exit, and seed it now so
         // the registers are readable before the first run.
-        runArea.pointee.kvm_valid_regs = VIREO_KVM_SYNC_X86_REGS
+        runArea.pointee.kvm_valid_regs = VIREO_KVM_SYNC_X86_REGS | VIREO_KVM_SYNC_X86_SREGS
         var regs = kvm_regs()
         do {
             try kvmIoctl(fd, .getRegs, &regs)
@@ -79,6 +79,12 @@ public final class KVMVirtualCPU: @unchecked Sendable {
             runArea.pointee.s.regs.regs = newValue.kvm
             runArea.pointee.kvm_dirty_regs |= VIREO_KVM_SYNC_X86_REGS
         }
+    }
+
+    /// The special registers as KVM stored them in the run area at the last exit (sync regs):
+    /// no ioctl. Valid after a ``run()``; use ``specialRegisters()`` before the first run.
+    public var syncedSpecialRegisters: X86SpecialRegisters {
+        X86SpecialRegisters(runArea.pointee.s.regs.sregs)
     }
 
     /// KVM_GET_SREGS.

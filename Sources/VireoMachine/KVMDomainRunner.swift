@@ -181,8 +181,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
 
     private func hypercall(cpu: KVMVirtualCPU, vcpu: Int) {
         var regs = cpu.registers
-        let sregs: X86SpecialRegisters
-        do { sregs = try cpu.specialRegisters() } catch { return crash("KVM_GET_SREGS: \(error)") }
+        let sregs = cpu.syncedSpecialRegisters  // from the run area: no ioctl per hypercall
         let longMode = sregs.efer & (1 << 10) != 0
         let result: UInt64
         if sregs.cs.selector & 3 != 0 {

@@ -12,7 +12,7 @@ struct BenchCommand: AsyncParsableCommand {
     )
 
     /// Every benchmark the CLI knows. Later layers add theirs here.
-    static let registry = BenchmarkRegistry([RingBenchmark(), GrantBenchmark(), RawExitBenchmark()])
+    static let registry = BenchmarkRegistry([RingBenchmark(), GrantBenchmark(), RawExitBenchmark(), HypercallBenchmark(), BootBenchmark()])
 
     @Argument(help: "The benchmark to run (see --list).")
     var name: String?

@@ -36,6 +36,9 @@ const char *vireo_guest_hypervisor(void);
  * (>= 0 success, -VIREO_XEN_E* failure). Returns -VIREO_XEN_ENOSYS (-38) when there is
  * no hypercall page. Pointer arguments are guest-virtual addresses (identity-mapped).
  */
+/* The installed hypercall page (32-byte stubs, one per hypercall number), or NULL. */
+const void *vireo_guest_hypercall_page(void);
+
 long vireo_guest_hypercall(unsigned nr, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
 
 /* Writes bytes to the console: console_io(CONSOLEIO_write) under Xen, else port 0xe9.
