@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .executable(name: "vireo", targets: ["vireo"]),
         .library(name: "VireoABI", targets: ["VireoABI"]),
+        .library(name: "VireoStore", targets: ["VireoStore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -32,6 +33,9 @@ let package = Package(
         // The shared-memory core: guest memory, grant tables, event channels, shared rings.
         // Pure logic over memory: no KVM, no threads of its own, no files.
         .target(name: "VireoCore", dependencies: ["VireoABI", "VireoHypercalls", "VireoAtomics", "VireoLinux"]),
+        // XenStore: the tree, permissions, transactions, watches and quotas (a pure engine),
+        // its wire codec, and its transports (a Unix socket for tools, a ring page per guest).
+        .target(name: "VireoStore", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
         // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
         .target(name: "VireoBench"),
         // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
@@ -51,6 +55,7 @@ let package = Package(
         .testTarget(name: "VireoABITests", dependencies: ["VireoABI"]),
         .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
         .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
+        .testTarget(name: "VireoStoreTests", dependencies: ["VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
     ],
