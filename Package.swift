@@ -49,6 +49,7 @@ let package = Package(
                 "VireoABI",
                 "VireoBench",
                 "VireoBenchmarks",
+                "VireoStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),

@@ -10,6 +10,6 @@ struct Vireo: AsyncParsableCommand {
         commandName: "vireo",
         abstract: "A paravirtualized microhypervisor toolkit with Xen's guest ABI.",
         version: "vireo \(version) (guest ABI \(vireoABIVersion), Xen interface 4.14)",
-        subcommands: [ABICommand.self, BenchCommand.self]
+        subcommands: [ABICommand.self, BenchCommand.self, StoreCommand.self]
     )
 }
