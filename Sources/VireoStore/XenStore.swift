@@ -71,6 +71,12 @@ public final class XenStore: Sendable {
         try? locked { core in core.disconnect(connection.id) }
     }
 
+    /// Drops a connection's watches, open transactions and queued output, keeping it open
+    /// (a guest's reconnection).
+    public func reset(_ connection: XenStoreConnection) {
+        try? locked { core in core.reset(connection.id) }
+    }
+
     /// Handles one request from `connection`: its reply, and any watch events it causes, go
     /// to the outboxes of the connections concerned.
     public func process(_ message: XenStoreMessage, from connection: XenStoreConnection) {

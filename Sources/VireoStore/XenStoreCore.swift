@@ -120,7 +120,17 @@ final class StoreCore: @unchecked Sendable {  // only ever used under XenStore's
         markWake(record.connection)
     }
 
-    private func dropWatchesAndTransactions(_ record: ConnectionRecord) {
+    func reset(_ id: UInt64) {
+        guard let record = connections[id] else { return }
+        dropWatchesAndTransactions(record)
+        record.connection.outbox.withLock { box in
+            let closed = box.closed
+            box = Outbox()
+            box.closed = closed
+        }
+    }
+
+    func dropWatchesAndTransactions(_ record: ConnectionRecord) {
         for key in record.watches { removeWatch(key, of: record) }
         openTransactions -= record.transactions.count
         record.transactions.removeAll()
