@@ -189,6 +189,29 @@ public final class XenStoreSocketServer: Sendable {
             return !broken
         }
 
+        /// Handles the client's buffered requests while fewer than the quota of its replies wait
+        /// unread, writing output as it goes; false if the client is to be dropped.
+        func serve(_ client: SocketClient) -> Bool {
+            while true {
+                guard flush(client) else { return false }
+                let room = outstanding - client.connection.pendingReplies
+                var batch: [XenStoreMessage] = []
+                var broken = false
+                while batch.count < room {
+                    do {
+                        guard let m = try client.decoder.next() else { break }
+                        batch.append(m)
+                    } catch {
+                        broken = true  // a length beyond the payload maximum: drop the client
+                        break
+                    }
+                }
+                if !batch.isEmpty { store.process(batch, from: client.connection) }
+                guard flush(client), !broken else { return false }
+                if batch.isEmpty || room <= 0 { return true }
+            }
+        }
+
         while !stopping.load(ordering: .relaxed) {
             fds.removeAll(keepingCapacity: true)
             fds.append(pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0))
@@ -196,7 +219,8 @@ public final class XenStoreSocketServer: Sendable {
             for c in clients {
                 var events: Int16 = 0
                 let box = c.connection.outbox.withLock { ($0.replies, !$0.isEmpty) }
-                if box.0 < outstanding { events |= Int16(POLLIN) }
+                // Read more only while replies are being read and little input is buffered.
+                if box.0 < outstanding && c.decoder.bufferedCount < bufferSize { events |= Int16(POLLIN) }
                 if box.1 { events |= Int16(POLLOUT) }
                 fds.append(pollfd(fd: c.fd, events: events, revents: 0))
             }
@@ -218,33 +242,14 @@ public final class XenStoreSocketServer: Sendable {
                         gone.append(client)
                         continue
                     }
-                    if n > 0 {
-                        client.decoder.append(UnsafeRawBufferPointer(rebasing: buffer[0..<n]))
-                        var batch: [XenStoreMessage] = []
-                        var broken = false
-                        while true {
-                            do {
-                                guard let m = try client.decoder.next() else { break }
-                                batch.append(m)
-                            } catch {
-                                broken = true  // a length beyond the payload maximum: drop the client
-                                break
-                            }
-                        }
-                        if !batch.isEmpty { store.process(batch, from: client.connection) }
-                        if broken {
-                            _ = flush(client)
-                            gone.append(client)
-                            continue
-                        }
-                    }
+                    if n > 0 { client.decoder.append(UnsafeRawBufferPointer(rebasing: buffer[0..<n])) }
                 }
-                if !flush(client) { gone.append(client) }
+                if !serve(client) { gone.append(client) }
             }
             for client in gone { drop(client) }
             // Output other clients' requests (or other threads) queued.
             for client in clients where client.flushRequested.load(ordering: .relaxed) {
-                if !flush(client) { drop(client) }
+                if !serve(client) { drop(client) }
             }
 
             if fds[0].revents != 0 {

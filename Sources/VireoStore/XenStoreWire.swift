@@ -79,6 +79,7 @@ public struct XenStoreMessage: Sendable, Equatable, CustomStringConvertible {
 
     /// The NUL-separated strings of the payload; a trailing piece without a NUL is included.
     public var strings: [String] {
+        guard !payload.isEmpty else { return [] }
         var parts = payload.split(separator: 0, omittingEmptySubsequences: false).map { String(decoding: $0, as: UTF8.self) }
         if payload.last == 0 { parts.removeLast() }
         return parts
