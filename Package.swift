@@ -41,7 +41,7 @@ let package = Package(
         // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
         .target(
             name: "VireoBenchmarks",
-            dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux"]
+            dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoStore"]
         ),
         .executableTarget(
             name: "vireo",

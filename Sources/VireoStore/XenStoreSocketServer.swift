@@ -8,6 +8,12 @@ public struct XenStoreSocketError: Error, Sendable, CustomStringConvertible {
     public let errno: Int32
     public let path: String
 
+    public init(operation: String, errno: Int32, path: String) {
+        self.operation = operation
+        self.errno = errno
+        self.path = path
+    }
+
     public var description: String {
         "\(operation) \(path): \(String(cString: strerror(errno)))"
     }

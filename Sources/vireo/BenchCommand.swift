@@ -12,7 +12,7 @@ struct BenchCommand: AsyncParsableCommand {
     )
 
     /// Every benchmark the CLI knows. Later layers add theirs here.
-    static let registry = BenchmarkRegistry([RingBenchmark(), GrantBenchmark()])
+    static let registry = BenchmarkRegistry([RingBenchmark(), GrantBenchmark(), StoreBenchmark()])
 
     @Argument(help: "The benchmark to run (see --list).")
     var name: String?
