@@ -1,3 +1,5 @@
+import Foundation
+import Synchronization
 import Testing
 import VireoABI
 import VireoCore
@@ -22,6 +24,8 @@ final class GuestStoreClient: @unchecked Sendable {
     private var decoder = XenStoreDecoder()
     private var nextRequest: UInt32 = 1
     var events: [XenStoreMessage] = []
+    /// Whether this client runs the host's handlers itself (false when a dispatcher thread does).
+    var pollsHost = true
 
     init(id: DomainID = DomainID(3), quotas: XenStoreQuotas = XenStoreQuotas()) throws {
         host = try HostEventDomain(hub: hub)
@@ -45,7 +49,7 @@ final class GuestStoreClient: @unchecked Sendable {
             let n = try bytes.withUnsafeBytes { try requests.write(UnsafeRawBufferPointer(rebasing: $0[done...])) }
             done += n
             try guest.notify(port)
-            host.poll()
+            if pollsHost { host.poll() } else if n == 0 { _ = guest.waitForEvents(timeout: .milliseconds(10)) }
         }
     }
 
@@ -58,13 +62,13 @@ final class GuestStoreClient: @unchecked Sendable {
 
     /// Reads whatever is in `rsp` into the decoder and tells the host.
     func pump() throws {
-        host.poll()
+        if pollsHost { host.poll() } else { _ = guest.waitForEvents(timeout: .milliseconds(10)) }
         var buffer = [UInt8](repeating: 0, count: 1024)
         let n = try buffer.withUnsafeMutableBytes { try responses.read(into: $0) }
         if n > 0 {
             decoder.append(Array(buffer[0..<n]))
             try guest.notify(port)
-            host.poll()
+            if pollsHost { host.poll() }
         }
     }
 
@@ -157,6 +161,36 @@ final class GuestStoreClient: @unchecked Sendable {
             if replies == count { break }
         }
         #expect(replies == count)
+    }
+
+    /// The host's dispatcher on its own thread, a guest sending requests on the test's thread,
+    /// and dom0 firing the guest's watch from a third: every reply arrives, in order, and
+    /// events interleave between replies only.
+    @Test func concurrentDispatchRequestsAndWatchEvents() throws {
+        let g = try GuestStoreClient()
+        g.pollsHost = false
+        try g.introduce()
+        let stop = Atomic<Bool>(false)
+        let host = g.host
+        let dispatcher = Thread { while !stop.load(ordering: .relaxed) { host.dispatch(timeout: .milliseconds(5)) } }
+        dispatcher.start()
+        defer { stop.store(true, ordering: .relaxed) }
+        #expect(try g.request(.watch, "hot", "t")?.text == "OK")
+        let store = g.store
+        let writer = Thread {
+            let dom0 = TestClient(store)
+            for i in 0..<300 { dom0.write("/local/domain/3/hot/k", "\(i)") }
+        }
+        writer.start()
+        for i in 0..<300 {
+            let reply = try #require(try g.request(XenStoreMessage(type: .write, payload: Array("mine/\(i % 7)\0\(i)".utf8))))
+            #expect(reply.type == .write && reply.requestID == UInt32(i + 2))
+        }
+        while writer.isExecuting { usleep(1000) }
+        // Drain what is left; every event is well-formed.
+        while g.events.count < 2, let m = try g.receive() { g.events.append(m) }
+        #expect(g.events.allSatisfy { $0.type == .watchEvent && $0.strings.last == "t" })
+        #expect(g.store.check().isEmpty)
     }
 
     @Test func hostileIndicesStopTheConnectionAndReconnectionRecoversIt() throws {
