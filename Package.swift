@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .executable(name: "vireo", targets: ["vireo"]),
         .library(name: "VireoABI", targets: ["VireoABI"]),
+        .library(name: "VireoStore", targets: ["VireoStore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -44,13 +45,16 @@ let package = Package(
         ),
         // Runs domains: the hypervisor core on an engine (KVM today), one thread per vCPU.
         .target(name: "VireoMachine", dependencies: ["VireoHypervisor", "VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
+        // XenStore: the tree, permissions, transactions, watches and quotas (a pure engine),
+        // its wire codec, and its transports (a Unix socket for tools, a ring page per guest).
+        .target(name: "VireoStore", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
         // The benchmark harness: the JSON contract of DESIGN.md, same-run baselines, ratios.
         .target(name: "VireoBench"),
         // Benchmarks of the layers (`vireo bench NAME`): they may own threads and call the OS.
         .target(
             name: "VireoBenchmarks",
             dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM",
-                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder"]
+                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder", "VireoStore"]
         ),
         // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the
         // toolchain's swiftc, clang and ld.lld. Host-only tooling.
@@ -65,6 +69,7 @@ let package = Package(
                 "VireoMachine",
                 "VireoHypervisor",
                 "VireoCore",
+                "VireoStore",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -73,6 +78,7 @@ let package = Package(
         .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "VireoHypervisorTests", dependencies: ["VireoHypervisor", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoStoreTests", dependencies: ["VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.

@@ -12,7 +12,9 @@ struct BenchCommand: AsyncParsableCommand {
     )
 
     /// Every benchmark the CLI knows. Later layers add theirs here.
-    static let registry = BenchmarkRegistry([RingBenchmark(), GrantBenchmark(), RawExitBenchmark(), HypercallBenchmark(), BootBenchmark()])
+    static let registry = BenchmarkRegistry([
+        RingBenchmark(), GrantBenchmark(), StoreBenchmark(), RawExitBenchmark(), HypercallBenchmark(), BootBenchmark(),
+    ])
 
     @Argument(help: "The benchmark to run (see --list).")
     var name: String?

@@ -10,6 +10,6 @@ struct Vireo: AsyncParsableCommand {
         commandName: "vireo",
         abstract: "A paravirtualized microhypervisor toolkit with Xen's guest ABI.",
         version: "vireo \(version) (guest ABI \(vireoABIVersion), Xen interface 4.14)",
-        subcommands: [RunCommand.self, ABICommand.self, BenchCommand.self, GuestCommand.self]
+        subcommands: [RunCommand.self, GuestCommand.self, StoreCommand.self, ABICommand.self, BenchCommand.self]
     )
 }
