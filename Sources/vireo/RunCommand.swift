@@ -52,31 +52,25 @@ struct RunCommand: ParsableCommand {
         guard let bytes = FileManager.default.contents(atPath: kernel) else {
             throw RunError("cannot read the kernel '\(kernel)'")
         }
-        let hub = EventChannels(), grants = GrantTables()
-        let host: HostEventDomain
-        do { host = try HostEventDomain(hub: hub) } catch { throw RunError("cannot set up the host domain: \(error)") }
-        let router = UpcallRouter()
-        let built: BuiltDomain
+        let host: EmbeddedHost
+        do { host = try EmbeddedHost() } catch { throw RunError("cannot set up the host domain: \(error)") }
+        defer { host.shutdown() }
+        let outcome: EmbeddedHost.Outcome
         do {
-            built = try DomainBuilder.build(
+            outcome = try host.run(
                 config: DomainConfig(id: DomainID(1), name: URL(fileURLWithPath: kernel).lastPathComponent,
                                      memoryBytes: UInt64(memory) << 20, vcpus: vcpus),
-                kernel: Array(bytes), commandLine: cmdline, hub: hub, grantTables: grants, backend: host.id,
-                console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } },
-                upcall: { router.upcall($0) })
+                kernel: Array(bytes), commandLine: cmdline,
+                console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } })
+        } catch let failure as DomainBuilder.Failure {
+            throw RunError("\(kernel): \(failure)")
         } catch {
-            throw RunError("\(kernel): \(error)")
+            throw RunError("cannot start the domain: \(error)")
         }
-        let runner: KVMDomainRunner
-        do { runner = try KVMDomainRunner(built: built, router: router) } catch {
-            throw RunError("cannot start the domain on KVM: \(error)")
-        }
-        let reason = runner.run()
-        if let failure = runner.failureDescription {
+        if let failure = outcome.failure {
             FileHandle.standardError.write(Data("vireo: \(failure)\n".utf8))
         }
-        built.domain.destroy()
-        withExtendedLifetime(host) {}
+        let reason = outcome.reason
         switch reason {
         case .poweroff: return
         case .crash: throw ExitCode(Self.exitCrash)

@@ -35,6 +35,19 @@ import VireoGuestBuilder
         #expect(r.out.contains("hostile done"))
     }
 
+    /// The guest finds its XenStore ring through the HVM params and talks to the store over it:
+    /// the page, the grant, the event channel and the toolstack's nodes are set up before it runs.
+    @Test func aGuestTalksToTheXenStoreOverItsRing() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let image = try GuestSupport.image("xenstore")
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", image.path.path])
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("xenstore name: xenstore.elf"))
+        #expect(r.out.contains("xenstore data/greeting: hello store"))
+        #expect(r.out.contains("xenstore missing node: ENOENT"))
+        #expect(r.out.contains("xenstore done"))
+    }
+
     @Test func theHeapGuestReadsItsMemoryMap() throws {
         guard GuestSupport.kvmAvailable() else { return }
         let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("heap").path.path, "--memory", "32"])

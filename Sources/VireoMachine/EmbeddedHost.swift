@@ -1,0 +1,97 @@
+import Foundation
+import Synchronization
+import VireoABI
+import VireoCore
+import VireoHypercalls
+import VireoHypervisor
+import VireoKVM
+import VireoStore
+
+/// The embedded default of `vireo run`: everything one domain needs in one process, no daemon.
+/// The host's own domain (Xen's dom0) with a dispatcher thread for its events, the XenStore
+/// serving the guest's store ring (found through the reserved grant, as a backend would), the
+/// toolstack's nodes for the domain, and the KVM runner.
+public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; the thread owns the loop
+    public let hub = EventChannels()
+    public let grants = GrantTables()
+    public let host: HostEventDomain
+    public let store: XenStore
+    private let rings: XenStoreGuestRings
+    private let mappings = Mappings()
+    private let stopping = Flag()
+    private var dispatcher: Thread?
+
+    final class Mappings: Sendable { let byDomain = Mutex<[DomainID: GrantMappingHolder]>([:]) }
+    final class Flag: Sendable { let value = Atomic<Bool>(false) }
+
+    /// Keeps a grant mapping alive for as long as a backend uses the page.
+    final class GrantMappingHolder: @unchecked Sendable {
+        let mapping: GrantMapping
+        init(_ mapping: consuming GrantMapping) { self.mapping = mapping }
+    }
+
+    public init() throws {
+        host = try HostEventDomain(hub: hub)
+        store = XenStore()
+        let grants = self.grants, mappings = self.mappings, hostID = host.id
+        // The store page of a domain, through its reserved grant (GNTTAB_RESERVED_XENSTORE).
+        rings = XenStoreGuestRings(store: store, host: host) { domain, _ in
+            guard let table = grants.table(for: domain) else { throw GrantStatus.badDomain }
+            let holder = GrantMappingHolder(try table.map(GrantRef(UInt32(VIREO_GNTTAB_RESERVED_XENSTORE)), by: hostID, readOnly: false))
+            let region = try holder.mapping.sharedRegion()
+            mappings.byDomain.withLock { $0[domain] = holder }
+            return region
+        }
+        let host = self.host, stopping = self.stopping
+        let thread = Thread {
+            while !stopping.value.load(ordering: .acquiring) { _ = host.dispatch(timeout: .milliseconds(200)) }
+        }
+        thread.name = "vireo-dom0-events"
+        thread.start()
+        dispatcher = thread
+    }
+
+    /// Stops the host's event thread.
+    public func shutdown() {
+        stopping.value.store(true, ordering: .releasing)
+        host.interrupt()
+        while let thread = dispatcher, !thread.isFinished { usleep(1000) }
+    }
+
+    deinit { shutdown() }
+
+    /// What one run ended with.
+    public struct Outcome: Sendable {
+        public var reason: ShutdownReason
+        public var failure: String?
+    }
+
+    /// Builds, introduces and runs one domain to its end: the XenStore gets the toolstack's
+    /// nodes (`/local/domain/ID/name`, `domid`) and serves the guest's ring from the start.
+    public func run(config: DomainConfig, kernel: [UInt8], commandLine: String,
+                    console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
+        let router = UpcallRouter()
+        let built = try DomainBuilder.build(config: config, kernel: kernel, commandLine: commandLine, hub: hub,
+                                            grantTables: grants, backend: host.id, console: console,
+                                            upcall: { router.upcall($0) })
+        defer {
+            try? store.releaseDomain(built.domain.id)
+            mappings.byDomain.withLock { _ = $0.removeValue(forKey: built.domain.id) }
+            built.domain.destroy()
+        }
+        try store.introduceDomain(built.domain.id, frame: built.storeFrame, port: built.storePort)
+        // The toolstack's nodes for the domain, written as dom0 (xl writes these too). The
+        // value of a write is the payload after the path's NUL, without a terminator.
+        let toolstack = store.connect(domain: host.id)
+        defer { store.disconnect(toolstack) }
+        let home = "/local/domain/\(built.domain.id.rawValue)"
+        for (key, value) in [("name", config.name), ("domid", "\(built.domain.id.rawValue)")] {
+            let reply = store.request(XenStoreMessage(type: .write, payload: Array("\(home)/\(key)".utf8) + [0] + Array(value.utf8)),
+                                      from: toolstack)
+            guard reply?.type == .write else { throw DomainBuilder.Failure.setup("XenStore refused \(home)/\(key): \(String(describing: reply))") }
+        }
+        let runner = try KVMDomainRunner(built: built, router: router)
+        let reason = runner.run()
+        return Outcome(reason: reason, failure: runner.failureDescription)
+    }
+}
