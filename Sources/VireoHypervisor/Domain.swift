@@ -90,6 +90,7 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
     }
     let state: Mutex<State>
     private let consoleSink: @Sendable ([UInt8]) -> Void
+    private let physmapHook = Mutex<(@Sendable (Int, GuestFrame) throws -> Void)?>(nil)
     private let bootTime: UInt64
 
     /// Creates the domain's memory and registers it with the hub and the grant tables.
@@ -137,6 +138,31 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
 
     /// Xen's system time: nanoseconds since the domain was created.
     public func systemTime() -> UInt64 { Self.monotonicNanoseconds() &- bootTime }
+
+    // MARK: The guest's physical address space
+
+    /// The engine's hook for special frames the guest places (it maps them into the VM); a
+    /// hook that throws refuses the placement (for example a KVM slot that would overlap RAM).
+    public func setPhysmapHook(_ hook: (@Sendable (Int, GuestFrame) throws -> Void)?) {
+        physmapHook.withLock { $0 = hook }
+    }
+
+    /// XENMEM_add_to_physmap for a special frame: the engine first, then guest memory.
+    public func placeSpecialFrame(_ index: Int, at frame: GuestFrame) throws(XenError) {
+        if let hook = physmapHook.withLock({ $0 }) {
+            do { try hook(index, frame) } catch { throw .EINVAL }
+        }
+        do { try memory.placeSpecialFrame(index, at: frame) } catch { throw error.xenError }
+    }
+
+    /// XENMEM_add_to_physmap(XENMAPSPACE_grant_table): frame `index` of the table at `frame`.
+    public func placeGrantFrame(_ index: Int, at frame: GuestFrame) throws(XenError) {
+        guard index >= 0, index < grantTable.maxFrames else { throw .EINVAL }
+        if let hook = physmapHook.withLock({ $0 }) {
+            do { try hook(Self.firstGrantSpecialFrame + index, frame) } catch { throw .EINVAL }
+        }
+        try grantTable.place(frame: index, at: frame)
+    }
 
     // MARK: HVM parameters
 

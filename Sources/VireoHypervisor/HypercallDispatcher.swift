@@ -147,13 +147,11 @@ public struct HypercallDispatcher: Sendable {
             switch Int32(bitPattern: request.space) {
             case VIREO_XENMAPSPACE_shared_info:
                 guard request.idx == 0 else { throw .EINVAL }
-                do { try domain.memory.placeSpecialFrame(Domain.sharedInfoSpecialFrame, at: GuestFrame(request.gpfn)) } catch {
-                    throw error.xenError
-                }
+                try domain.placeSpecialFrame(Domain.sharedInfoSpecialFrame, at: GuestFrame(request.gpfn))
             case VIREO_XENMAPSPACE_grant_table:
                 // Bit 31 of idx selects v2 status frames: v1 only.
                 guard request.idx < UInt64(domain.grantTable.maxFrames) else { throw .EINVAL }
-                try domain.grantTable.place(frame: Int(request.idx), at: GuestFrame(request.gpfn))
+                try domain.placeGrantFrame(Int(request.idx), at: GuestFrame(request.gpfn))
             default:
                 throw .ENOSYS
             }

@@ -33,6 +33,8 @@ public struct KVMIoctl: Sendable, Equatable, CustomStringConvertible {
     static let setSRegs = KVMIoctl("KVM_SET_SREGS", VIREO_KVM_SET_SREGS)
     static let setCPUID2 = KVMIoctl("KVM_SET_CPUID2", VIREO_KVM_SET_CPUID2)
     static let interrupt = KVMIoctl("KVM_INTERRUPT", VIREO_KVM_INTERRUPT)
+    static let getMSRs = KVMIoctl("KVM_GET_MSRS", VIREO_KVM_GET_MSRS)
+    static let getTSCKHz = KVMIoctl("KVM_GET_TSC_KHZ", VIREO_KVM_GET_TSC_KHZ)
 }
 
 /// One traced ioctl: what was asked of which fd, and what came back.

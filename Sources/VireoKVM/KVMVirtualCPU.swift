@@ -115,6 +115,24 @@ public final class KVMVirtualCPU: @unchecked Sendable {
         try kvmIoctl(fd, .setCPUID2, buffer.raw)
     }
 
+    /// KVM_GET_MSRS for one MSR (e.g. 0x10, the guest's TSC).
+    public func readMSR(_ index: UInt32) throws(KVMError) -> UInt64 {
+        // struct kvm_msrs { u32 nmsrs; u32 pad; struct kvm_msr_entry { u32 index; u32 reserved; u64 data; } entries[1]; }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: 24, alignment: 8)
+        defer { buffer.deallocate() }
+        buffer.initializeMemory(as: UInt8.self, repeating: 0, count: 24)
+        buffer.storeBytes(of: UInt32(1), as: UInt32.self)
+        buffer.storeBytes(of: index, toByteOffset: 8, as: UInt32.self)
+        let read = try kvmIoctl(fd, .getMSRs, buffer)
+        guard read == 1 else { throw .invalidArgument("KVM_GET_MSRS read \(read) of 1 MSR (0x\(String(index, radix: 16)))") }
+        return buffer.load(fromByteOffset: 16, as: UInt64.self)
+    }
+
+    /// KVM_GET_TSC_KHZ: the guest's TSC rate.
+    public func tscKilohertz() throws(KVMError) -> UInt64 {
+        UInt64(try kvmIoctl(fd, .getTSCKHz))
+    }
+
     // MARK: Running
 
     /// KVM_RUN until the next exit to user space.

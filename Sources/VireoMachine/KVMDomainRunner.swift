@@ -62,6 +62,15 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         init(_ vm: consuming KVMVirtualMachine) { self.vm = vm }
     }
 
+    /// The guest TSC's rate (KVM_GET_TSC_KHZ), for pvclock; 0 when KVM cannot say.
+    private let tscHz: UInt64
+
+    /// Publishes vCPU `index`'s pvclock record from the guest's current TSC (one KVM_GET_MSRS).
+    private func publishTime(_ index: Int) {
+        guard tscHz > 0, let tsc = try? vcpus[index].readMSR(0x10) else { return }
+        domain.publishTime(vcpu: index, guestTSC: tsc, tscHz: tscHz)
+    }
+
     /// Why the run ended, beyond the guest's own shutdown reason (a triple fault, an exit the
     /// engine cannot handle, an error from KVM).
     public var failureDescription: String? { failure.withLock { $0 } }
@@ -85,6 +94,16 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         self.vcpus = vcpus
         self.wakers = vcpus.map { _ in VCPUWaker() }
         self.dispatcher = HypercallDispatcher(domain: built.domain)
+        // Special frames the guest places (shared_info, grant frames) become KVM slots 1...
+        let box = self.vm
+        let mapped = Mutex<Set<Int>>([])
+        built.domain.setPhysmapHook { index, frame in
+            let slot = UInt32(1 + index)
+            if mapped.withLock({ $0.contains(index) }) { try box.vm.removeMemoryRegion(slot: slot) }
+            try box.vm.mapSpecialFrame(index, at: frame, slot: slot)
+            mapped.withLock { _ = $0.insert(index) }
+        }
+        self.tscHz = (try? vcpus[0].tscKilohertz()).map { $0 * 1000 } ?? 0
         let wakers = self.wakers, cpus = vcpus
         router.connect { vcpu in
             guard vcpu < wakers.count else { return }
@@ -124,6 +143,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
 
     private func runVCPU(_ index: Int) {
         let cpu = vcpus[index]
+        publishTime(index)
         while domain.shutdownReason == nil {
             _ = domain.fireDueTimers()
             if let vector = domain.callbackVector, upcallPending(index), !upcallMasked(index) {
@@ -224,6 +244,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     /// Sleeps the vCPU until an event is pending for it (or one of `ports`, for SCHEDOP_poll),
     /// a timer fires, the deadline passes, or the domain stops.
     private func sleep(vcpu: Int, cpu: KVMVirtualCPU, ports: [EventPort]?, deadline: UInt64?) {
+        defer { publishTime(vcpu) }  // time moved on while the vCPU slept
         let events = (try? domain.memory.specialRegion(Domain.sharedInfoSpecialFrame)).map { GuestEventState(sharedInfo: $0) }
         func ready() -> Bool {
             if domain.shutdownReason != nil { return true }

@@ -48,6 +48,16 @@ import VireoGuestBuilder
         #expect(r.out.contains("xenstore done"))
     }
 
+    /// shared_info mapped above RAM (a KVM slot), the pvclock and wallclock published, VIRQ_TIMER
+    /// bound, set_timer_op armed 30 ms ahead, SCHEDOP_block sleeping until the timer's event.
+    @Test func timersFireVIRQTimerAndWakeABlockedVCPU() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("timer").path.path])
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("timer wallclock ok"))
+        #expect(r.out.contains("timer done") && !r.out.contains("FAIL"), "\(r.out)")
+    }
+
     @Test func theHeapGuestReadsItsMemoryMap() throws {
         guard GuestSupport.kvmAvailable() else { return }
         let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("heap").path.path, "--memory", "32"])

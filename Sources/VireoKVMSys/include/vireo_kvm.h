@@ -34,6 +34,8 @@ static const unsigned long VIREO_KVM_SET_SREGS = KVM_SET_SREGS;
 static const unsigned long VIREO_KVM_SET_CPUID2 = KVM_SET_CPUID2;
 static const unsigned long VIREO_KVM_INTERRUPT = KVM_INTERRUPT;
 static const unsigned long VIREO_KVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+static const unsigned long VIREO_KVM_GET_MSRS = KVM_GET_MSRS;
+static const unsigned long VIREO_KVM_GET_TSC_KHZ = KVM_GET_TSC_KHZ;
 static const unsigned long VIREO_KVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
 
 /* Sync-regs and filter flags are unsigned long macros; give Swift fixed-width values. */
