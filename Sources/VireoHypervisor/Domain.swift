@@ -91,6 +91,7 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
     let state: Mutex<State>
     private let consoleSink: @Sendable ([UInt8]) -> Void
     private let physmapHook = Mutex<(@Sendable (Int, GuestFrame) throws -> Void)?>(nil)
+    private let timerHook = Mutex<(@Sendable () -> Void)?>(nil)
     private let bootTime: UInt64
 
     /// Creates the domain's memory and registers it with the hub and the grant tables.
@@ -186,7 +187,17 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
     /// Arms vCPU `vcpu`'s single-shot timer at `deadline` (system time), or disarms it (nil).
     public func setTimer(vcpu: Int, deadline: UInt64?) {
         state.withLock { $0.timers[vcpu] = deadline }
+        timerHook.withLock { $0 }?()
     }
+
+    /// Called whenever a timer is armed or disarmed: the engine's timer thread re-reads the
+    /// earliest deadline (a vCPU spinning in the guest takes no exits to notice one).
+    public func setTimerHook(_ hook: (@Sendable () -> Void)?) {
+        timerHook.withLock { $0 = hook }
+    }
+
+    /// The earliest armed deadline (system time), if any.
+    public var nextTimerDeadline: UInt64? { state.withLock { $0.timers.compactMap { $0 }.min() } }
 
     public func timer(vcpu: Int) -> UInt64? { state.withLock { $0.timers[vcpu] } }
 

@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import Synchronization
 import VireoABI
@@ -115,8 +116,39 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     /// Runs vCPU 0 on the calling thread until the domain shuts down (other vCPUs wait for
     /// VCPUOP_up, which Vireo does not offer yet, so only vCPU 0 runs). Returns the reason.
     public func run() -> ShutdownReason {
+        let timers = startTimerThread()
         runVCPU(0)
+        timerWaker.wake()
+        while !timers.isFinished { usleep(200) }
         return domain.shutdownReason ?? .crash
+    }
+
+    /// Fires timers when they fall due and kicks the vCPUs so they deliver the event, even when
+    /// a vCPU is running guest code that makes no exits.
+    private let timerWaker = VCPUWaker()
+
+    private func startTimerThread() -> Thread {
+        let domain = self.domain, waker = timerWaker, wakers = self.wakers, cpus = vcpus
+        domain.setTimerHook { waker.wake() }
+        let thread = Thread {
+            while domain.shutdownReason == nil {
+                let next = domain.nextTimerDeadline
+                let now = domain.systemTime()
+                if let next, next <= now {
+                    domain.fireDueTimers()
+                    for (w, cpu) in zip(wakers, cpus) {  // the upcall hook wakes the right one; kick all to deliver
+                        w.wake()
+                        cpu.kick()
+                    }
+                    continue
+                }
+                let timeout = next.map { Int64(clamping: $0 - now) } ?? -1
+                waker.wait(until: { domain.shutdownReason != nil || domain.nextTimerDeadline != next }, timeoutNanoseconds: timeout)
+            }
+        }
+        thread.name = "vireo-timers"
+        thread.start()
+        return thread
     }
 
     /// Stops the domain from another thread (the reason is recorded; the vCPU stops soon).
@@ -161,6 +193,11 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
             case .port(let access):
                 handlePort(access, cpu: cpu, vcpu: index)
             case .halt:
+                // HLT with interrupts off can never be woken (no NMIs here): the vCPU is gone.
+                if !cpu.interruptFlag {
+                    crash("vCPU \(index) halted with interrupts disabled")
+                    continue
+                }
                 sleep(vcpu: index, cpu: cpu, ports: nil, deadline: nil)
             case .writeMSR(let msr, let value, _):
                 if msr == VIREO_ABI_HYPERCALL_PAGE_MSR && HypercallPage.install(msrValue: value, in: domain.memory) {
@@ -256,10 +293,6 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
             if ready() { return }
             let wakeAt = [next, deadline].compactMap { $0 }.min()
             if let deadline, domain.systemTime() >= deadline { return }
-            if wakeAt == nil && ports == nil && domain.callbackVector == nil && !cpu.interruptFlag {
-                // Halted with interrupts off, nothing armed: nothing can ever wake it.
-                return crash("vCPU \(vcpu) halted with interrupts disabled and nothing to wake it")
-            }
             let timeout = wakeAt.map { Int64(clamping: $0 &- min($0, domain.systemTime())) } ?? -1
             wakers[vcpu].wait(until: ready, timeoutNanoseconds: timeout)
         }

@@ -58,6 +58,17 @@ import VireoGuestBuilder
         #expect(r.out.contains("timer done") && !r.out.contains("FAIL"), "\(r.out)")
     }
 
+    /// Event upcalls as Xen's callback vector, without a LAPIC EOI: to a halted vCPU (the event
+    /// wakes it) and to a vCPU running guest code (the host kicks it out of KVM_RUN).
+    @Test func upcallsReachHaltedAndRunningVCPUs() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("upcall").path.path])
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("upcall delivered to a halted vCPU"))
+        #expect(r.out.contains("upcall delivered to a running vCPU"))
+        #expect(r.out.contains("upcall done"))
+    }
+
     @Test func theHeapGuestReadsItsMemoryMap() throws {
         guard GuestSupport.kvmAvailable() else { return }
         let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("heap").path.path, "--memory", "32"])
