@@ -50,11 +50,14 @@ public struct BootBenchmark: Benchmark {
             extra: [
                 ("create_to_exit_ms", .number(median(exit))),
                 ("create_domain_and_vm_ms", .number(median(create))),
+                ("build_domain_ms", .number(median(Self.buildShare.withLock { $0 }))),
                 ("create_to_first_byte_min_ms", .number(firstByte.min()!)),
                 ("runs", .integer(Int64(runs))),
                 ("qemu", .bool(qemu != nil)),
             ])
     }
+
+    static let buildShare = Mutex<[Double]>([])
 
     final class FirstByte: Sendable {
         let at = Atomic<UInt64>(0)
@@ -73,8 +76,10 @@ public struct BootBenchmark: Benchmark {
             console: { _ in _ = first.at.compareExchange(expected: 0, desired: Measure.now(), ordering: .relaxed) },
             upcall: { router.upcall($0) })
         defer { built.domain.destroy() }
+        let domainBuilt = Measure.now()
         let runner = try KVMDomainRunner(built: built, router: router)
         let ready = Measure.now()
+        buildShare.withLock { $0.append(Double(domainBuilt - start) / 1e6) }
         let reason = runner.run()
         let end = Measure.now()
         withExtendedLifetime(host) {}
