@@ -115,11 +115,11 @@ public enum HypercallTable {
                 no("GNTTABOP_cache_flush", VIREO_GNTTABOP_cache_flush, "Arm only"),
             ])
         case .vcpuOp:
-            Entry(hypercall: call, support: .supported("the timer and vcpu_info subset"), subOps: [
-                no("VCPUOP_initialise", VIREO_VCPUOP_initialise),
-                no("VCPUOP_up", VIREO_VCPUOP_up),
+            Entry(hypercall: call, support: .supported("secondary vCPUs, timers and vcpu_info"), subOps: [
+                yes("VCPUOP_initialise", VIREO_VCPUOP_initialise, "vcpu_hvm_context, 64-bit or flat 32-bit; once per vCPU"),
+                yes("VCPUOP_up", VIREO_VCPUOP_up, "starts an initialised secondary vCPU"),
                 no("VCPUOP_down", VIREO_VCPUOP_down),
-                no("VCPUOP_is_up", VIREO_VCPUOP_is_up),
+                yes("VCPUOP_is_up", VIREO_VCPUOP_is_up),
                 no("VCPUOP_get_runstate_info", VIREO_VCPUOP_get_runstate_info),
                 no("VCPUOP_register_runstate_memory_area", VIREO_VCPUOP_register_runstate_memory_area),
                 no("VCPUOP_set_periodic_timer", VIREO_VCPUOP_set_periodic_timer, "use the single-shot timer"),

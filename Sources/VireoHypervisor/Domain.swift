@@ -87,11 +87,14 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
         var consoleDropped = 0
         var hypercalls = 0
         var vcpuInfo: [SharedRegion?]
+        var vcpuStart: [VCPUStart?] = []
+        var online: [Bool] = []
     }
     let state: Mutex<State>
     private let consoleSink: @Sendable ([UInt8]) -> Void
     private let physmapHook = Mutex<(@Sendable (Int, GuestFrame) throws -> Void)?>(nil)
     private let timerHook = Mutex<(@Sendable () -> Void)?>(nil)
+    private let vcpuUpHook = Mutex<(@Sendable (Int, VCPUStart) -> Void)?>(nil)
     private let bootTime: UInt64
 
     /// Creates the domain's memory and registers it with the hub and the grant tables.
@@ -122,7 +125,9 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
         self.bootTime = Self.monotonicNanoseconds()
         self.state = Mutex(State(timers: Array(repeating: nil, count: config.vcpus),
                                  consoleBudget: Double(config.consoleBytesPerSecond), consoleRefilled: Self.monotonicNanoseconds(),
-                                 vcpuInfo: Array(repeating: nil, count: config.vcpus)))
+                                 vcpuInfo: Array(repeating: nil, count: config.vcpus),
+                                 vcpuStart: Array(repeating: nil, count: config.vcpus),
+                                 online: (0..<config.vcpus).map { $0 == 0 }))
     }
 
     /// The domain is gone: its ports close, its grants end. Idempotent.
@@ -163,6 +168,39 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
             do { try hook(Self.firstGrantSpecialFrame + index, frame) } catch { throw .EINVAL }
         }
         try grantTable.place(frame: index, at: frame)
+    }
+
+    // MARK: Secondary vCPUs (VCPUOP_initialise, VCPUOP_up)
+
+    /// VCPUOP_initialise: records `vcpu`'s initial state. EEXIST when it was initialised already.
+    public func initialiseVCPU(_ vcpu: Int, _ start: VCPUStart) throws(XenError) {
+        try state.withLock { (s: inout State) throws(XenError) in
+            guard vcpu > 0, vcpu < config.vcpus else { throw .EINVAL }
+            guard s.vcpuStart[vcpu] == nil, !s.online[vcpu] else { throw .EEXIST }
+            s.vcpuStart[vcpu] = start
+        }
+    }
+
+    /// VCPUOP_up: brings an initialised vCPU online (the engine starts running it). Bringing up
+    /// an online vCPU does nothing; an uninitialised one is EINVAL.
+    public func bringUpVCPU(_ vcpu: Int) throws(XenError) {
+        let start: VCPUStart? = try state.withLock { (s: inout State) throws(XenError) -> VCPUStart? in
+            guard vcpu >= 0, vcpu < config.vcpus else { throw .EINVAL }
+            if s.online[vcpu] { return nil }
+            guard let start = s.vcpuStart[vcpu] else { throw .EINVAL }
+            s.online[vcpu] = true
+            return start
+        }
+        if let start { vcpuUpHook.withLock { $0 }?(vcpu, start) }
+    }
+
+    public func isOnline(_ vcpu: Int) -> Bool {
+        state.withLock { vcpu >= 0 && vcpu < $0.online.count && $0.online[vcpu] }
+    }
+
+    /// The engine's hook for a vCPU coming online, with its initial state.
+    public func setVCPUUpHook(_ hook: (@Sendable (Int, VCPUStart) -> Void)?) {
+        vcpuUpHook.withLock { $0 = hook }
     }
 
     // MARK: HVM parameters
@@ -310,4 +348,47 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
 
     func countHypercall() { state.withLock { $0.hypercalls += 1 } }
     public var hypercallCount: Int { state.withLock { $0.hypercalls } }
+}
+
+/// A secondary vCPU's initial state (VCPUOP_initialise's vcpu_hvm_context), validated.
+public struct VCPUStart: Sendable, Equatable {
+    public enum Mode: Sendable, Equatable {
+        /// Straight into 64-bit mode with flat segments.
+        case long
+        /// 32-bit protected mode with flat segments (bases 0, 4 GiB limits).
+        case protected32
+    }
+    public var mode: Mode
+    public var rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, rip, rflags: UInt64
+    public var cr0, cr3, cr4, efer: UInt64
+
+    /// Reads and checks a vcpu_hvm_context: 64-bit mode needs paging, PAE and LME|LMA; the
+    /// 32-bit form is accepted with flat segments only (base 0).
+    public init(context bytes: [UInt8]) throws(XenError) {
+        guard bytes.count >= MemoryLayout<vireo_vcpu_hvm_context>.size else { throw .EINVAL }
+        func u32(_ at: Int) -> UInt64 { (0..<4).reduce(0) { $0 | UInt64(bytes[at + $1]) << (8 * UInt64($1)) } }
+        func u64(_ at: Int) -> UInt64 { u32(at) | u32(at + 4) << 32 }
+        let regs = 8  // cpu_regs
+        switch Int32(truncatingIfNeeded: u32(0)) {
+        case VIREO_VCPU_HVM_MODE_64B:
+            mode = .long
+            (rax, rcx, rdx, rbx) = (u64(regs), u64(regs + 8), u64(regs + 16), u64(regs + 24))
+            (rsp, rbp, rsi, rdi) = (u64(regs + 32), u64(regs + 40), u64(regs + 48), u64(regs + 56))
+            (rip, rflags) = (u64(regs + 64), u64(regs + 72))
+            (cr0, cr3, cr4, efer) = (u64(regs + 80), u64(regs + 88), u64(regs + 96), u64(regs + 104))
+            guard cr0 & (1 << 31) != 0, cr0 & 1 != 0, cr4 & (1 << 5) != 0, efer & 0x500 == 0x500 else { throw .EINVAL }
+        case VIREO_VCPU_HVM_MODE_32B:
+            mode = .protected32
+            (rax, rcx, rdx, rbx) = (u32(regs), u32(regs + 4), u32(regs + 8), u32(regs + 12))
+            (rsp, rbp, rsi, rdi) = (u32(regs + 16), u32(regs + 20), u32(regs + 24), u32(regs + 28))
+            (rip, rflags) = (u32(regs + 32), u32(regs + 36))
+            (cr0, cr3, cr4) = (u32(regs + 40), u32(regs + 44), u32(regs + 48))
+            efer = u64(regs + 56)
+            for base in stride(from: regs + 64, to: regs + 84, by: 4) where u32(base) != 0 { throw .EINVAL }
+            guard cr0 & 1 != 0 else { throw .EINVAL }
+        default:
+            throw .EINVAL
+        }
+        rflags = (rflags | 0x2) & ~UInt64(0x200)  // bit 1 always set; interrupts start disabled
+    }
 }

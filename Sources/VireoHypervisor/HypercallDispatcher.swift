@@ -323,6 +323,12 @@ public struct HypercallDispatcher: Sendable {
         let vcpu = Int(target)
         let at = GuestVirtualAddress(arg)
         switch Int32(truncatingIfNeeded: cmd) {
+        case VIREO_VCPUOP_initialise:
+            try domain.initialiseVCPU(vcpu, try VCPUStart(context: try space.read(at, count: MemoryLayout<vireo_vcpu_hvm_context>.size)))
+        case VIREO_VCPUOP_up:
+            try domain.bringUpVCPU(vcpu)
+        case VIREO_VCPUOP_is_up:
+            return domain.isOnline(vcpu) ? 1 : 0
         case VIREO_VCPUOP_register_vcpu_info:
             let op = try space.load(vireo_vcpu_register_vcpu_info.self, at: at)
             guard op.offset <= UInt32(guestPageSize - MemoryLayout<vireo_vcpu_info>.size), domain.memory.isRAM(GuestFrame(op.mfn)) else {

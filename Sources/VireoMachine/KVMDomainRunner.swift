@@ -116,11 +116,61 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     /// Runs vCPU 0 on the calling thread until the domain shuts down (other vCPUs wait for
     /// VCPUOP_up, which Vireo does not offer yet, so only vCPU 0 runs). Returns the reason.
     public func run() -> ShutdownReason {
+        domain.setVCPUUpHook { [weak self] index, start in self?.startSecondary(index, start) }
         let timers = startTimerThread()
         runVCPU(0)
+        stopAll()
         timerWaker.wake()
         while !timers.isFinished { usleep(200) }
+        for done in secondaries.withLock({ $0 }) {
+            while !done.flag.load(ordering: .acquiring) { usleep(200) }
+        }
+        domain.setVCPUUpHook(nil)
         return domain.shutdownReason ?? .crash
+    }
+
+    private let secondaries = Mutex<[Finished]>([])
+
+    final class Finished: Sendable { let flag = Atomic<Bool>(false) }
+
+    /// Wakes and kicks every vCPU, so each sees the domain's end.
+    private func stopAll() {
+        for (waker, cpu) in zip(wakers, vcpus) {
+            waker.wake()
+            cpu.kick()
+        }
+    }
+
+    /// VCPUOP_up: puts the vCPU in its initial state and runs it on a thread of its own.
+    private func startSecondary(_ index: Int, _ start: VCPUStart) {
+        let cpu = vcpus[index]
+        do {
+            var s = PVHEntry.specialRegisters(from: try cpu.specialRegisters())
+            (s.cr0, s.cr3, s.cr4, s.efer) = (start.cr0, start.cr3, start.cr4, start.efer)
+            if start.mode == .long {
+                var cs = s.cs
+                cs.longMode = true
+                cs.defaultSize32 = false
+                s.cs = cs
+            }
+            try cpu.setSpecialRegisters(s)
+            var r = X86Registers()
+            (r.rax, r.rcx, r.rdx, r.rbx) = (start.rax, start.rcx, start.rdx, start.rbx)
+            (r.rsp, r.rbp, r.rsi, r.rdi) = (start.rsp, start.rbp, start.rsi, start.rdi)
+            (r.rip, r.rflags) = (start.rip, start.rflags)
+            cpu.registers = r
+        } catch {
+            return crash("starting vCPU \(index): \(error)")
+        }
+        let finished = Finished()
+        secondaries.withLock { $0.append(finished) }
+        let thread = Thread { [self] in
+            runVCPU(index)
+            stopAll()
+            finished.flag.store(true, ordering: .releasing)
+        }
+        thread.name = "vireo-vcpu\(index)"
+        thread.start()
     }
 
     /// Fires timers when they fall due and kicks the vCPUs so they deliver the event, even when

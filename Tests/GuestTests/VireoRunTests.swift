@@ -69,6 +69,16 @@ import VireoGuestBuilder
         #expect(r.out.contains("upcall done"))
     }
 
+    /// Two vCPUs: the second brought up with VCPUOP_initialise and VCPUOP_up runs on its own
+    /// host thread alongside the first; both count into shared memory.
+    @Test func aSecondVCPUComesUpAndRunsAlongside() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("smp").path.path, "--vcpus", "2"])
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("smp: hello from vCPU 1"))
+        #expect(r.out.contains("smp done") && !r.out.contains("FAIL"), "\(r.out)")
+    }
+
     @Test func theHeapGuestReadsItsMemoryMap() throws {
         guard GuestSupport.kvmAvailable() else { return }
         let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("heap").path.path, "--memory", "32"])

@@ -34,7 +34,7 @@ struct XenHeaderComparison {
         "xen/grant_table.h", "xen/memory.h", "xen/vcpu.h", "xen/sched.h", "xen/version.h",
         "xen/elfnote.h", "xen/hvm/params.h", "xen/hvm/hvm_op.h", "xen/arch-x86/hvm/start_info.h",
         "xen/io/ring.h", "xen/io/blkif.h", "xen/io/netif.h", "xen/io/console.h", "xen/io/xs_wire.h",
-        "xen/io/xenbus.h", "xen/arch-x86/cpuid.h",
+        "xen/io/xenbus.h", "xen/arch-x86/cpuid.h", "xen/hvm/hvm_vcpu.h",
     ]
 
     var clang: String

@@ -46,6 +46,7 @@ import Testing
         "struct xen_add_to_physmap", "struct vcpu_register_vcpu_info", "struct vcpu_set_singleshot_timer",
         "struct sched_shutdown", "struct sched_poll",
         "struct hvm_start_info", "struct hvm_memmap_table_entry", "struct hvm_modlist_entry",
+        "struct vcpu_hvm_context", "struct vcpu_hvm_x86_64", "struct vcpu_hvm_x86_32",
     ]
 
     @Test func vireoHeadersMatchXenWithZeroMismatches() throws {

@@ -235,6 +235,27 @@ let ENOSYS = XenError.ENOSYS.hypercallResult
         #expect(f.result(VIREO_HYPERVISOR_set_timer_op, 0) == 0)
     }
 
+    @Test func secondaryVCPUContextsAreValidated() throws {
+        let f = try DispatchFixture()
+        var ctx = [UInt8](repeating: 0, count: 128)
+        func put64(_ v: UInt64, _ at: Int) { for i in 0..<8 { ctx[at + i] = UInt8(truncatingIfNeeded: v >> (8 * UInt64(i))) } }
+        ctx[0] = 1  // 64-bit mode, but paging off: refused
+        try f.domain.memory.write(ctx, at: GuestPhysicalAddress(0x5000))
+        #expect(f.result(VIREO_HYPERVISOR_vcpu_op, UInt64(VIREO_VCPUOP_initialise), 1, 0x5000) == EINVAL)
+        put64(0x8000_0011, 8 + 80); put64(0x1000, 8 + 88); put64(1 << 5, 8 + 96); put64(0x500, 8 + 104); put64(0x10_0000, 8 + 64)
+        try f.domain.memory.write(ctx, at: GuestPhysicalAddress(0x5000))
+        #expect(f.result(VIREO_HYPERVISOR_vcpu_op, UInt64(VIREO_VCPUOP_up), 1, 0) == EINVAL, "not initialised yet")
+        #expect(f.result(VIREO_HYPERVISOR_vcpu_op, UInt64(VIREO_VCPUOP_initialise), 1, 0x5000) == 0)
+        #expect(f.result(VIREO_HYPERVISOR_vcpu_op, UInt64(VIREO_VCPUOP_initialise), 1, 0x5000) == XenError.EEXIST.hypercallResult)
+        #expect(f.result(VIREO_HYPERVISOR_vcpu_op, UInt64(VIREO_VCPUOP_initialise), 0, 0x5000) == EINVAL, "vCPU 0 runs already")
+        #expect(f.result(VIREO_HYPERVISOR_vcpu_op, UInt64(VIREO_VCPUOP_is_up), 1, 0) == 0)
+        #expect(f.result(VIREO_HYPERVISOR_vcpu_op, UInt64(VIREO_VCPUOP_up), 1, 0) == 0)
+        #expect(f.result(VIREO_HYPERVISOR_vcpu_op, UInt64(VIREO_VCPUOP_is_up), 1, 0) == 1)
+        ctx[0] = 7
+        try f.domain.memory.write(ctx, at: GuestPhysicalAddress(0x5000))
+        #expect(throws: XenError.EINVAL) { try VCPUStart(context: ctx) }
+    }
+
     @Test func hvmParams() throws {
         let f = try DispatchFixture()
         f.domain.setParam(VIREO_HVM_PARAM_STORE_PFN, 0x3fe)

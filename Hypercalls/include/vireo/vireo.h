@@ -17,6 +17,7 @@
 #include "hvm/params.h"
 #include "hvm/hvm_op.h"
 #include "hvm/start_info.h"
+#include "hvm/hvm_vcpu.h"
 #include "io/ring.h"
 #include "io/blkif.h"
 #include "io/netif.h"
