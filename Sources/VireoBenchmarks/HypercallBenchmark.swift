@@ -77,31 +77,13 @@ public struct HypercallBenchmark: Benchmark {
         let memory = try GuestMemory(ramBytes: 2 << 20)
         try memory.write(loop, at: GuestPhysicalAddress(0x1000))
         try memory.write(stub, at: GuestPhysicalAddress(0x1100))
-        // Identity-mapped 2 MiB (one large page) and a GDT with a 64-bit code segment.
-        try memory.store(UInt64(0x6000 | 3), at: GuestPhysicalAddress(0x5000))
-        try memory.store(UInt64(0x7000 | 3), at: GuestPhysicalAddress(0x6000))
-        try memory.store(UInt64(0x83), at: GuestPhysicalAddress(0x7000))
-        try memory.store(UInt64(0x00AF_9A00_0000_FFFF), at: GuestPhysicalAddress(0x3008))
-        try memory.store(UInt64(0x00CF_9200_0000_FFFF), at: GuestPhysicalAddress(0x3010))
         let kvm = try KVMSystem()
         let vm = try kvm.makeVirtualMachine(memory: memory)
         let vcpu = try vm.makeVirtualCPU(id: 0)
         try vcpu.setCPUID(XenCPUID.guestCPUID(supported: kvm.supportedCPUID(), vcpu: 0, domain: DomainID(1)))
         try vcpu.setPVHEntryState(entry: 0x1000, startInfo: GuestPhysicalAddress(0))
-        var s = try vcpu.specialRegisters()
-        s.gdt = X86DescriptorTable(base: 0x3000, limit: 23)
-        s.cr3 = 0x5000
-        s.cr4 = 1 << 5
-        s.cr0 = 0x8000_0011
-        s.efer = 0x500
-        var cs = s.cs
-        cs.longMode = true
-        cs.defaultSize32 = false
-        s.cs = cs
-        try vcpu.setSpecialRegisters(s)
+        try LongModeSetup.enter(memory, vcpu, rip: 0x1000)
         var regs = vcpu.registers
-        regs.rip = 0x1000
-        regs.rsp = 0x8000
         regs.rbx = 0x1100
         regs.rcx = UInt64(iterations)
         vcpu.registers = regs

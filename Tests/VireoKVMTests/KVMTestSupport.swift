@@ -76,31 +76,5 @@ func nextExit(_ vcpu: KVMVirtualCPU, limit: Int = 8) throws -> KVMExit {
 /// entry): identity-mapped first 2 MiB (one large page; tables at 0x5000-0x7FFF), a GDT at
 /// 0x3000 (0x08 64-bit code, 0x10 data), an IDT at 0x4000 with the given gates, RSP 0x8000.
 func enterLongMode(_ memory: GuestMemory, _ vcpu: KVMVirtualCPU, rip: UInt64, idt gates: [(vector: UInt8, handler: UInt64)]) throws {
-    let pml4: UInt64 = 0x5000, pdpt: UInt64 = 0x6000, pd: UInt64 = 0x7000, gdt: UInt64 = 0x3000, idt: UInt64 = 0x4000
-    try memory.store(pdpt | 0x3, at: GuestPhysicalAddress(pml4))
-    try memory.store(pd | 0x3, at: GuestPhysicalAddress(pdpt))
-    try memory.store(UInt64(0x83), at: GuestPhysicalAddress(pd))  // 2 MiB page at 0: present, writable, large
-    try memory.write(X86.le64(0) + X86.le64(0x00AF_9A00_0000_FFFF) + X86.le64(0x00CF_9200_0000_FFFF), at: GuestPhysicalAddress(gdt))
-    for (vector, handler) in gates {
-        let low = X86.le32(UInt32(PVHEntry.codeSelector) << 16 | UInt32(handler & 0xFFFF))
-            + X86.le32(UInt32(handler & 0xFFFF_0000) | 0x8E00)
-        let high = X86.le32(UInt32(truncatingIfNeeded: handler >> 32)) + X86.le32(0)
-        try memory.write(low + high, at: GuestPhysicalAddress(idt + UInt64(vector) * 16))
-    }
-    var s = try vcpu.specialRegisters()
-    s.gdt = X86DescriptorTable(base: gdt, limit: 23)
-    s.idt = X86DescriptorTable(base: idt, limit: 0xFFF)
-    s.cr3 = pml4
-    s.cr4 = 1 << 5                              // PAE
-    s.cr0 = 0x8000_0011                         // PG | ET | PE
-    s.efer = 0x500                              // LME | LMA
-    var cs = s.cs
-    cs.longMode = true
-    cs.defaultSize32 = false
-    s.cs = cs
-    try vcpu.setSpecialRegisters(s)
-    var r = vcpu.registers
-    r.rip = rip
-    r.rsp = 0x8000
-    vcpu.registers = r
+    try LongModeSetup.enter(memory, vcpu, rip: rip, idt: gates)
 }
