@@ -95,15 +95,10 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         self.vcpus = vcpus
         self.wakers = vcpus.map { _ in VCPUWaker() }
         self.dispatcher = HypercallDispatcher(domain: built.domain)
-        // Special frames the guest places (shared_info, grant frames) become KVM slots 1...
-        let box = self.vm
-        let mapped = Mutex<Set<Int>>([])
-        built.domain.setPhysmapHook { index, frame in
-            let slot = UInt32(1 + index)
-            if mapped.withLock({ $0.contains(index) }) { try box.vm.removeMemoryRegion(slot: slot) }
-            try box.vm.mapSpecialFrame(index, at: frame, slot: slot)
-            mapped.withLock { _ = $0.insert(index) }
-        }
+        // Special frames the guest places (shared_info, grant frames) become KVM slots, inside
+        // RAM too (the RAM slots are split around them).
+        let physmap = KVMPhysmap(vm: self.vm, memory: built.domain.memory)
+        built.domain.setPhysmapHook { index, frame in try physmap.place(index, at: frame) }
         self.tscHz = (try? vcpus[0].tscKilohertz()).map { $0 * 1000 } ?? 0
         let wakers = self.wakers, cpus = vcpus
         router.connect { vcpu in

@@ -52,10 +52,13 @@ import VireoGuestBuilder
     /// bound, set_timer_op armed 30 ms ahead, SCHEDOP_block sleeping until the timer's event.
     @Test func timersFireVIRQTimerAndWakeABlockedVCPU() throws {
         guard GuestSupport.kvmAvailable() else { return }
-        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("timer").path.path])
-        #expect(r.status == 0, "\(r.out)\(r.err)")
-        #expect(r.out.contains("timer wallclock ok"))
-        #expect(r.out.contains("timer done") && !r.out.contains("FAIL"), "\(r.out)")
+        for placement in ["", "inram"] {  // above RAM, and over a RAM page (the RAM slots split)
+            let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("timer").path.path, "--cmdline", placement])
+            #expect(r.status == 0, "\(r.out)\(r.err)")
+            #expect(r.out.contains(placement.isEmpty ? "shared_info above RAM" : "shared_info over a RAM page"))
+            #expect(r.out.contains("timer wallclock ok"))
+            #expect(r.out.contains("timer done") && !r.out.contains("FAIL"), "\(r.out)")
+        }
     }
 
     /// Event upcalls as Xen's callback vector, without a LAPIC EOI: to a halted vCPU (the event

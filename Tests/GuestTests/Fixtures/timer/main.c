@@ -1,5 +1,6 @@
 /*
- * A C guest for time and events: it maps shared_info above its RAM (XENMEM_add_to_physmap),
+ * A C guest for time and events: it maps shared_info above its RAM (XENMEM_add_to_physmap), or,
+ * with "inram" on its command line, over a page of its own RAM as Linux does,
  * reads the pvclock in vcpu_info[0] and the wallclock, binds VIRQ_TIMER, arms set_timer_op
  * 30 ms ahead, blocks (SCHEDOP_block) until the timer's event is pending, checks that at least
  * 30 ms of system time passed, and clears the event. Prints "timer ..." lines and "timer done".
@@ -17,6 +18,15 @@ static void number(uint64_t v) {
 }
 
 static volatile struct vireo_shared_info *shared;
+static uint8_t own_page[4096] __attribute__((aligned(4096)));
+
+static int has_word(const char *line, const char *word) {
+    size_t n = strlen(word);
+    for (const char *p = line; *p; p++) {
+        if ((p == line || p[-1] == ' ') && memcmp(p, word, n) == 0 && (p[n] == 0 || p[n] == ' ')) return 1;
+    }
+    return 0;
+}
 
 static inline uint64_t rdtsc(void) {
     uint32_t lo, hi;
@@ -52,13 +62,15 @@ int main(int argc, char **argv) {
     long pages = vireo_guest_hypercall(VIREO_HYPERVISOR_memory_op, VIREO_XENMEM_current_reservation, (uint64_t)(uintptr_t)&domid, 0, 0, 0);
     if (pages <= 0) { say("FAIL current_reservation\n"); return 1; }
     /* shared_info goes in the hole just above RAM (inside the runtime's 1 GiB identity map). */
+    int in_ram = has_word(vireo_guest_cmdline(), "inram");
     struct vireo_xen_add_to_physmap add = {.domid = VIREO_DOMID_SELF, .space = VIREO_XENMAPSPACE_shared_info, .idx = 0,
-                                           .gpfn = (uint64_t)pages + 16};
+                                           .gpfn = in_ram ? (uint64_t)(uintptr_t)own_page >> 12 : (uint64_t)pages + 16};
     if (vireo_guest_hypercall(VIREO_HYPERVISOR_memory_op, VIREO_XENMEM_add_to_physmap, (uint64_t)(uintptr_t)&add, 0, 0, 0) != 0) {
         say("FAIL add_to_physmap(shared_info)\n");
         return 1;
     }
     shared = (volatile struct vireo_shared_info *)(uintptr_t)(add.gpfn << 12);
+    say(in_ram ? "timer shared_info over a RAM page\n" : "timer shared_info above RAM\n");
     if (shared->vcpu_info[0].time.tsc_to_system_mul == 0) { say("FAIL no pvclock record\n"); return 1; }
     uint64_t seconds = shared->wc_sec | ((uint64_t)shared->wc_sec_hi << 32);
     say(seconds > 1700000000ull ? "timer wallclock ok\n" : "FAIL wallclock\n");
