@@ -56,6 +56,10 @@ let package = Package(
             dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM",
                            "VireoHypervisor", "VireoMachine", "VireoGuestBuilder", "VireoStore"]
         ),
+        // GuestKit: paravirtual frontends for guests (hypercalls, events, grants, XenStore, XenBus,
+        // console, a cooperative loop), generic over a platform. The same sources build in
+        // Embedded Swift for bare-metal guests (`vireo guest build`, see Docs/guestkit.md).
+        .target(name: "GuestKit", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
         // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the
         // toolchain's swiftc, clang and ld.lld. Host-only tooling.
         .target(name: "VireoGuestBuilder"),
@@ -79,6 +83,7 @@ let package = Package(
         .testTarget(name: "VireoHypervisorTests", dependencies: ["VireoHypervisor", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoStoreTests", dependencies: ["VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "GuestKitTests", dependencies: ["GuestKit", "VireoHypervisor", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.
