@@ -106,13 +106,21 @@ public struct GuestBuilder: Sendable {
         }
         if !swiftFiles.isEmpty {
             let swiftc = try toolchain.swiftc()
+            var kit: [String] = []
+            var sources = swiftFiles
+            if try usesGuestKit(swiftFiles) {
+                let (modules, kitObjects, kitSources) = try buildGuestKit()
+                kit = ["-I", modules.path]
+                sources += kitSources
+                linked += kitObjects
+            }
             let object = objects.appendingPathComponent("swift.o")
             let program = files.contains("main.swift") ? [] : ["-parse-as-library"]
             try produce(object, step: "compiling \(name) (swiftc, Embedded Swift)", tool: swiftc) { out in
-                Self.swiftFlags + program + includes() + [
+                Self.swiftFlags + program + includes() + kit + [
                     "-module-name", Self.moduleName(name), "-module-cache-path",
                     workDirectory.appendingPathComponent("module-cache").path,
-                ] + swiftFiles + ["-c", "-o", out]
+                ] + sources + ["-c", "-o", out]
             }
             linked.append(object)
         }
@@ -124,6 +132,64 @@ public struct GuestBuilder: Sendable {
         }
         let attributes = try? FileManager.default.attributesOfItem(atPath: output.path)
         return GuestImage(name: name, path: output, fileSize: (attributes?[.size] as? Int) ?? 0)
+    }
+
+    /// Whether a guest's Swift files import GuestKit.
+    func usesGuestKit(_ swiftFiles: [String]) throws(GuestBuildError) -> Bool {
+        for file in swiftFiles {
+            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else {
+                throw .fileSystem(path: file, reason: "cannot read the guest's source")
+            }
+            if text.split(separator: "\n").contains(where: { $0.trimmingCharacters(in: .whitespaces) == "import GuestKit" }) {
+                return true
+            }
+        }
+        return false
+    }
+
+    /// GuestKit for a bare-metal guest. VireoABI's identifiers become the module VireoABI;
+    /// GuestKit's sources, the guest-side VireoCore sources and the PVH platform are compiled
+    /// into the guest's own module (returned as `sources`), and `import GuestKit` finds an
+    /// empty module of that name. One module, because Swift 6.3's Embedded mode crashes
+    /// deserializing GuestKit's generic hypercall helpers in a client module ("Conformance of
+    /// 'vireo_sched_shutdown' to 'BitwiseCopyable' not found"); see Docs/guestkit.md.
+    func buildGuestKit() throws(GuestBuildError) -> (modules: URL, objects: [URL], sources: [String]) {
+        let swiftc = try toolchain.swiftc()
+        let modules = workDirectory.appendingPathComponent("guestkit")
+        try makeDirectory(modules)
+        // SwiftPM generates VireoAtomics' module map on the host; a guest build writes its own.
+        let map = "module VireoAtomics { header \"\(repository.atomicsHeader.path)\" export * }\n"
+        let stub = modules.appendingPathComponent("GuestKitModule.swift")
+        do {
+            try map.write(to: modules.appendingPathComponent("module.modulemap"), atomically: true, encoding: .utf8)
+            try "// GuestKit itself is compiled into the guest's module (GuestBuilder.buildGuestKit).\n"
+                .write(to: stub, atomically: true, encoding: .utf8)
+        } catch {
+            throw .fileSystem(path: modules.path, reason: "cannot write GuestKit's module files (\(error.localizedDescription))")
+        }
+        let kitSources: [String]
+        do {
+            kitSources = try FileManager.default.contentsOfDirectory(atPath: repository.guestKit.path).filter { $0.hasSuffix(".swift") }
+                .sorted().map { repository.guestKit.appendingPathComponent($0).path }
+        } catch {
+            throw .fileSystem(path: repository.guestKit.path, reason: "cannot list GuestKit's sources (\(error.localizedDescription))")
+        }
+        let common = Self.swiftFlags + ["-parse-as-library"] + includes() + [
+            "-I", modules.path, "-module-cache-path", workDirectory.appendingPathComponent("module-cache").path,
+        ]
+        let abi = modules.appendingPathComponent("VireoABI.o")
+        try produce(abi, step: "compiling VireoABI's identifiers (swiftc, Embedded Swift)", tool: swiftc) { out in
+            common + ["-module-name", "VireoABI", "-emit-module", "-emit-module-path",
+                      modules.appendingPathComponent("VireoABI.swiftmodule").path,
+                      repository.abiIdentifiers.path, "-c", "-o", out]
+        }
+        let empty = modules.appendingPathComponent("GuestKit.o")
+        try produce(empty, step: "writing the GuestKit module (swiftc, Embedded Swift)", tool: swiftc) { out in
+            common + ["-module-name", "GuestKit", "-emit-module", "-emit-module-path",
+                      modules.appendingPathComponent("GuestKit.swiftmodule").path, stub.path, "-c", "-o", out]
+        }
+        let sources = repository.guestCoreSources.map(\.path) + kitSources + [repository.guestKitPlatform.path]
+        return (modules, [abi], sources)
     }
 
     /// A Swift module name from a guest's name ("hello-c" -> "hello_c").

@@ -11,6 +11,19 @@ public struct GuestRepository: Sendable, Equatable {
     public var runtimeHeaders: URL { runtime.appendingPathComponent("include") }
     public var linkerScript: URL { runtime.appendingPathComponent("guest.ld") }
     public var samples: URL { root.appendingPathComponent("Hypercalls/samples") }
+    /// GuestKit's sources (Docs/guestkit.md), compiled into a guest that imports GuestKit.
+    public var guestKit: URL { root.appendingPathComponent("Sources/GuestKit") }
+    /// The bare-metal platform GuestKit runs on in a guest image.
+    public var guestKitPlatform: URL { runtime.appendingPathComponent("swift/PVHPlatform.swift") }
+    /// The guest-side core GuestKit is built on (freestanding: GuestLibraryEmbeddedTests).
+    public var guestCoreSources: [URL] {
+        ["Memory/SharedRegion.swift", "Ring/RingLayout.swift", "Ring/SharedRing.swift", "Ring/ByteRing.swift",
+         "Events/GuestEventState.swift", "Grants/GrantTableLayout.swift", "Grants/GuestGrantTable.swift"]
+            .map { root.appendingPathComponent("Sources/VireoCore/\($0)") }
+    }
+    /// VireoABI's typed identifiers (DomainID, EventPort, GrantRef...), the part a guest uses.
+    public var abiIdentifiers: URL { root.appendingPathComponent("Sources/VireoABI/Identifiers.swift") }
+    public var atomicsHeader: URL { root.appendingPathComponent("Sources/VireoAtomics/include/vireo_atomics.h") }
     /// Where `vireo guest build --samples` puts `NAME.elf` (DESIGN.md's interface).
     public var samplesOutput: URL { root.appendingPathComponent(".build/guests") }
 

@@ -20,6 +20,33 @@ import VireoGuestBuilder
         #expect(c.status == 0 && c.out.contains("Hello from Vireo (C)"), "\(c.out)\(c.err)")
     }
 
+    /// The GuestKit sample: XenStore over its ring, console_io, a timer through the guest loop.
+    @Test func theGuestKitSampleReadsTheStoreSleepsOnATimerAndPowersOff() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("hello-kit").path.path, "--engine", "kvm"])
+        #expect(!r.timedOut)
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("hello-kit: hypervisor interface 4.14"))
+        #expect(r.out.contains("hello-kit: my name is hello-kit.elf"), "the name, read from the XenStore")
+        #expect(r.out.contains("hello-kit: timer fired after"))
+        #expect(r.out.contains("hello-kit: done") && !r.out.contains("FAIL"), "\(r.out)")
+    }
+
+    /// cpubench's checksum is the host's for the same loop: the guest ran every iteration.
+    @Test func cpubenchRunsItsIntegerLoop() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("cpubench").path.path, "--cmdline", "5000"])
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15, sum: UInt64 = 0
+        for _ in 0..<5000 {
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
+            sum = sum &* 31 &+ (state >> 11)
+        }
+        #expect(r.out.contains("cpubench: 5000 iterations, checksum \(sum)"), "\(r.out)")
+    }
+
     @Test func aTrappingGuestIsReportedAndExitsAsACrash() throws {
         guard GuestSupport.kvmAvailable() else { return }
         let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("trap").path.path])

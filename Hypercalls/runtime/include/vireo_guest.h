@@ -56,6 +56,14 @@ void vireo_guest_console_flush(void);
  */
 _Noreturn void vireo_guest_shutdown(unsigned reason);
 
+/* The time-stamp counter (RDTSC): what the pvclock record in vcpu_info scales to system time.
+ * On kvm_pvm hosts each read exits to the hypervisor (~13k cycles): read it sparingly. */
+static inline uint64_t vireo_guest_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
 /* C library pieces the runtime provides (Embedded Swift needs them). */
 int putchar(int c);
 int posix_memalign(void **result, size_t alignment, size_t size);
