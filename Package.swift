@@ -60,6 +60,9 @@ let package = Package(
         // console, a cooperative loop), generic over a platform. The same sources build in
         // Embedded Swift for bare-metal guests (`vireo guest build`, see Docs/guestkit.md).
         .target(name: "GuestKit", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
+        // Backends: the host side of split drivers (blkback over an image file), served through
+        // grant copies, shared rings and event channels only, never raw guest memory.
+        .target(name: "VireoBackends", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoStore"]),
         // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the
         // toolchain's swiftc, clang and ld.lld. Host-only tooling.
         .target(name: "VireoGuestBuilder"),
@@ -83,7 +86,8 @@ let package = Package(
         .testTarget(name: "VireoHypervisorTests", dependencies: ["VireoHypervisor", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoStoreTests", dependencies: ["VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
-        .testTarget(name: "GuestKitTests", dependencies: ["GuestKit", "VireoHypervisor", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "GuestKitTests", dependencies: ["GuestKit", "VireoBackends", "VireoHypervisor", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.
