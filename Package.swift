@@ -44,7 +44,7 @@ let package = Package(
             dependencies: ["VireoKVMSys", "VireoLinux", "VireoCore", "VireoABI", "VireoHypercalls"]
         ),
         // Runs domains: the hypervisor core on an engine (KVM today), one thread per vCPU.
-        .target(name: "VireoMachine", dependencies: ["VireoHypervisor", "VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux", "VireoStore"]),
+        .target(name: "VireoMachine", dependencies: ["VireoBackends", "VireoHypervisor", "VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux", "VireoStore"]),
         // XenStore: the tree, permissions, transactions, watches and quotas (a pure engine),
         // its wire codec, and its transports (a Unix socket for tools, a ring page per guest).
         .target(name: "VireoStore", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
@@ -74,6 +74,7 @@ let package = Package(
                 "VireoBenchmarks",
                 "VireoGuestBuilder",
                 "VireoMachine",
+                "VireoBackends",
                 "VireoHypervisor",
                 "VireoCore",
                 "VireoStore",

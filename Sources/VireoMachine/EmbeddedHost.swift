@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import VireoABI
+import VireoBackends
 import VireoCore
 import VireoHypercalls
 import VireoHypervisor
@@ -66,10 +67,31 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         public var failure: String?
     }
 
+    /// A virtual disk: a raw image file served by blkback as device `device` (51712 = xvda).
+    public struct Disk: Sendable {
+        public var path: String
+        public var readOnly: Bool
+        public var device: UInt32
+        public init(path: String, readOnly: Bool = false, device: UInt32 = 51712) {
+            self.path = path
+            self.readOnly = readOnly
+            self.device = device
+        }
+    }
+
     /// Builds, introduces and runs one domain to its end: the XenStore gets the toolstack's
-    /// nodes (`/local/domain/ID/name`, `domid`) and serves the guest's ring from the start.
-    public func run(config: DomainConfig, kernel: [UInt8], commandLine: String,
+    /// nodes (`/local/domain/ID/name`, `domid`) and serves the guest's ring from the start;
+    /// each disk's backend is created (its XenStore nodes written, InitWait) before the guest
+    /// starts and served on its own thread until the domain ends.
+    /// - Throws: ``BackendError`` naming the image when a disk cannot be opened.
+    public func run(config: DomainConfig, kernel: [UInt8], commandLine: String, disks: [Disk] = [],
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
+        // Open the images first: a missing file fails before any domain exists.
+        var backends: [BlockBackend] = []
+        for disk in disks {
+            backends.append(try BlockBackend(path: disk.path, readOnly: disk.readOnly, frontend: config.id, device: disk.device,
+                                             store: store, grants: grants, host: host))
+        }
         let router = UpcallRouter()
         let built = try DomainBuilder.build(config: config, kernel: kernel, commandLine: commandLine, hub: hub,
                                             grantTables: grants, backend: host.id, console: console,
@@ -89,6 +111,18 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
             let reply = store.request(XenStoreMessage(type: .write, payload: Array("\(home)/\(key)".utf8) + [0] + Array(value.utf8)),
                                       from: toolstack)
             guard reply?.type == .write else { throw DomainBuilder.Failure.setup("XenStore refused \(home)/\(key): \(String(describing: reply))") }
+        }
+        var servers: [Thread] = []
+        defer {
+            for backend in backends { backend.stop() }
+            for thread in servers { while !thread.isFinished { usleep(1000) } }
+        }
+        for backend in backends {
+            try backend.create()
+            let thread = Thread { backend.run() }
+            thread.name = "vireo-blkback-\(backend.device)"
+            thread.start()
+            servers.append(thread)
         }
         let runner = try KVMDomainRunner(built: built, router: router)
         let reason = runner.run()

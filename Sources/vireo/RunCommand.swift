@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import Glibc
 import VireoABI
+import VireoBackends
 import VireoCore
 import VireoHypervisor
 import VireoMachine
@@ -38,7 +39,19 @@ struct RunCommand: ParsableCommand {
     @Option(help: "The guest's command line.")
     var cmdline: String = ""
 
+    @Option(help: "A raw disk image served as xvda (device 51712); append ',ro' for read-only.")
+    var disk: String?
+
+    /// The --disk value: the path and whether it is read-only.
+    var diskSpec: EmbeddedHost.Disk? {
+        guard let disk else { return nil }
+        if disk.hasSuffix(",ro") { return EmbeddedHost.Disk(path: String(disk.dropLast(3)), readOnly: true) }
+        if disk.hasSuffix(",rw") { return EmbeddedHost.Disk(path: String(disk.dropLast(3)), readOnly: false) }
+        return EmbeddedHost.Disk(path: disk, readOnly: false)
+    }
+
     func validate() throws {
+        if let spec = diskSpec, spec.path.isEmpty { throw ValidationError("--disk: give an image file, PATH or PATH,ro") }
         guard (2...65536).contains(memory) else { throw ValidationError("--memory \(memory): give 2 to 65536 MiB") }
         guard (1...128).contains(vcpus) else { throw ValidationError("--vcpus \(vcpus): give 1 to 128") }
     }
@@ -52,6 +65,12 @@ struct RunCommand: ParsableCommand {
         guard let bytes = FileManager.default.contents(atPath: kernel) else {
             throw RunError("cannot read the kernel '\(kernel)'")
         }
+        if let spec = diskSpec {
+            // Before anything starts: a missing image is a setup error naming the file.
+            var info = stat()
+            guard stat(spec.path, &info) == 0 else { throw RunError("--disk: cannot find the disk image '\(spec.path)'") }
+            guard (info.st_mode & S_IFMT) == S_IFREG else { throw RunError("--disk: '\(spec.path)' is not a regular file") }
+        }
         let host: EmbeddedHost
         do { host = try EmbeddedHost() } catch { throw RunError("cannot set up the host domain: \(error)") }
         defer { host.shutdown() }
@@ -60,8 +79,10 @@ struct RunCommand: ParsableCommand {
             outcome = try host.run(
                 config: DomainConfig(id: DomainID(1), name: URL(fileURLWithPath: kernel).lastPathComponent,
                                      memoryBytes: UInt64(memory) << 20, vcpus: vcpus),
-                kernel: Array(bytes), commandLine: cmdline,
+                kernel: Array(bytes), commandLine: cmdline, disks: diskSpec.map { [$0] } ?? [],
                 console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } })
+        } catch let failure as BackendError {
+            throw RunError("--disk: \(failure)")
         } catch let failure as DomainBuilder.Failure {
             throw RunError("\(kernel): \(failure)")
         } catch {

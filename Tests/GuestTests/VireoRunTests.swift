@@ -32,6 +32,41 @@ import VireoGuestBuilder
         #expect(r.out.contains("hello-kit: done") && !r.out.contains("FAIL"), "\(r.out)")
     }
 
+    /// The first end-to-end disk: blkcheck writes a pattern over the first sectors of xvda,
+    /// flushes, reads back and verifies; the host then finds the pattern in the image file.
+    @Test func blkcheckWritesAndReadsBackItsDisk() throws {
+        guard GuestSupport.kvmAvailable() else {
+            print("blkcheck on KVM skipped: /dev/kvm is missing")
+            return
+        }
+        let image = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-blkcheck-\(UUID().uuidString).img")
+        try Data(repeating: 0xEE, count: 256 * 512).write(to: image)
+        defer { try? FileManager.default.removeItem(at: image) }
+        let kernel = try GuestSupport.image("blkcheck").path.path
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--engine", "kvm", "--disk", image.path, "--cmdline", "80"])
+        #expect(!r.timedOut)
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("blkcheck: xvda connected, 256 sectors"), "\(r.out)")
+        #expect(r.out.contains("blkcheck: 80 sectors ok"), "\(r.out)")
+        // The guest's pattern, from the host: sector s, offset i holds s*37 + i + s/8.
+        let bytes = [UInt8](try Data(contentsOf: image))
+        var wrong = 0
+        for sector in 0..<80 {
+            for i in 0..<512 where bytes[sector * 512 + i] != UInt8(truncatingIfNeeded: sector &* 37 &+ i &+ sector >> 3) { wrong += 1 }
+        }
+        #expect(wrong == 0, "the image holds the guest's pattern")
+        #expect(bytes[(80 * 512)...].allSatisfy { $0 == 0xEE }, "nothing past the sectors written")
+        // Read-only: the guest's writes are refused, so it fails, and the image is untouched.
+        try Data(repeating: 0xEE, count: 256 * 512).write(to: image)
+        let ro = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--engine", "kvm", "--disk", image.path + ",ro", "--cmdline", "8"])
+        #expect(ro.status == 2 && ro.out.contains("(read-only)") && ro.out.contains("blkcheck: FAIL"), "\(ro.out)\(ro.err)")
+        #expect([UInt8](try Data(contentsOf: image)).allSatisfy { $0 == 0xEE })
+        // A missing image is refused before the guest starts, naming the file.
+        let missing = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--disk", "/nonexistent/vireo-disk.img"])
+        #expect(missing.status == 1 && missing.err.contains("/nonexistent/vireo-disk.img"), "\(missing.err)")
+        #expect(!missing.out.contains("blkcheck"))
+    }
+
     /// cpubench's checksum is the host's for the same loop: the guest ran every iteration.
     @Test func cpubenchRunsItsIntegerLoop() throws {
         guard GuestSupport.kvmAvailable() else { return }
