@@ -14,11 +14,8 @@ public struct ConsoleFrontend<Platform: GuestPlatform> {
     let input: ByteRing
 
     public init(guest: Guest<Platform>) throws(GuestError) {
-        let frame = try guest.hvmParam(VIREO_HVM_PARAM_CONSOLE_PFN)
-        let port = try guest.hvmParam(VIREO_HVM_PARAM_CONSOLE_EVTCHN)
-        guard frame != 0 else { throw GuestError.ENOENT }
-        self.init(guest: guest, page: guest.platform.memory(at: frame << guestPageShift, count: guestPageSize),
-                  port: EventPort(UInt32(truncatingIfNeeded: port)))
+        let (page, port) = try guest.toolstackRing(page: VIREO_HVM_PARAM_CONSOLE_PFN, port: VIREO_HVM_PARAM_CONSOLE_EVTCHN)
+        self.init(guest: guest, page: page, port: port)
     }
 
     public init(guest: Guest<Platform>, page: SharedRegion, port: EventPort) {

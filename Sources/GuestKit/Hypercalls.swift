@@ -157,6 +157,15 @@ extension Guest {
         return op.value
     }
 
+    /// A ring page the toolstack set up and its event channel, from the two HVM params that
+    /// name them (STORE_PFN/STORE_EVTCHN, CONSOLE_PFN/CONSOLE_EVTCHN). ENOENT when there is none.
+    public func toolstackRing(page pageParam: Int32, port portParam: Int32) throws(GuestError) -> (SharedRegion, EventPort) {
+        let frame = try hvmParam(pageParam)
+        let port = try hvmParam(portParam)
+        guard frame != 0 else { throw GuestError.ENOENT }
+        return (platform.memory(at: frame << guestPageShift, count: guestPageSize), EventPort(UInt32(truncatingIfNeeded: port)))
+    }
+
     public func setHVMParam(_ index: Int32, _ value: UInt64) throws(GuestError) {
         var op = vireo_xen_hvm_param()
         op.domid = UInt16(VIREO_DOMID_SELF)
