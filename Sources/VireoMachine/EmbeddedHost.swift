@@ -83,8 +83,15 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     /// nodes (`/local/domain/ID/name`, `domid`) and serves the guest's ring from the start;
     /// each disk's backend is created (its XenStore nodes written, InitWait) before the guest
     /// starts and served on its own thread until the domain ends.
-    /// - Throws: ``BackendError`` naming the image when a disk cannot be opened.
+    ///
+    /// The console: console_io output goes to `console`, and the console ring's backend
+    /// (``ConsoleBackend``, rate-limited by `consoleRate`) sends the ring's output there too and,
+    /// given `consoleLog`, appends it to that file. It serves the ring from before the guest
+    /// starts until the domain ends, draining it once more after the guest stops.
+    /// - Throws: ``BackendError`` naming the image when a disk cannot be opened, or the console
+    ///   log when it cannot be opened.
     public func run(config: DomainConfig, kernel: [UInt8], commandLine: String, disks: [Disk] = [],
+                    consoleLog: String? = nil, consoleRate: ConsoleBackend.RateLimit = .standard,
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
         // Open the images first: a missing file fails before any domain exists.
         var backends: [BlockBackend] = []
@@ -100,6 +107,17 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
             try? store.releaseDomain(built.domain.id)
             mappings.byDomain.withLock { _ = $0.removeValue(forKey: built.domain.id) }
             built.domain.destroy()
+        }
+        // The console ring's backend: stopped (and its last output drained) before the domain dies.
+        let consoleBackend = try ConsoleBackend(frontend: built.domain.id, port: built.consolePort, grants: grants, host: host,
+                                                logPath: consoleLog, rateLimit: consoleRate, sink: console,
+                                                log: { FileHandle.standardError.write(Data("vireo: \($0)\n".utf8)) })
+        let consoleThread = Thread { consoleBackend.run() }
+        consoleThread.name = "vireo-console-\(built.domain.id.rawValue)"
+        consoleThread.start()
+        defer {
+            consoleBackend.stop()
+            while !consoleThread.isFinished { usleep(1000) }
         }
         try store.introduceDomain(built.domain.id, frame: built.storeFrame, port: built.storePort)
         // The toolstack's nodes for the domain, written as dom0 (xl writes these too). The

@@ -42,6 +42,9 @@ struct RunCommand: ParsableCommand {
     @Option(help: "A raw disk image served as xvda (device 51712); append ',ro' for read-only.")
     var disk: String?
 
+    @Option(help: "Also append the guest's console ring output to this file (rate-limited like stdout).")
+    var consoleLog: String?
+
     /// The --disk value: the path and whether it is read-only.
     var diskSpec: EmbeddedHost.Disk? {
         guard let disk else { return nil }
@@ -71,6 +74,14 @@ struct RunCommand: ParsableCommand {
             guard stat(spec.path, &info) == 0 else { throw RunError("--disk: cannot find the disk image '\(spec.path)'") }
             guard (info.st_mode & S_IFMT) == S_IFREG else { throw RunError("--disk: '\(spec.path)' is not a regular file") }
         }
+        if let consoleLog {
+            // Before anything starts: a log that cannot be opened is a setup error naming it.
+            let fd = open(consoleLog, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+            guard fd >= 0 else {
+                throw RunError("--console-log: cannot open '\(consoleLog)': \(String(cString: strerror(errno)))")
+            }
+            close(fd)
+        }
         let host: EmbeddedHost
         do { host = try EmbeddedHost() } catch { throw RunError("cannot set up the host domain: \(error)") }
         defer { host.shutdown() }
@@ -79,10 +90,10 @@ struct RunCommand: ParsableCommand {
             outcome = try host.run(
                 config: DomainConfig(id: DomainID(1), name: URL(fileURLWithPath: kernel).lastPathComponent,
                                      memoryBytes: UInt64(memory) << 20, vcpus: vcpus),
-                kernel: Array(bytes), commandLine: cmdline, disks: diskSpec.map { [$0] } ?? [],
+                kernel: Array(bytes), commandLine: cmdline, disks: diskSpec.map { [$0] } ?? [], consoleLog: consoleLog,
                 console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } })
         } catch let failure as BackendError {
-            throw RunError("--disk: \(failure)")
+            throw RunError(failure.description.hasPrefix("console") ? "\(failure)" : "--disk: \(failure)")
         } catch let failure as DomainBuilder.Failure {
             throw RunError("\(kernel): \(failure)")
         } catch {

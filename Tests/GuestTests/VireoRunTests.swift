@@ -32,6 +32,26 @@ import VireoGuestBuilder
         #expect(r.out.contains("hello-kit: done") && !r.out.contains("FAIL"), "\(r.out)")
     }
 
+    /// A line written with GuestKit's ConsoleFrontend into the console ring (not console_io)
+    /// reaches stdout through the console backend, and the per-domain log with --console-log.
+    @Test func theConsoleRingReachesStdoutAndTheLog() throws {
+        guard GuestSupport.kvmAvailable() else {
+            print("console ring on KVM skipped: /dev/kvm is missing")
+            return
+        }
+        let log = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-console-\(UUID().uuidString).log")
+        defer { try? FileManager.default.removeItem(at: log) }
+        let kernel = try GuestSupport.image("hello-kit").path.path
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--engine", "kvm", "--console-log", log.path])
+        #expect(!r.timedOut)
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("hello-kit: through the console ring\n"), "\(r.out)")
+        let logged = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+        #expect(logged == "hello-kit: through the console ring\n", "the log holds the ring's output only: \(logged)")
+        let bad = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--console-log", "/nonexistent/dir/console.log"])
+        #expect(bad.status == 1 && bad.err.contains("/nonexistent/dir/console.log"), "\(bad.err)")
+    }
+
     /// The first end-to-end disk: blkcheck writes a pattern over the first sectors of xvda,
     /// flushes, reads back and verifies; the host then finds the pattern in the image file.
     @Test func blkcheckWritesAndReadsBackItsDisk() throws {

@@ -1,6 +1,6 @@
 // A guest written with GuestKit: it reads its name from the XenStore over its ring, prints
-// through console_io, arms a timer and sleeps in the guest loop until VIRQ_TIMER fires, then
-// powers off.
+// through console_io, arms a timer and sleeps in the guest loop until VIRQ_TIMER fires, prints a
+// line through the console ring (ConsoleFrontend), then powers off.
 import GuestKit
 import VireoABI
 import VireoHypercalls
@@ -25,6 +25,9 @@ func run() throws(GuestError) {
     try guest.setTimer(deadline: start + 10_000_000)
     guest.run { fired }
     say("hello-kit: timer fired after \((guest.systemTime() - start) / 1_000_000) ms\n")
+    // The console ring (HVM_PARAM_CONSOLE_PFN/EVTCHN), served by the host's console backend.
+    let console = try ConsoleFrontend(guest: guest)
+    try console.write("hello-kit: through the console ring\n")
 }
 
 do {
