@@ -54,7 +54,7 @@ let package = Package(
         .target(
             name: "VireoBenchmarks",
             dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM",
-                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder", "VireoStore"]
+                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder", "VireoStore", "VireoBackends"]
         ),
         // GuestKit: paravirtual frontends for guests (hypercalls, events, grants, XenStore, XenBus,
         // console, a cooperative loop), generic over a platform. The same sources build in

@@ -118,6 +118,28 @@ import Testing
         #expect(try Self.run(["bench", "--list"]).out.contains("store\t"))
     }
 
+    /// The JSON contract of `vireo bench block`; never its speed.
+    @Test func benchBlockQuickPrintsTheContractLine() throws {
+        let r = try Self.run(["bench", "block", "--quick", "--json"])
+        #expect(r.status == 0, "\(r.err)")
+        let last = try #require(r.out.split(separator: "\n").last)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(last.utf8)) as? [String: Any])
+        #expect(object["bench"] as? String == "block")
+        #expect(object["unit"] as? String == "MB/s")
+        let value = try #require(object["value"] as? Double)
+        let baseline = try #require(object["baseline"] as? Double)
+        #expect(value > 0 && baseline > 0)
+        let ratio = try #require(object["ratio"] as? Double)
+        #expect(abs(ratio - value / baseline) < 1e-9 * max(1, ratio))
+        let iops = try #require(object["rand4k_iops"] as? Double)
+        let baseIOPS = try #require(object["rand4k_baseline_iops"] as? Double)
+        #expect(iops > 0 && baseIOPS > 0)
+        #expect(object["rand4k_ratio"] is Double && object["seq_goal"] is Double && object["rand4k_goal"] is Double)
+        #expect(object["in_flight"] as? Int == 32)
+        #expect(r.err.contains("block: sequential 64 KiB"), "progress goes to stderr")
+        #expect(try Self.run(["bench", "--list"]).out.contains("block\t"))
+    }
+
     /// `vireo store serve --socket PATH`: the store on its own; a client reaches it; SIGTERM
     /// stops it and removes the socket.
     @Test func storeServeAnswersAndCleansUp() throws {
