@@ -41,8 +41,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     private let grants: GrantTables
     private let host: HostEventDomain
     private let fd: Int32
-    private let wakeRead: Int32
-    private let wakeWrite: Int32
+    private let wake: WakePipe
     private let stopping = Atomic<Bool>(false)
     private let buffer: UnsafeMutableRawPointer
     private let bufferRegion: SharedRegion
@@ -103,14 +102,10 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
             close(fd)
             throw BackendError("the disk image '\(path)' is smaller than one 512-byte sector")
         }
-        var pipeEnds: [Int32] = [0, 0]
-        guard pipe(&pipeEnds) == 0 else {
+        let wake: WakePipe
+        do { wake = try WakePipe(for: "block backend") } catch {
             close(fd)
-            throw BackendError("cannot create the backend's wake pipe")
-        }
-        for end in pipeEnds {
-            _ = fcntl(end, F_SETFL, O_NONBLOCK)
-            _ = fcntl(end, F_SETFD, FD_CLOEXEC)
+            throw error
         }
         self.fd = fd
         self.sectors = sectors
@@ -120,8 +115,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         self.store = store
         self.grants = grants
         self.host = host
-        wakeRead = pipeEnds[0]
-        wakeWrite = pipeEnds[1]
+        self.wake = wake
         backendPath = "/local/domain/\(host.id.rawValue)/backend/vbd/\(frontend.rawValue)/\(device)"
         frontendPath = "/local/domain/\(frontend.rawValue)/device/vbd/\(device)"
         buffer = UnsafeMutableRawPointer.allocate(byteCount: Self.bufferBytes, alignment: 4096)
@@ -131,8 +125,6 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
 
     deinit {
         close(fd)
-        close(wakeRead)
-        close(wakeWrite)
         buffer.deallocate()
     }
 
@@ -178,8 +170,8 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     /// Writes the toolstack's nodes and the backend's features, and enters InitWait. Call
     /// once, before the frontend starts looking (before the guest boots).
     public func create() throws(BackendError) {
-        let wakeWrite = self.wakeWrite
-        session = store.connect(domain: host.id, wake: { Self.kick(wakeWrite) })
+        let wake = self.wake
+        session = store.connect(domain: host.id, wake: { wake.kick() })
         let front = frontend.rawValue, back = host.id.rawValue
         // The backend directory: dom0's, readable by the frontend. The frontend directory: the
         // frontend's own, readable by the backend. Each node gets its permissions explicitly.
@@ -207,15 +199,10 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
 
     // MARK: Running
 
-    private static func kick(_ fd: Int32) {
-        var one: UInt8 = 1
-        _ = Glibc.write(fd, &one, 1)
-    }
-
     /// Makes ``run()`` return soon.
     public func stop() {
         stopping.store(true, ordering: .releasing)
-        Self.kick(wakeWrite)
+        wake.kick()
     }
 
     /// Serves the device until ``stop()``: follows the frontend's state and serves the ring
@@ -225,10 +212,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
             followFrontend()
             if connection != nil { serveRing() }
             if stopping.load(ordering: .acquiring) { break }
-            var poller = pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)
-            _ = poll(&poller, 1, 100)
-            var drain = [UInt8](repeating: 0, count: 64)
-            while Glibc.read(wakeRead, &drain, drain.count) > 0 {}
+            wake.wait(milliseconds: 100)
         }
         disconnect()
         if let session { store.disconnect(session) }
@@ -292,11 +276,11 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         } catch {
             return fail("ring-ref \(ref): not a blkif ring: \(error)")
         }
-        let wakeWrite = self.wakeWrite
+        let wake = self.wake
         let port: EventPort
         do {
             port = try host.bindInterdomain(remoteDomain: frontend, remotePort: EventPort(UInt32(channel))) { _ in
-                Self.kick(wakeWrite)
+                wake.kick()
             }
         } catch {
             return fail("\(frontendPath)/event-channel \(channel): cannot bind: \(error)")

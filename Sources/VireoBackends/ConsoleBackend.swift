@@ -54,8 +54,7 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
     private let log: @Sendable (String) -> Void
     private let clock: @Sendable () -> UInt64
     private let logFile: Int32
-    private let wakeRead: Int32
-    private let wakeWrite: Int32
+    private let wake: WakePipe
     private let stopping = Atomic<Bool>(false)
 
     private final class Connection: @unchecked Sendable {  // used only under `connection`'s lock
@@ -102,19 +101,12 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
                 throw BackendError("console: cannot open the log '\(logPath)': \(String(cString: strerror(errno)))")
             }
         }
-        var pipeEnds: [Int32] = [0, 0]
-        guard pipe(&pipeEnds) == 0 else {
+        let wake: WakePipe
+        do { wake = try WakePipe(for: "console backend") } catch {
             if logFile >= 0 { close(logFile) }
-            throw BackendError("cannot create the console backend's wake pipe")
+            throw error
         }
-        for end in pipeEnds {
-            _ = fcntl(end, F_SETFL, O_NONBLOCK)
-            _ = fcntl(end, F_SETFD, FD_CLOEXEC)
-        }
-        let wakeWrite = pipeEnds[1]
         func cleanUp() {
-            close(pipeEnds[0])
-            close(pipeEnds[1])
             if logFile >= 0 { close(logFile) }
         }
         let ref = GrantRef(UInt32(VIREO_GNTTAB_RESERVED_CONSOLE))
@@ -138,7 +130,7 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
         }
         let bound: EventPort
         do {
-            bound = try host.bindInterdomain(remoteDomain: frontend, remotePort: port) { _ in Self.kick(wakeWrite) }
+            bound = try host.bindInterdomain(remoteDomain: frontend, remotePort: port) { _ in wake.kick() }
         } catch {
             cleanUp()
             throw BackendError("console: cannot bind port \(port.rawValue) of domain \(frontend.rawValue): \(error)")
@@ -150,8 +142,7 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
         self.log = log
         self.clock = clock
         self.logFile = logFile
-        wakeRead = pipeEnds[0]
-        self.wakeWrite = wakeWrite
+        self.wake = wake
         connection = Mutex(Connection(mapping: mapping, output: .consoleOutput(page), input: .consoleInput(page), port: bound))
         tokens = Double(rateLimit.burst)
         refilledAt = clock()
@@ -159,8 +150,6 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
 
     deinit {
         disconnect()
-        close(wakeRead)
-        close(wakeWrite)
         if logFile >= 0 { close(logFile) }
     }
 
@@ -171,20 +160,15 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
         return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
     }
 
-    private static func kick(_ fd: Int32) {
-        var one: UInt8 = 1
-        _ = Glibc.write(fd, &one, 1)
-    }
-
     /// Makes ``run()`` drain the ring one last time and return.
     public func stop() {
         stopping.store(true, ordering: .releasing)
-        Self.kick(wakeWrite)
+        wake.kick()
     }
 
     /// Wakes ``run()`` as the guest's notification does (tests with a frozen clock use it after
     /// moving the clock on).
-    public func poke() { Self.kick(wakeWrite) }
+    public func poke() { wake.kick() }
 
     /// Serves the console until ``stop()``: drains the `out` ring at start, on every
     /// notification and every 100 ms (so a dropped-bytes line appears once the bucket refills);
@@ -193,10 +177,7 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
         while !stopping.load(ordering: .acquiring) {
             serveOutput()
             if stopping.load(ordering: .acquiring) { break }
-            var poller = pollfd(fd: wakeRead, events: Int16(POLLIN), revents: 0)
-            _ = poll(&poller, 1, 100)
-            var drain = [UInt8](repeating: 0, count: 64)
-            while Glibc.read(wakeRead, &drain, drain.count) > 0 {}
+            wake.wait(milliseconds: 100)
         }
         serveOutput()
         if pendingDrops > 0 { emitMarker() }

@@ -1,0 +1,39 @@
+import Glibc
+
+/// The wake-up every backend's service loop sleeps on: a non-blocking pipe that event handlers,
+/// XenStore watches and `stop()` write a byte to, and `wait` polls with a timeout and drains.
+/// (This toolchain's Glibc module exposes no eventfd, so a pipe it is.)
+final class WakePipe: Sendable {
+    let readEnd: Int32
+    let writeEnd: Int32
+
+    init(for owner: String) throws(BackendError) {
+        var ends: [Int32] = [0, 0]
+        guard pipe(&ends) == 0 else { throw BackendError("cannot create the \(owner)'s wake pipe") }
+        for end in ends {
+            _ = fcntl(end, F_SETFL, O_NONBLOCK)
+            _ = fcntl(end, F_SETFD, FD_CLOEXEC)
+        }
+        readEnd = ends[0]
+        writeEnd = ends[1]
+    }
+
+    deinit {
+        close(readEnd)
+        close(writeEnd)
+    }
+
+    /// Wakes the loop (a full pipe already means "awake": the byte is not needed).
+    func kick() {
+        var one: UInt8 = 1
+        _ = Glibc.write(writeEnd, &one, 1)
+    }
+
+    /// Sleeps until kicked or `milliseconds` pass, then drains the pipe.
+    func wait(milliseconds: Int32) {
+        var poller = pollfd(fd: readEnd, events: Int16(POLLIN), revents: 0)
+        _ = poll(&poller, 1, milliseconds)
+        var drain = [UInt8](repeating: 0, count: 64)
+        while Glibc.read(readEnd, &drain, drain.count) > 0 {}
+    }
+}
