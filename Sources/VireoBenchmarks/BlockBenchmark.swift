@@ -129,8 +129,7 @@ final class BlockBenchRig {
     let slots = Int(VIREO_ABI_BLKIF_RING_SIZE)
     private static let segmentsPerRequest = Int(VIREO_BLKIF_MAX_SEGMENTS_PER_REQUEST)
 
-    final class Flag: Sendable { let value = Atomic<Bool>(false) }
-    private let stopDispatch = Flag()
+    private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
 
     init(path: String, benchmark: String) throws {
@@ -141,18 +140,16 @@ final class BlockBenchRig {
         try store.introduceDomain(guest.id)
         backend = try BlockBackend(path: path, readOnly: false, frontend: guest.id, store: store, grants: grants, host: host)
         try backend.create()
-        let host = self.host, stop = self.stopDispatch, backend = self.backend
-        threads = [Thread { while !stop.value.load(ordering: .acquiring) { _ = host.dispatch(timeout: .milliseconds(50)) } },
-                   Thread { backend.run() }]
-        threads[0].name = "bench-dom0-events"
-        threads[1].name = "bench-blkback"
+        let backend = self.backend
+        dispatcher = HostEventDispatcher(host, name: "bench-dom0-events")
+        threads = [Thread { backend.run() }]
+        threads[0].name = "bench-blkback"
         for t in threads { t.start() }
     }
 
     func shutdown() {
         backend.stop()
-        stopDispatch.value.store(true, ordering: .releasing)
-        host.interrupt()
+        dispatcher?.stop()
         while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
         guest.destroy()
     }

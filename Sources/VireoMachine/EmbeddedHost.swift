@@ -19,11 +19,9 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     public let store: XenStore
     private let rings: XenStoreGuestRings
     private let mappings = Mappings()
-    private let stopping = Flag()
-    private var dispatcher: Thread?
+    private var dispatcher: HostEventDispatcher?
 
     final class Mappings: Sendable { let byDomain = Mutex<[DomainID: GrantMappingHolder]>([:]) }
-    final class Flag: Sendable { let value = Atomic<Bool>(false) }
 
     /// Keeps a grant mapping alive for as long as a backend uses the page.
     final class GrantMappingHolder: @unchecked Sendable {
@@ -43,20 +41,12 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
             mappings.byDomain.withLock { $0[domain] = holder }
             return region
         }
-        let host = self.host, stopping = self.stopping
-        let thread = Thread {
-            while !stopping.value.load(ordering: .acquiring) { _ = host.dispatch(timeout: .milliseconds(200)) }
-        }
-        thread.name = "vireo-dom0-events"
-        thread.start()
-        dispatcher = thread
+        dispatcher = HostEventDispatcher(host, name: "vireo-dom0-events", poll: .milliseconds(200))
     }
 
     /// Stops the host's event thread.
     public func shutdown() {
-        stopping.value.store(true, ordering: .releasing)
-        host.interrupt()
-        while let thread = dispatcher, !thread.isFinished { usleep(1000) }
+        dispatcher?.stop()
     }
 
     deinit { shutdown() }

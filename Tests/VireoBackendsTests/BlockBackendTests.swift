@@ -38,8 +38,7 @@ final class BlockRig {
     var ringRef = GrantRef(0)
     var ringFrame = GuestFrame(0)
     var port = EventPort(0)
-    final class Flag: Sendable { let value = Atomic<Bool>(false) }
-    private let stopDispatch = Flag()
+    private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
 
     init(sectors: Int = 256, readOnly: Bool = false, fill: UInt8 = 0) throws {
@@ -51,17 +50,15 @@ final class BlockRig {
                                    grants: grants, host: host)
         try backend.create()
         guestStore = store.connect(domain: guest.id)
-        let host = self.host, stop = self.stopDispatch, backend = self.backend
-        let dispatcher = Thread { while !stop.value.load(ordering: .acquiring) { _ = host.dispatch(timeout: .milliseconds(50)) } }
-        let server = Thread { backend.run() }
-        threads = [dispatcher, server]
+        let backend = self.backend
+        dispatcher = HostEventDispatcher(host, name: "test-dom0-events")
+        threads = [Thread { backend.run() }]
         for t in threads { t.start() }
     }
 
     func shutdown() {
         backend.stop()
-        stopDispatch.value.store(true, ordering: .releasing)
-        host.interrupt()
+        dispatcher?.stop()
         while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
     }
 

@@ -37,8 +37,7 @@ final class ConsoleRig {
     let clock = ManualClock()
     let collected = Collected()
     var backend: ConsoleBackend!
-    final class Flag: Sendable { let value = Atomic<Bool>(false) }
-    private let stopDispatch = Flag()
+    private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
 
     init() throws {
@@ -58,9 +57,9 @@ final class ConsoleRig {
         let collected = self.collected, clock = self.clock
         backend = try ConsoleBackend(frontend: guest.id, port: port, grants: grants, host: host, logPath: logPath, rateLimit: rate,
                                      sink: { collected.append($0) }, log: { collected.log($0) }, clock: { clock.now() })
-        let host = self.host, stop = self.stopDispatch, backend = self.backend!
-        threads = [Thread { while !stop.value.load(ordering: .acquiring) { _ = host.dispatch(timeout: .milliseconds(50)) } },
-                   Thread { backend.run() }]
+        let backend = self.backend!
+        dispatcher = HostEventDispatcher(host, name: "test-dom0-events")
+        threads = [Thread { backend.run() }]
         for t in threads { t.start() }
     }
 
@@ -81,8 +80,7 @@ final class ConsoleRig {
 
     func shutdown() {
         backend?.stop()
-        stopDispatch.value.store(true, ordering: .releasing)
-        host.interrupt()
+        dispatcher?.stop()
         while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
     }
 
