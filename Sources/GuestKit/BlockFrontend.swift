@@ -125,14 +125,7 @@ public final class BlockFrontend<Platform: GuestPlatform> {
             refs.append(ref)
             let n = left < 8 ? left : 8
             left -= n
-            var segment = vireo_blkif_request_segment()
-            segment.gref = ref.rawValue
-            segment.first_sect = 0
-            segment.last_sect = UInt8(n - 1)
-            withUnsafeMutableBytes(of: &request.seg) { raw in
-                raw.storeBytes(of: segment, toByteOffset: i * MemoryLayout<vireo_blkif_request_segment>.stride,
-                               as: vireo_blkif_request_segment.self)
-            }
+            request.setSegment(i, gref: ref.rawValue, firstSector: 0, lastSector: UInt8(n - 1))
         }
         let generation = nextGeneration
         nextGeneration &+= 1

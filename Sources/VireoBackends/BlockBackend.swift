@@ -350,18 +350,15 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         segments.reserveCapacity(count)
         var end = request.sector_number
         var total = 0
-        withUnsafeBytes(of: request.seg) { raw in
-            for i in 0..<count {
-                let segment = raw.loadUnaligned(fromByteOffset: i * MemoryLayout<vireo_blkif_request_segment>.stride,
-                                                as: vireo_blkif_request_segment.self)
-                guard segment.first_sect <= segment.last_sect, segment.last_sect <= 7 else { return }
-                let n = Int(segment.last_sect - segment.first_sect) + 1
-                let (next, overflow) = end.addingReportingOverflow(UInt64(n))
-                guard !overflow else { return }
-                end = next
-                segments.append((GrantRef(segment.gref), Int(segment.first_sect) * 512, n * 512))
-                total += n * 512
-            }
+        for i in 0..<count {
+            let segment = request.segment(i)
+            guard segment.first_sect <= segment.last_sect, segment.last_sect <= 7 else { break }
+            let n = Int(segment.last_sect - segment.first_sect) + 1
+            let (next, overflow) = end.addingReportingOverflow(UInt64(n))
+            guard !overflow else { break }
+            end = next
+            segments.append((GrantRef(segment.gref), Int(segment.first_sect) * 512, n * 512))
+            total += n * 512
         }
         guard segments.count == count, end <= sectors else { return error }
         let offset = off_t(request.sector_number) * 512

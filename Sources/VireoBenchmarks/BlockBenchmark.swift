@@ -215,15 +215,8 @@ final class BlockBenchRig {
                 request.id = UInt64(slot)
                 request.sector_number = UInt64((op.offset + pieceOffset) / 512)
                 let refs = slotRefs[slot]
-                withUnsafeMutableBytes(of: &request.seg) { raw in
-                    let segments = raw.bindMemory(to: vireo_blkif_request_segment.self)
-                    for i in 0..<pages {
-                        var segment = vireo_blkif_request_segment()
-                        segment.gref = refs[i].rawValue
-                        segment.first_sect = 0
-                        segment.last_sect = 7
-                        segments[i] = segment
-                    }
+                for i in 0..<pages {
+                    request.setSegment(i, gref: refs[i].rawValue, firstSector: 0, lastSector: 7)
                 }
                 try ring.produceRequest(request)
                 free.removeLast()

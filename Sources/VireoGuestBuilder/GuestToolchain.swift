@@ -17,7 +17,7 @@ public struct GuestRepository: Sendable, Equatable {
     public var guestKitPlatform: URL { runtime.appendingPathComponent("swift/PVHPlatform.swift") }
     /// The guest-side core GuestKit is built on (freestanding: GuestLibraryEmbeddedTests).
     public var guestCoreSources: [URL] {
-        ["Memory/SharedRegion.swift", "Ring/RingLayout.swift", "Ring/SharedRing.swift", "Ring/ByteRing.swift",
+        ["Memory/SharedRegion.swift", "Ring/RingLayout.swift", "Ring/SharedRing.swift", "Ring/ByteRing.swift", "Ring/BlkifRequest.swift",
          "Events/GuestEventState.swift", "Grants/GrantTableLayout.swift", "Grants/GuestGrantTable.swift"]
             .map { root.appendingPathComponent("Sources/VireoCore/\($0)") }
     }

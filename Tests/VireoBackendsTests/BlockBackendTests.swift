@@ -112,15 +112,8 @@ final class BlockRig {
         r.nr_segments = UInt8(segments.count)
         r.id = id
         r.sector_number = sector
-        withUnsafeMutableBytes(of: &r.seg) { raw in
-            let segs = raw.bindMemory(to: vireo_blkif_request_segment.self)
-            for (i, g) in segments.enumerated() {
-                var segment = vireo_blkif_request_segment()
-                segment.gref = g.0.rawValue
-                segment.first_sect = g.1
-                segment.last_sect = g.2
-                segs[i] = segment
-            }
+        for (i, g) in segments.enumerated() {
+            r.setSegment(i, gref: g.0.rawValue, firstSector: g.1, lastSector: g.2)
         }
         return r
     }

@@ -14,6 +14,7 @@ import Testing
         "Sources/VireoCore/Ring/RingLayout.swift",
         "Sources/VireoCore/Ring/SharedRing.swift",
         "Sources/VireoCore/Ring/ByteRing.swift",
+        "Sources/VireoCore/Ring/BlkifRequest.swift",
         "Sources/VireoCore/Events/GuestEventState.swift",
         "Sources/VireoCore/Grants/GrantTableLayout.swift",
         "Sources/VireoCore/Grants/GuestGrantTable.swift",

@@ -72,9 +72,8 @@ final class MemoryDiskBackend: @unchecked Sendable {  // driven by one thread at
         }
         let count = Int(request.nr_segments)
         guard count >= 1, count <= Int(VIREO_BLKIF_MAX_SEGMENTS_PER_REQUEST) else { return error }
-        let segments = withUnsafeBytes(of: request.seg) { Array($0.bindMemory(to: vireo_blkif_request_segment.self)) }
         var sector = request.sector_number
-        for segment in segments.prefix(count) {
+        for segment in (0..<count).map(request.segment) {
             guard segment.first_sect <= segment.last_sect, segment.last_sect < 8 else { return error }
             let sectors = UInt64(segment.last_sect - segment.first_sect) + 1
             let (end, overflow) = sector.addingReportingOverflow(sectors)
@@ -124,15 +123,8 @@ final class MemoryDiskBackend: @unchecked Sendable {  // driven by one thread at
         r.nr_segments = UInt8(grants.count)
         r.id = id
         r.sector_number = sector
-        withUnsafeMutableBytes(of: &r.seg) { raw in
-            let segs = raw.bindMemory(to: vireo_blkif_request_segment.self)
-            for (i, g) in grants.enumerated() {
-                var segment = vireo_blkif_request_segment()
-                segment.gref = g.0.rawValue
-                segment.first_sect = g.1
-                segment.last_sect = g.2
-                segs[i] = segment
-            }
+        for (i, g) in grants.enumerated() {
+            r.setSegment(i, gref: g.0.rawValue, firstSector: g.1, lastSector: g.2)
         }
         return r
     }
