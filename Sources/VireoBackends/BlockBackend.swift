@@ -393,20 +393,20 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     }
 
     private func readFully(at offset: off_t, count: Int) -> Bool {
-        var done = 0
-        while done < count {
-            let n = pread(fd, buffer + done, count - done, offset + off_t(done))
-            if n < 0 && errno == EINTR { continue }
-            guard n > 0 else { return false }
-            done += n
-        }
-        return true
+        transferFully(at: offset, count: count) { pread($0, $1, $2, $3) }
     }
 
     private func writeFully(at offset: off_t, count: Int) -> Bool {
+        transferFully(at: offset, count: count) { pwrite($0, $1, $2, $3) }
+    }
+
+    /// Moves `count` bytes between the buffer and the file at `offset`, resuming short transfers
+    /// and retrying EINTR; false on an error or end of file.
+    private func transferFully(at offset: off_t, count: Int,
+                               _ io: (Int32, UnsafeMutableRawPointer, Int, off_t) -> Int) -> Bool {
         var done = 0
         while done < count {
-            let n = pwrite(fd, buffer + done, count - done, offset + off_t(done))
+            let n = io(fd, buffer + done, count - done, offset + off_t(done))
             if n < 0 && errno == EINTR { continue }
             guard n > 0 else { return false }
             done += n

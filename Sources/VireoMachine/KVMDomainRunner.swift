@@ -222,7 +222,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         let cpu = vcpus[index]
         publishTime(index)
         while domain.shutdownReason == nil {
-            _ = domain.fireDueTimers()
+            // Due timers are the timer thread's job (it fires them and kicks this vCPU).
             if let vector = domain.callbackVector, upcallPending(index), !upcallMasked(index) {
                 if cpu.readyForInterruptInjection {
                     do { try cpu.injectInterrupt(vector: vector) } catch { return crash("KVM_INTERRUPT: \(error)") }
