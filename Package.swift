@@ -90,6 +90,7 @@ let package = Package(
         .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "GuestKitTests", dependencies: ["GuestKit", "VireoBackends", "VireoHypervisor", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
+        .testTarget(name: "TutorialTests", dependencies: ["VireoBackends", "VireoMachine", "VireoGuestBuilder", "VireoHypervisor", "VireoCore", "VireoABI"]),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.
         .testTarget(name: "GuestTests", dependencies: ["VireoGuestBuilder", "vireo"], exclude: ["Fixtures"]),

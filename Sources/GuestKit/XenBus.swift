@@ -70,3 +70,69 @@ public struct XenbusFrontend<Platform: GuestPlatform> {
         }
     }
 }
+
+/// A frontend's end of a device with one ring page and one event channel, after the handshake.
+public struct FrontendChannel<Request: BitwiseCopyable, Response: BitwiseCopyable> {
+    /// The shared ring, initialised by the frontend.
+    public var ring: FrontRing<Request, Response>
+    /// The ring page's grant (the backend maps it).
+    public let ringRef: GrantRef
+    /// The frontend's port; the backend bound it.
+    public let port: EventPort
+}
+
+extension XenbusFrontend {
+    /// Xen's frontend handshake for a device with one ring and one event channel: waits for
+    /// the backend's InitWait, grants a fresh ring page, offers an unbound port, writes
+    /// `ring-ref`, `event-channel` and the `extra` nodes, goes Initialised, waits for the
+    /// backend's Connected and goes Connected. Events on the port wake the guest's loop.
+    /// - Throws: EIO when the backend closes instead, ENOSPC when no grant is free.
+    public func connect<Request, Response>(guest: Guest<Platform>, grants: inout GuestGrants<Platform>,
+                                           extra: [(key: String, value: [UInt8])] = []) throws(GuestError)
+        -> FrontendChannel<Request, Response>
+    {
+        guard try waitForBackend([.initWait, .connected, .closing, .closed]) == .initWait else { throw GuestError.EIO }
+        let page = guest.platform.allocatePage()
+        let ring: FrontRing<Request, Response>
+        do { ring = try FrontRing(initializing: guest.platform.memory(at: page, count: guestPageSize)) } catch {
+            throw GuestError.EINVAL
+        }
+        guard let ref = grants.grantAccess(to: backendDomain, frame: GuestFrame(page >> guestPageShift), readOnly: false) else {
+            throw GuestError.ENOSPC
+        }
+        let port = try guest.allocUnbound(remote: backendDomain)
+        guest.setHandler(for: port) { _ in }
+        try store.write(node + "/ring-ref", Bytes.decimal(UInt64(ref.rawValue)))
+        try store.write(node + "/event-channel", Bytes.decimal(UInt64(port.rawValue)))
+        for item in extra { try store.write(node + "/" + item.key, item.value) }
+        try switchState(.initialised)
+        guard try waitForBackend([.connected, .closing, .closed]) == .connected else { throw GuestError.EIO }
+        try switchState(.connected)
+        return FrontendChannel(ring: ring, ringRef: ref, port: port)
+    }
+}
+
+extension FrontendChannel {
+    /// Queues `request` and notifies the backend when it asked for an event.
+    /// - Throws: EBUSY when the ring is full, EIO when the ring was disconnected.
+    public mutating func send<Platform>(_ request: Request, in guest: Guest<Platform>) throws(GuestError) {
+        guard ring.freeRequests > 0 else { throw GuestError.EBUSY }
+        do { try ring.produceRequest(request) } catch { throw GuestError.EIO }
+        if ring.pushRequestsAndCheckNotify() { try guest.send(port) }
+    }
+
+    /// The next response, running the guest's loop (and sleeping in it) until one comes. The
+    /// final check re-arms the response event before each sleep, so none is missed.
+    /// - Throws: EIO when the backend broke the ring protocol.
+    public mutating func receive<Platform>(in guest: Guest<Platform>) throws(GuestError) -> Response {
+        while true {
+            do {
+                if let response = try ring.consumeResponse() { return response }
+                if try ring.finalCheckForResponses() { continue }
+            } catch {
+                throw GuestError.EIO
+            }
+            guest.runOnce()
+        }
+    }
+}

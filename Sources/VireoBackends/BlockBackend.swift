@@ -26,7 +26,7 @@ public struct BackendError: Error, CustomStringConvertible, Sendable {
 /// FLUSH_DISKCACHE runs `fdatasync` before its response. A bad request gets
 /// BLKIF_RSP_ERROR (EOPNOTSUPP for an operation not offered) and the ring carries on; a ring
 /// whose producer index is out of range is disconnected (the backend goes to Closing).
-public final class BlockBackend: @unchecked Sendable {  // run() owns the mutable state; stop() only touches atomics and the pipe
+public final class BlockBackend: BackendService, @unchecked Sendable {  // run() owns the mutable state; stop() only touches atomics and the pipe
     public typealias Request = vireo_blkif_request
     public typealias Response = vireo_blkif_response
 
@@ -36,6 +36,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     public let readOnly: Bool
     public let backendPath: String
     public let frontendPath: String
+    public var name: String { "vbd-\(device)" }
 
     private let store: XenStore
     private let grants: GrantTables

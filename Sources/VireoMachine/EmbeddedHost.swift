@@ -80,11 +80,16 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     /// starts until the domain ends, draining it once more after the guest stops.
     /// - Throws: ``BackendError`` naming the image when a disk cannot be opened, or the console
     ///   log when it cannot be opened.
+    ///
+    /// `devices` are further backends for the domain (built on this host's ``store``,
+    /// ``grants`` and ``host`` for frontend `config.id`): created with the disks' and served
+    /// the same way, each on its own thread.
     public func run(config: DomainConfig, kernel: [UInt8], commandLine: String, disks: [Disk] = [],
+                    devices: [any BackendService] = [],
                     consoleLog: String? = nil, consoleRate: ConsoleBackend.RateLimit = .standard,
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
         // Open the images first: a missing file fails before any domain exists.
-        var backends: [BlockBackend] = []
+        var backends: [any BackendService] = []
         for disk in disks {
             backends.append(try BlockBackend(path: disk.path, readOnly: disk.readOnly, frontend: config.id, device: disk.device,
                                              store: store, grants: grants, host: host))
@@ -120,6 +125,7 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
                                       from: toolstack)
             guard reply?.type == .write else { throw DomainBuilder.Failure.setup("XenStore refused \(home)/\(key): \(String(describing: reply))") }
         }
+        backends += devices
         var servers: [Thread] = []
         defer {
             for backend in backends { backend.stop() }
@@ -128,7 +134,7 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         for backend in backends {
             try backend.create()
             let thread = Thread { backend.run() }
-            thread.name = "vireo-blkback-\(backend.device)"
+            thread.name = "vireo-\(backend.name)"
             thread.start()
             servers.append(thread)
         }
