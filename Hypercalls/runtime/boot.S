@@ -8,6 +8,7 @@
  */
 
 #include <vireo/elfnote.h>
+#include "vireo_guest.h"
 
 #define CR0_PE          (1 << 0)
 #define CR0_WP          (1 << 16)
@@ -132,6 +133,17 @@ vireo_start64:
     incl    %ecx
     cmpl    $32, %ecx
     jb      1b
+    /* The event-channel upcall (HVM_PARAM_CALLBACK_IRQ, vector type) at its vector. */
+    leaq    idt + VIREO_GUEST_UPCALL_VECTOR * 16(%rip), %rdi
+    leaq    upcall_stub(%rip), %rax
+    movw    %ax, (%rdi)
+    movw    $SEL_CODE64, 2(%rdi)
+    movw    $0x8e00, 4(%rdi)
+    shrq    $16, %rax
+    movw    %ax, 6(%rdi)
+    shrq    $16, %rax
+    movl    %eax, 8(%rdi)
+    movl    $0, 12(%rdi)
     lidt    idt_pointer(%rip)
 
     movl    %r12d, %edi                 /* vireo_runtime_start(start_info_paddr) */
@@ -185,6 +197,37 @@ fault_common:
     jmp     3b
 
 /* ---------------------------------------------------------------------------------------
+ * The event-channel upcall: Xen's callback vector, injected while the guest waits with
+ * interrupts on (vireo_guest_wait_for_event). It saves what a C call may clobber (the CPU
+ * aligned the stack to 16 before its 5-word frame; 9 pushes realign it), calls the runtime
+ * and returns with IRETQ: no EOI, as Xen's callback-vector semantics say.
+ * ------------------------------------------------------------------------------------- */
+
+    .p2align 4
+upcall_stub:
+    pushq   %rax
+    pushq   %rcx
+    pushq   %rdx
+    pushq   %rsi
+    pushq   %rdi
+    pushq   %r8
+    pushq   %r9
+    pushq   %r10
+    pushq   %r11
+    cld
+    call    vireo_runtime_upcall
+    popq    %r11
+    popq    %r10
+    popq    %r9
+    popq    %r8
+    popq    %rdi
+    popq    %rsi
+    popq    %rdx
+    popq    %rcx
+    popq    %rax
+    iretq
+
+/* ---------------------------------------------------------------------------------------
  * Descriptor tables and the identity map.
  * ------------------------------------------------------------------------------------- */
 
@@ -200,7 +243,7 @@ gdt_pointer:
     .word gdt_end - gdt - 1
     .quad gdt                           /* lgdt in 32-bit mode reads the low 4 bytes */
 idt_pointer:
-    .word 32 * 16 - 1
+    .word 256 * 16 - 1
     .quad idt
 
     /*
@@ -225,7 +268,7 @@ pd:
     .section .bss.boot, "aw", @nobits
     .p2align 4
 idt:
-    .skip 32 * 16
+    .skip 256 * 16
     .p2align 4
 boot_stack:
     .skip 65536

@@ -201,6 +201,29 @@ _Noreturn void vireo_guest_shutdown(unsigned reason) {
 }
 
 /* ---------------------------------------------------------------------------------------
+ * Event upcalls: boot.S's upcall_stub calls here at VIREO_GUEST_UPCALL_VECTOR.
+ * ------------------------------------------------------------------------------------- */
+
+static volatile uint8_t *upcall_flag;
+static volatile uint64_t upcall_count;
+
+void vireo_runtime_upcall(void) {
+    if (upcall_flag) *upcall_flag = 0;
+    upcall_count++;
+}
+
+void vireo_guest_upcall_acknowledge(volatile uint8_t *upcall_pending) { upcall_flag = upcall_pending; }
+
+uint64_t vireo_guest_upcalls(void) { return upcall_count; }
+
+void vireo_guest_wait_for_event(volatile const uint8_t *upcall_pending) {
+    __asm__ volatile("cli" ::: "memory");
+    if (*upcall_pending) return;
+    /* STI's one-instruction shadow: an upcall already due is taken at the HLT, never lost. */
+    __asm__ volatile("sti; hlt; cli" ::: "memory");
+}
+
+/* ---------------------------------------------------------------------------------------
  * Faults: boot.S's stubs build this frame and call here on every exception vector.
  * ------------------------------------------------------------------------------------- */
 

@@ -13,6 +13,10 @@ public final class Guest<Platform: GuestPlatform> {
     let scratch: SharedRegion
     /// shared_info, after ``mapSharedInfo(at:)``.
     public private(set) var sharedInfo: SharedRegion?
+    /// Its guest-physical address.
+    var sharedInfoAddress: UInt64 = 0
+    /// The upcall vector, once ``enableUpcalls()`` set it.
+    public private(set) var upcallVector: UInt8?
     var events: GuestEventState?
     /// Handlers by port number (a small table grown on demand: no Dictionary in a guest).
     var handlers: [((EventPort) -> Void)?] = []
@@ -42,6 +46,7 @@ public final class Guest<Platform: GuestPlatform> {
         try addToPhysmap(space: VIREO_XENMAPSPACE_shared_info, index: 0, at: place)
         let region = platform.memory(at: place.rawValue << guestPageShift, count: guestPageSize)
         sharedInfo = region
+        sharedInfoAddress = place.rawValue << guestPageShift
         events = GuestEventState(sharedInfo: region)
         return region
     }
@@ -133,6 +138,31 @@ public final class Guest<Platform: GuestPlatform> {
         return fired.count
     }
 
+    /// Asks for events as an interrupt, the way Xen's HVM guests take them: points the
+    /// platform's upcall entry at vCPU 0's `evtchn_upcall_pending` and sets
+    /// HVM_PARAM_CALLBACK_IRQ to its vector (type 2: no EOI). From then on the loop sleeps
+    /// by halting until the upcall comes instead of in SCHEDOP_block; handlers still run
+    /// from the loop, never in the interrupt. False (nothing changed) where the platform
+    /// takes no interrupts, as in host tests. Map shared_info first.
+    @discardableResult
+    public func enableUpcalls() throws(GuestError) -> Bool {
+        _ = requireSharedInfo()
+        guard let vector = platform.installUpcallEntry(acknowledging: sharedInfoAddress) else { return false }
+        let callback = UInt64(VIREO_HVM_PARAM_CALLBACK_TYPE_VECTOR) << 56 | UInt64(vector)
+        try setHVMParam(VIREO_HVM_PARAM_CALLBACK_IRQ, callback)
+        upcallVector = vector
+        return true
+    }
+
+    /// Upcall interrupts taken so far (0 unless ``enableUpcalls()`` succeeded).
+    public var upcalls: UInt64 { platform.upcallCount() }
+
+    /// Sleeps until an event is pending: halting until the upcall once upcalls are enabled,
+    /// else SCHEDOP_block.
+    public func waitForEvent() {
+        if upcallVector != nil { platform.waitForUpcall(pending: sharedInfoAddress) } else { block() }
+    }
+
     public func mask(_ port: EventPort) { events?.mask(port) }
 
     /// Unmasks `port`, asking the hypervisor to re-raise it when it fired while masked.
@@ -148,7 +178,7 @@ public final class Guest<Platform: GuestPlatform> {
     public func addTask(_ task: @escaping () -> Bool) { tasks.append(task) }
 
     /// One pass: dispatch pending events, run the tasks; when nothing happened and `block`,
-    /// sleep in SCHEDOP_block until an event is pending. Returns whether anything happened.
+    /// sleep until an event is pending (``waitForEvent()``). Returns whether anything happened.
     @discardableResult
     public func runOnce(block: Bool = true) -> Bool {
         var progress = dispatchEvents() > 0
@@ -161,7 +191,7 @@ public final class Guest<Platform: GuestPlatform> {
             }
             tasks = kept + tasks  // with those added while running
         }
-        if !progress && block { self.block() }
+        if !progress && block { waitForEvent() }
         return progress
     }
 

@@ -23,6 +23,22 @@ public protocol GuestPlatform {
     func allocatePage() -> UInt64
     /// The cycle counter the pvclock record is scaled from (RDTSC on x86).
     func timestampCounter() -> UInt64
+
+    /// Points the platform's upcall entry (an interrupt vector) at vCPU 0's
+    /// `evtchn_upcall_pending` byte, at guest-physical `upcallPending`, which the entry clears;
+    /// returns the vector, or nil where the platform takes no interrupts (then events are
+    /// waited for with SCHEDOP_block). By default, nil.
+    func installUpcallEntry(acknowledging upcallPending: UInt64) -> UInt8?
+    /// Sleeps until the upcall interrupt arrives, unless the byte at `upcallPending` is set.
+    func waitForUpcall(pending upcallPending: UInt64)
+    /// Upcall interrupts taken so far.
+    func upcallCount() -> UInt64
+}
+
+extension GuestPlatform {
+    public func installUpcallEntry(acknowledging upcallPending: UInt64) -> UInt8? { nil }
+    public func waitForUpcall(pending upcallPending: UInt64) {}
+    public func upcallCount() -> UInt64 { 0 }
 }
 
 /// A hypercall or protocol failure: Xen's negative errno, as a positive code.

@@ -64,8 +64,7 @@ public struct GuestBuilder: Sendable {
         try makeDirectory(objects)
         let boot = objects.appendingPathComponent("boot.o")
         try produce(boot, step: "assembling the boot stub (clang)", tool: clang) { out in
-            Self.targetFlags + ["-I", repository.abiHeaders.path, "-c",
-                                repository.runtime.appendingPathComponent("boot.S").path, "-o", out]
+            Self.targetFlags + includes() + ["-c", repository.runtime.appendingPathComponent("boot.S").path, "-o", out]
         }
         let runtime = objects.appendingPathComponent("runtime.o")
         try produce(runtime, step: "compiling the guest runtime (clang)", tool: clang) { out in

@@ -29,6 +29,8 @@ import VireoGuestBuilder
         #expect(r.out.contains("hello-kit: hypervisor interface 4.14"))
         #expect(r.out.contains("hello-kit: my name is hello-kit.elf"), "the name, read from the XenStore")
         #expect(r.out.contains("hello-kit: timer fired after"))
+        // GuestKit asked for the callback vector: the loop slept halted and woke by upcalls.
+        #expect(r.out.contains(" upcalls at vector 243\n") && !r.out.contains("as 0 upcalls"), "\(r.out)")
         #expect(r.out.contains("hello-kit: done") && !r.out.contains("FAIL"), "\(r.out)")
     }
 

@@ -13,6 +13,12 @@
 #ifndef VIREO_GUEST_H
 #define VIREO_GUEST_H
 
+/* The vector of the runtime's event-channel upcall entry (Xen's callback vector, set with
+ * HVM_PARAM_CALLBACK_IRQ type 2). Linux's HYPERVISOR_CALLBACK_VECTOR is the same number. */
+#define VIREO_GUEST_UPCALL_VECTOR 0xF3
+
+#ifndef __ASSEMBLER__
+
 #include <stddef.h>
 #include <stdint.h>
 
@@ -64,6 +70,21 @@ static inline uint64_t vireo_guest_rdtsc(void) {
     return ((uint64_t)hi << 32) | lo;
 }
 
+/*
+ * Event upcalls. The runtime's IDT sends VIREO_GUEST_UPCALL_VECTOR to an entry that clears
+ * the byte given to vireo_guest_upcall_acknowledge (vcpu_info's evtchn_upcall_pending, so
+ * the hypervisor may deliver the next one) and counts the upcall. The guest runs with
+ * interrupts off; vireo_guest_wait_for_event turns them on only to halt, so an upcall never
+ * lands in the middle of the guest's own code (Swift code may keep data below the stack
+ * pointer) and the interrupted code is always this function.
+ */
+void vireo_guest_upcall_acknowledge(volatile uint8_t *upcall_pending);
+/* Upcalls taken so far. */
+uint64_t vireo_guest_upcalls(void);
+/* With interrupts off: returns at once when *upcall_pending is set, else halts with
+ * interrupts on until an interrupt (the upcall) arrives; returns with interrupts off. */
+void vireo_guest_wait_for_event(volatile const uint8_t *upcall_pending);
+
 /* C library pieces the runtime provides (Embedded Swift needs them). */
 int putchar(int c);
 int posix_memalign(void **result, size_t alignment, size_t size);
@@ -80,4 +101,5 @@ size_t strlen(const char *s);
 }
 #endif
 
+#endif /* __ASSEMBLER__ */
 #endif /* VIREO_GUEST_H */

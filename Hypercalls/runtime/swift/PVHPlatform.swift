@@ -27,6 +27,18 @@ public struct PVHPlatform: GuestPlatform {
 
     @inline(__always)
     public func timestampCounter() -> UInt64 { vireo_guest_rdtsc() }
+
+    /// The runtime's upcall entry (boot.S's IDT gate at VIREO_GUEST_UPCALL_VECTOR).
+    public func installUpcallEntry(acknowledging upcallPending: UInt64) -> UInt8? {
+        vireo_guest_upcall_acknowledge(UnsafeMutablePointer<UInt8>(bitPattern: UInt(upcallPending)))
+        return UInt8(VIREO_GUEST_UPCALL_VECTOR)
+    }
+
+    public func waitForUpcall(pending upcallPending: UInt64) {
+        vireo_guest_wait_for_event(UnsafePointer<UInt8>(bitPattern: UInt(upcallPending)))
+    }
+
+    public func upcallCount() -> UInt64 { vireo_guest_upcalls() }
 }
 
 /// A guest on the hypervisor it booted on.

@@ -1,6 +1,7 @@
-// A guest written with GuestKit: it reads its name from the XenStore over its ring, prints
-// through console_io, arms a timer and sleeps in the guest loop until VIRQ_TIMER fires, prints a
-// line through the console ring (ConsoleFrontend), then powers off.
+// A guest written with GuestKit: it takes events as interrupts (the callback vector), reads its
+// name from the XenStore over its ring, prints through console_io, arms a timer and sleeps in the
+// guest loop until VIRQ_TIMER fires, prints a line through the console ring (ConsoleFrontend),
+// then powers off.
 import GuestKit
 import VireoABI
 import VireoHypercalls
@@ -13,6 +14,7 @@ func say(_ text: String) {
 
 func run() throws(GuestError) {
     try guest.mapSharedInfo()
+    let interrupts = try guest.enableUpcalls()
     let version = try guest.xenVersion()
     say("hello-kit: hypervisor interface \(version.major).\(version.minor)\n")
     let store = try XenStoreClient(guest: guest)
@@ -25,6 +27,7 @@ func run() throws(GuestError) {
     try guest.setTimer(deadline: start + 10_000_000)
     guest.run { fired }
     say("hello-kit: timer fired after \((guest.systemTime() - start) / 1_000_000) ms\n")
+    if interrupts { say("hello-kit: events arrived as \(guest.upcalls) upcalls at vector \(guest.upcallVector ?? 0)\n") }
     // The console ring (HVM_PARAM_CONSOLE_PFN/EVTCHN), served by the host's console backend.
     let console = try ConsoleFrontend(guest: guest)
     try console.write("hello-kit: through the console ring\n")
