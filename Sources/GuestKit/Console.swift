@@ -54,6 +54,18 @@ public struct ConsoleFrontend<Platform: GuestPlatform> {
         try write(Array(text.utf8))
     }
 
+    /// One line of input: bytes up to and including a newline, or `maxLength` bytes, or what
+    /// came before the backend's input ended; waits in the loop for more.
+    public func readLine(maxLength: Int = 256) throws(GuestError) -> [UInt8] {
+        var line: [UInt8] = []
+        var byte: UInt8 = 0
+        while line.count < maxLength && line.last != 10 {
+            let count = try withUnsafeMutableBytes(of: &byte) { (raw) throws(GuestError) -> Int in try read(into: raw) }
+            if count == 1 { line.append(byte) } else { guest.runOnce() }
+        }
+        return line
+    }
+
     /// Input the backend has sent, up to `buffer.count` bytes; how many.
     public func read(into buffer: UnsafeMutableRawBufferPointer) throws(GuestError) -> Int {
         let count: Int

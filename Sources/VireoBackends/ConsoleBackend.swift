@@ -206,6 +206,26 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
         }
     }
 
+    /// Forwards what can be read from `fd` (a terminal, a pipe) into the `in` ring until the
+    /// end of its input or ``stop()``, waiting while the ring is full; on the caller's thread.
+    /// A terminal is read as it is set up (in canonical mode, a line at a time).
+    public func forwardInput(from fd: Int32) {
+        var buffer = [UInt8](repeating: 0, count: 512)
+        while !stopping.load(ordering: .acquiring) {
+            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&poller, 1, 100) > 0 else { continue }
+            let count = Glibc.read(fd, &buffer, buffer.count)
+            if count < 0 && (errno == EINTR || errno == EAGAIN) { continue }
+            guard count > 0 else { return }  // end of input, or an error: stop reading
+            var pending = Array(buffer[0..<count])
+            while !pending.isEmpty && !stopping.load(ordering: .acquiring) && isConnected {
+                let sent = send(input: pending)
+                pending.removeFirst(sent)
+                if !pending.isEmpty { usleep(2000) }  // the guest has not read the ring yet
+            }
+        }
+    }
+
     // MARK: Output
 
     private func refill() {

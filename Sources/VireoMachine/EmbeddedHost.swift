@@ -77,7 +77,8 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     /// The console: console_io output goes to `console`, and the console ring's backend
     /// (``ConsoleBackend``, rate-limited by `consoleRate`) sends the ring's output there too and,
     /// given `consoleLog`, appends it to that file. It serves the ring from before the guest
-    /// starts until the domain ends, draining it once more after the guest stops.
+    /// starts until the domain ends, draining it once more after the guest stops. Given
+    /// `consoleInput`, what can be read from that descriptor goes into the ring's `in` side.
     /// - Throws: ``BackendError`` naming the image when a disk cannot be opened, or the console
     ///   log when it cannot be opened.
     ///
@@ -87,6 +88,7 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     public func run(config: DomainConfig, kernel: [UInt8], commandLine: String, disks: [Disk] = [],
                     devices: [any BackendService] = [],
                     consoleLog: String? = nil, consoleRate: ConsoleBackend.RateLimit = .standard,
+                    consoleInput: Int32? = nil,
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
         // Open the images first: a missing file fails before any domain exists.
         var backends: [any BackendService] = []
@@ -110,9 +112,16 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         let consoleThread = Thread { consoleBackend.run() }
         consoleThread.name = "vireo-console-\(built.domain.id.rawValue)"
         consoleThread.start()
+        var inputThread: Thread?
+        if let consoleInput {
+            let thread = Thread { consoleBackend.forwardInput(from: consoleInput) }
+            thread.name = "vireo-console-input-\(built.domain.id.rawValue)"
+            thread.start()
+            inputThread = thread
+        }
         defer {
             consoleBackend.stop()
-            while !consoleThread.isFinished { usleep(1000) }
+            while !consoleThread.isFinished || inputThread.map({ !$0.isFinished }) == true { usleep(1000) }
         }
         try store.introduceDomain(built.domain.id, frame: built.storeFrame, port: built.storePort)
         // The toolstack's nodes for the domain, written as dom0 (xl writes these too). The

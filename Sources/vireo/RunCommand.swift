@@ -11,7 +11,7 @@ import VireoMachine
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Boot a PVH kernel in the foreground; its console goes to stdout.",
+        abstract: "Boot a PVH kernel in the foreground; its console goes to stdout, and stdin to its console.",
         discussion: """
             Exit status: 0 when the guest powers off; 1 when the domain cannot be created \
             (bad file, bad option, no engine); 2 when the guest crashes (its own crash shutdown, \
@@ -91,6 +91,7 @@ struct RunCommand: ParsableCommand {
                 config: DomainConfig(id: DomainID(1), name: URL(fileURLWithPath: kernel).lastPathComponent,
                                      memoryBytes: UInt64(memory) << 20, vcpus: vcpus),
                 kernel: Array(bytes), commandLine: cmdline, disks: diskSpec.map { [$0] } ?? [], consoleLog: consoleLog,
+                consoleInput: STDIN_FILENO,
                 console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } })
         } catch let failure as BackendError {
             throw RunError(failure.description.hasPrefix("console") ? "\(failure)" : "--disk: \(failure)")

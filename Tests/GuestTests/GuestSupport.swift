@@ -23,7 +23,7 @@ enum GuestSupport {
         let output = temporaryDirectory("guests")
         let guestBuilder = builder()
         var images = try guestBuilder.buildSamples(into: output)
-        for fixture in ["trap", "heap", "hostile", "xenstore", "timer", "upcall", "smp"] {
+        for fixture in ["trap", "heap", "hostile", "xenstore", "timer", "upcall", "smp", "console-echo"] {
             images.append(try guestBuilder.build(directory: fixtures.appendingPathComponent(fixture),
                                                  output: output.appendingPathComponent("\(fixture).elf")))
         }
@@ -36,7 +36,8 @@ enum GuestSupport {
     }
 
     /// Runs a tool to completion (or until `timeout` seconds pass), capturing stdout and stderr.
-    static func run(_ tool: String, _ arguments: [String], timeout: Double = 120)
+    /// `input`, when given, is the tool's stdin (else /dev/null).
+    static func run(_ tool: String, _ arguments: [String], timeout: Double = 120, input: String? = nil)
         throws -> (status: Int32, out: String, err: String, timedOut: Bool)
     {
         let directory = temporaryDirectory("run")
@@ -48,7 +49,13 @@ enum GuestSupport {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: tool)
         process.arguments = arguments
-        process.standardInput = FileHandle.nullDevice
+        if let input {
+            let file = directory.appendingPathComponent("in")
+            try Data(input.utf8).write(to: file)
+            process.standardInput = try FileHandle(forReadingFrom: file)
+        } else {
+            process.standardInput = FileHandle.nullDevice
+        }
         process.standardOutput = try FileHandle(forWritingTo: out)
         process.standardError = try FileHandle(forWritingTo: err)
         try process.run()

@@ -54,6 +54,17 @@ import VireoGuestBuilder
         #expect(bad.status == 1 && bad.err.contains("/nonexistent/dir/console.log"), "\(bad.err)")
     }
 
+    /// stdin reaches the guest: `vireo run` forwards it into the console ring's input side,
+    /// where GuestKit's ConsoleFrontend reads a line.
+    @Test func stdinReachesTheGuestsConsole() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let kernel = try GuestSupport.image("console-echo").path.path
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--engine", "kvm"], timeout: 60, input: "hello, guest\n")
+        #expect(!r.timedOut)
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("console-echo: ready\nconsole-echo: got 'hello, guest'\n"), "\(r.out)")
+    }
+
     /// The first end-to-end disk: blkcheck writes a pattern over the first sectors of xvda,
     /// flushes, reads back and verifies; the host then finds the pattern in the image file.
     @Test func blkcheckWritesAndReadsBackItsDisk() throws {
