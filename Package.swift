@@ -66,6 +66,8 @@ let package = Package(
         // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the
         // toolchain's swiftc, clang and ld.lld. Host-only tooling.
         .target(name: "VireoGuestBuilder"),
+        // The toolstack: xl.cfg domain configurations (and, next, the daemon's state and API).
+        .target(name: "VireoToolstack"),
         .executableTarget(
             name: "vireo",
             dependencies: [
@@ -90,6 +92,7 @@ let package = Package(
         .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "GuestKitTests", dependencies: ["GuestKit", "VireoBackends", "VireoHypervisor", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
+        .testTarget(name: "VireoToolstackTests", dependencies: ["VireoToolstack"]),
         .testTarget(name: "TutorialTests", dependencies: ["VireoBackends", "VireoMachine", "VireoGuestBuilder", "VireoHypervisor", "VireoCore", "VireoABI"]),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.
