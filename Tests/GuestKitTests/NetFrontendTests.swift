@@ -391,6 +391,41 @@ import VireoStore
         #expect(woke == 1 && net.packetsReceived == 4)
     }
 
+    /// netecho's loop (poll, answer, send after the pass) over the simulated netback: an ARP
+    /// request, a ping and a UDP datagram in, three correct replies out.
+    @Test func anEchoLoopAnswersARPPingAndUDP() throws {
+        let backend = try SimulatedNetback()
+        let net = try Self.connected(backend)
+        let ip = IPv4Address(10, 0, 0, 2)
+        let peer: [UInt8] = [0x02, 0, 0, 0xaa, 0xbb, 0xcc]
+        let arp: [UInt8] = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff] + peer + [0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1] + peer
+            + [10, 0, 0, 1] + [0, 0, 0, 0, 0, 0] + [10, 0, 0, 2]
+        var icmp: [UInt8] = [8, 0, 0, 0, 0, 7, 0, 1] + Array("abcdefgh".utf8)
+        let sum = ~PacketsTests.onesComplement(icmp[...])
+        icmp[2] = UInt8(sum >> 8)
+        icmp[3] = UInt8(sum & 0xff)
+        let ping = PacketsTests.ipFrame(protocolNumber: 1, payload: icmp)
+        let udp = PacketsTests.udpFrame(payload: Array("echo me".utf8))
+        for packet in [arp, ping, udp] { try backend.deliver(packet) }
+        var replies: [[UInt8]] = []
+        try net.poll { packet in
+            if let (reply, _) = Packets.echoReply(to: packet.bytes, mac: net.mac, ip: ip, checksumBlank: packet.checksumBlank) {
+                replies.append(reply)
+            }
+        }
+        for reply in replies { try net.send(reply) }
+        let sent = try backend.takeTransmits()
+        try #require(sent.count == 3)
+        let out = sent.compactMap { backend.copyOut($0, length: Int($0.size)) }
+        #expect(out.count == 3)
+        #expect(Array(out[0][12..<14]) == [0x08, 0x06] && out[0][21] == 2, "an ARP reply")
+        #expect(out[1][34] == 0 && PacketsTests.onesComplement(out[1][34...]) == 0xffff, "an echo reply")
+        #expect(PacketsTests.udpChecksumIsValid(out[2]) && Array(out[2][42...]) == Array("echo me".utf8), "the datagram back")
+        for request in sent { try backend.answerTransmit(id: request.id) }
+        try backend.pushTransmits()
+        #expect(try net.freeTransmitSlots() == 64 && net.packetsReceived == 3 && net.packetsSent == 3)
+    }
+
     // MARK: A hostile backend
 
     @Test func badTransmitResponsesAreDropped() throws {
