@@ -116,8 +116,9 @@ public final class NetFrontend<Platform: GuestPlatform> {
     var extrasLeft = false
     var moreData = false
 
-    /// The most data slots one received packet may use (netif.h's minimum every end accepts).
-    public static var maxReceiveSlots: Int { Int(VIREO_XEN_NETIF_NR_SLOTS_MIN) }
+    /// The most data slots one packet may use either way: XEN_NETIF_NR_SLOTS_MIN, what every
+    /// backend accepts on transmit, and what this frontend assembles on receive.
+    public static var maxSlotsPerPacket: Int { Int(VIREO_XEN_NETIF_NR_SLOTS_MIN) }
     /// The largest packet: 16-bit sizes on the transmit ring.
     public static var maxPacketSize: Int { Int(VIREO_XEN_NETIF_MAX_TX_SIZE) }
 
@@ -141,6 +142,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
 
     /// Xen's handshake, up to Connected.
     public func connect() throws(GuestError) {
+        guard !isConnected else { throw GuestError.EBUSY }
         let state = try bus.waitForBackend([.initWait, .connected, .closing, .closed])
         guard state == .initWait else { throw GuestError.EIO }
         // Vireo's backends, like Linux's, only copy into frontend pages.
@@ -187,7 +189,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
             try store.write(node + "/event-channel", Bytes.decimal(UInt64(port.rawValue)), transaction: tx)
             try store.write(node + "/request-rx-copy", Bytes.of("1"), transaction: tx)
             try store.write(node + "/feature-rx-notify", Bytes.of("1"), transaction: tx)
-            // Receive assembles packets of up to maxReceiveSlots slots.
+            // Receive assembles packets of up to maxSlotsPerPacket slots.
             try store.write(node + "/feature-sg", Bytes.of("1"), transaction: tx)
             // Blank checksums are handed to the caller as such (NetPacket.checksumBlank).
             try store.write(node + "/feature-no-csum-offload", Bytes.of("0"), transaction: tx)
@@ -255,7 +257,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
     @discardableResult
     public func send(fragments: [NetFragment], checksumBlank: Bool = false) throws(GuestError) -> UInt64 {
         guard isConnected else { throw GuestError.EINVAL }
-        guard !fragments.isEmpty, fragments.count <= Self.maxReceiveSlots, fragments.count <= transmitSlots else {
+        guard !fragments.isEmpty, fragments.count <= Self.maxSlotsPerPacket, fragments.count <= transmitSlots else {
             throw GuestError.EINVAL
         }
         var total = 0
@@ -432,7 +434,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
             // whose flags byte is the id's high byte. Their content is not used.
             extrasLeft = UInt8(truncatingIfNeeded: response.id >> 8) & UInt8(VIREO_XEN_NETIF_EXTRA_FLAG_MORE) != 0
             partialSlots += 1
-            if partialSlots > Self.maxReceiveSlots * 2 { partialBad = true }
+            if partialSlots > Self.maxSlotsPerPacket * 2 { partialBad = true }
         } else {
             takeData(response, buffer: buffer, page: page, usable: pageUsable)
         }
@@ -455,7 +457,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
         let offset = Int(response.offset), length = Int(response.status)
         guard !partialBad else { return }
         guard usable, response.id == UInt16(buffer), length >= 0, offset + length <= guestPageSize,
-              partialSlots <= Self.maxReceiveSlots, partial.count + length <= Self.maxPacketSize else {
+              partialSlots <= Self.maxSlotsPerPacket, partial.count + length <= Self.maxPacketSize else {
             partialBad = true
             partial = []
             return
