@@ -286,17 +286,36 @@ struct block_header {
 };
 #define BLOCK_MAGIC 0x5649524fu /* "VIRO" */
 
-static uintptr_t heap_next, heap_end;
+/* Blocks grow up from heap_next; whole pages (page-aligned requests of at most a page: ring
+ * pages, grant pages) grow down from heap_end to page_low, each costing exactly one page. */
+static uintptr_t heap_next, heap_end, page_low, page_top;
 static void *free_lists[MAX_CLASS + 1];
+static void *free_pages;
 
 static void heap_init(uintptr_t end) {
     heap_next = (uintptr_t)__heap_start;
     heap_end = end > heap_next ? end : heap_next + HEAP_MINIMUM;
+    page_top = page_low = heap_end & ~(uintptr_t)4095;
 }
+
+static int is_page_block(uintptr_t p) { return p >= page_low && p < page_top && (p & 4095) == 0; }
 
 int posix_memalign(void **result, size_t alignment, size_t size) {
     if (alignment < 16) alignment = 16;
     if (alignment & (alignment - 1)) return 22; /* EINVAL */
+    if (alignment == 4096 && size <= 4096) {
+        uintptr_t page;
+        if (free_pages) {
+            page = (uintptr_t)free_pages;
+            free_pages = *(void **)free_pages;
+        } else {
+            if (page_low < heap_next + 4096) return 12; /* ENOMEM */
+            page_low -= 4096;
+            page = page_low;
+        }
+        *result = (void *)page;
+        return 0;
+    }
     size_t needed = size + sizeof(struct block_header) + (alignment > 16 ? alignment : 0);
     if (needed < size) return 12; /* ENOMEM: overflow */
     unsigned class_ = MIN_CLASS;
@@ -309,7 +328,7 @@ int posix_memalign(void **result, size_t alignment, size_t size) {
     } else {
         size_t bytes = (size_t)1 << class_;
         block = (heap_next + 15) & ~(uintptr_t)15;
-        if (block + bytes < block || block + bytes > heap_end) return 12;
+        if (block + bytes < block || block + bytes > page_low) return 12;
         heap_next = block + bytes;
     }
     uintptr_t user = (block + sizeof(struct block_header) + alignment - 1) & ~(uintptr_t)(alignment - 1);
@@ -336,6 +355,11 @@ void *calloc(size_t count, size_t size) {
 
 void free(void *pointer) {
     if (!pointer) return;
+    if (is_page_block((uintptr_t)pointer)) {
+        *(void **)pointer = free_pages;
+        free_pages = pointer;
+        return;
+    }
     struct block_header *header = (struct block_header *)pointer - 1;
     if (header->magic != BLOCK_MAGIC || header->class_ > MAX_CLASS) {
         put_text("\nvireo: free of a pointer the heap did not allocate\n");

@@ -74,8 +74,7 @@ func run() throws(GuestError) {
     let store = try XenStoreClient(guest: guest)
     let net: NetFrontend<PVHPlatform>
     do {
-        net = try NetFrontend(guest: guest, store: store, grants: try GuestGrants(guest: guest),
-                              transmitSlots: 32, receiveBuffers: 32)
+        net = try NetFrontend(guest: guest, store: store, grants: try GuestGrants(guest: guest))
     } catch {
         if error == .ENOENT { say("netecho: no network device (device/vif/0 is missing)\n") }
         throw error
