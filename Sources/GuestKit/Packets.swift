@@ -326,6 +326,77 @@ public enum Packets {
         return nil
     }
 
+    // MARK: Requests (a host that asks, too)
+
+    /// A broadcast ARP request from `mac`/`ip` asking who has `target`.
+    public static func arpRequest(from mac: MACAddress, ip: IPv4Address, asking target: IPv4Address) -> [UInt8] {
+        let arp = ethernetHeaderSize
+        var frame = [UInt8](repeating: 0, count: arp + 28)
+        for i in 0..<6 {
+            frame[i] = 0xff
+            frame[6 + i] = mac.octets[i]
+            frame[arp + 8 + i] = mac.octets[i]
+        }
+        store16(etherTypeARP, &frame, 12)
+        store16(1, &frame, arp)               // Ethernet
+        store16(etherTypeIPv4, &frame, arp + 2)
+        frame[arp + 4] = 6
+        frame[arp + 5] = 4
+        store16(1, &frame, arp + 6)           // a request
+        store32(ip.value, &frame, arp + 14)
+        store32(target.value, &frame, arp + 24)  // the target MAC stays zero
+        return frame
+    }
+
+    /// The MAC in an ARP reply from `target` to `ip`; nil for any other frame.
+    public static func arpReplySender(_ frame: [UInt8], target: IPv4Address, ip: IPv4Address) -> MACAddress? {
+        let arp = ethernetHeaderSize
+        guard frame.count >= arp + 28, load16(frame, 12) == etherTypeARP, load16(frame, arp) == 1,
+              load16(frame, arp + 2) == etherTypeIPv4, frame[arp + 4] == 6, frame[arp + 5] == 4,
+              load16(frame, arp + 6) == 2, load32(frame, arp + 14) == target.value,
+              load32(frame, arp + 24) == ip.value else { return nil }
+        return MACAddress(octets: Array(frame[(arp + 8)..<(arp + 14)]))
+    }
+
+    /// An ICMP echo request from `mac`/`ip` to `peerMAC`/`peer`, with `identifier`, `sequence`
+    /// and `payload` bytes of a counting pattern.
+    public static func icmpEchoRequest(from mac: MACAddress, ip: IPv4Address, to peerMAC: MACAddress, _ peer: IPv4Address,
+                                       identifier: UInt16, sequence: UInt16, payload: Int = 32) -> [UInt8] {
+        let ipOffset = ethernetHeaderSize, icmp = ipOffset + 20
+        var frame = [UInt8](repeating: 0, count: icmp + 8 + payload)
+        for i in 0..<6 {
+            frame[i] = peerMAC.octets[i]
+            frame[6 + i] = mac.octets[i]
+        }
+        store16(etherTypeIPv4, &frame, 12)
+        frame[ipOffset] = 0x45
+        store16(UInt16(20 + 8 + payload), &frame, ipOffset + 2)
+        store16(sequence, &frame, ipOffset + 4)
+        frame[ipOffset + 8] = 64
+        frame[ipOffset + 9] = protocolICMP
+        store32(ip.value, &frame, ipOffset + 12)
+        store32(peer.value, &frame, ipOffset + 16)
+        store16(internetChecksum(frame, from: ipOffset, count: 20), &frame, ipOffset + 10)
+        frame[icmp] = 8
+        store16(identifier, &frame, icmp + 4)
+        store16(sequence, &frame, icmp + 6)
+        for i in 0..<payload { frame[icmp + 8 + i] = UInt8(truncatingIfNeeded: i) }
+        store16(internetChecksum(frame, from: icmp, count: 8 + payload), &frame, icmp + 2)
+        return frame
+    }
+
+    /// The sequence number of an ICMP echo reply from `peer` to `ip` carrying `identifier`
+    /// (its checksums right); nil for any other frame.
+    public static func icmpEchoReplySequence(_ frame: [UInt8], from peer: IPv4Address, to ip: IPv4Address,
+                                             identifier: UInt16) -> UInt16? {
+        guard let view = ipv4(frame), view.protocolNumber == protocolICMP, view.source == peer, view.destination == ip,
+              view.payloadLength >= 8 else { return nil }
+        let icmp = view.payloadOffset
+        guard frame[icmp] == 0, frame[icmp + 1] == 0, load16(frame, icmp + 4) == identifier,
+              internetChecksum(frame, from: icmp, count: view.payloadLength) == 0 else { return nil }
+        return load16(frame, icmp + 6)
+    }
+
     // MARK: Checksum offload
 
     /// Fills in the TCP or UDP checksum of an IPv4 frame sent or received with a blank checksum

@@ -227,3 +227,30 @@ import Testing
         }
     }
 }
+
+@Suite struct PacketRequestTests {
+    let mine = MACAddress(octets: [0x00, 0x16, 0x3e, 0, 0, 1])!
+    let theirs = MACAddress(octets: [0x00, 0x16, 0x3e, 0, 0, 2])!
+    let me = IPv4Address(10, 0, 0, 3), peer = IPv4Address(10, 0, 0, 2)
+
+    /// The asking side against the answering side: an echo host answers our requests, and we
+    /// recognise its answers (and nothing else).
+    @Test func requestsAreAnsweredByTheEchoHostAndTheAnswersRecognised() throws {
+        let ask = Packets.arpRequest(from: mine, ip: me, asking: peer)
+        #expect(Array(ask[0..<6]) == [0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+        let arpAnswer = try #require(Packets.arpReply(to: ask, mac: theirs, ip: peer))
+        #expect(Packets.arpReplySender(arpAnswer, target: peer, ip: me) == theirs)
+        #expect(Packets.arpReplySender(arpAnswer, target: IPv4Address(10, 0, 0, 9), ip: me) == nil)
+        #expect(Packets.arpReplySender(ask, target: peer, ip: me) == nil, "a request is not a reply")
+
+        let ping = Packets.icmpEchoRequest(from: mine, ip: me, to: theirs, peer, identifier: 0x5656, sequence: 7)
+        #expect(Packets.internetChecksum(ping, from: 14, count: 20) == 0)
+        let pong = try #require(Packets.icmpEchoReply(to: ping, mac: theirs, ip: peer))
+        #expect(Packets.icmpEchoReplySequence(pong, from: peer, to: me, identifier: 0x5656) == 7)
+        #expect(Packets.icmpEchoReplySequence(pong, from: peer, to: me, identifier: 1) == nil)
+        #expect(Packets.icmpEchoReplySequence(ping, from: me, to: peer, identifier: 0x5656) == nil, "a request is not a reply")
+        var broken = pong
+        broken[broken.count - 1] ^= 0xff
+        #expect(Packets.icmpEchoReplySequence(broken, from: peer, to: me, identifier: 0x5656) == nil)
+    }
+}

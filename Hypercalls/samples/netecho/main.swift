@@ -8,6 +8,10 @@
 //   port=N             echo UDP on port N only (default: every port)
 //   count=N            power off after answering N requests (ARP, ICMP and UDP alike) and
 //                      printing a summary; without it, it runs until the domain is destroyed
+//   ping=A.B.C.D       first ask: resolve A.B.C.D by ARP and send it `pings=N` (default 3)
+//                      ICMP echo requests, resending every 200 ms (for up to 10 s); print
+//                      "netecho: ping A.B.C.D: N/N replies" and power off (a crash when
+//                      replies are missing). It answers requests meanwhile, as always.
 //
 // It prints "netecho: vif0 connected, mac M, ip A" once connected, a counter line every 16
 // packets received, and "netecho: done, ..." before a count= exit.
@@ -30,6 +34,8 @@ struct Options {
     var mac: MACAddress?
     var port: UInt16?
     var count: UInt64?
+    var ping: IPv4Address?
+    var pings: UInt64 = 3
     var bad: [UInt8]?
 
     init(_ line: [UInt8]) {
@@ -59,6 +65,10 @@ struct Options {
             port = UInt16(n)
         } else if let v = Self.value(word, "count"), let n = Bytes.decimal(v) {
             count = n
+        } else if let v = Self.value(word, "ping"), let address = IPv4Address(text: v) {
+            ping = address
+        } else if let v = Self.value(word, "pings"), let n = Bytes.decimal(v), n >= 1, n <= 64 {
+            pings = n
         } else {
             bad = word
         }
@@ -83,6 +93,8 @@ func run() throws(GuestError) {
     let mac = options.mac ?? net.mac
     options.mac = mac
     say("netecho: vif0 connected, mac \(text(mac.text)), ip \(text(options.ip.text))\n")
+
+    if let peer = options.ping { return try ping(peer, count: Int(options.pings), net: net, mac: mac, ip: options.ip, port: options.port) }
 
     var answered: UInt64 = 0, arp: UInt64 = 0, icmp: UInt64 = 0, udp: UInt64 = 0, ignored: UInt64 = 0
     var received: UInt64 = 0
@@ -122,6 +134,58 @@ func run() throws(GuestError) {
         _ = try net.freeTransmitSlots()
     }
     say("netecho: done, \(counters())\n")
+}
+
+/// The asking side: ARP for `peer`, then `count` echo requests, each resent every 200 ms until
+/// answered (at most 50 rounds); requests to us are answered meanwhile.
+func ping(_ peer: IPv4Address, count: Int, net: NetFrontend<PVHPlatform>, mac: MACAddress, ip: IPv4Address,
+          port: UInt16?) throws(GuestError) {
+    let identifier: UInt16 = 0x7669
+    let timer = try guest.bindVirq(UInt32(VIREO_VIRQ_TIMER))
+    var tick = true  // the first round goes out at once
+    guest.setHandler(for: timer) { _ in tick = true }
+    var peerMAC: MACAddress?
+    var answered = [Bool](repeating: false, count: count)
+    var replies = 0, rounds = 0
+    var outgoing: [[UInt8]] = []
+    while replies < count && rounds <= 50 {
+        let got = try net.poll { packet in
+            if peerMAC == nil, let learned = Packets.arpReplySender(packet.bytes, target: peer, ip: ip) {
+                peerMAC = learned
+                tick = true  // ping now rather than at the next round
+            } else if let sequence = Packets.icmpEchoReplySequence(packet.bytes, from: peer, to: ip, identifier: identifier) {
+                if Int(sequence) < count && !answered[Int(sequence)] {
+                    answered[Int(sequence)] = true
+                    replies += 1
+                }
+            } else if let (reply, _) = Packets.echoReply(to: packet.bytes, mac: mac, ip: ip, udpPort: port,
+                                                          checksumBlank: packet.checksumBlank) {
+                outgoing.append(reply)
+            }
+        }
+        if tick {
+            tick = false
+            rounds += 1
+            if let peerMAC {
+                for sequence in 0..<count where !answered[sequence] {
+                    outgoing.append(Packets.icmpEchoRequest(from: mac, ip: ip, to: peerMAC, peer, identifier: identifier,
+                                                            sequence: UInt16(sequence)))
+                }
+            } else {
+                outgoing.append(Packets.arpRequest(from: mac, ip: ip, asking: peer))
+            }
+            try guest.setTimer(deadline: guest.systemTime() + 200_000_000)
+        }
+        for frame in outgoing { _ = try net.send(frame) }
+        outgoing = []
+        if got == 0 && !tick && replies < count { try net.waitForEvents() }
+    }
+    while net.transmitsInFlight > 0 {
+        try net.waitForEvents()
+        _ = try net.freeTransmitSlots()
+    }
+    say("netecho: ping \(text(peer.text)): \(replies)/\(count) replies\n")
+    if replies < count { throw GuestError.EIO }
 }
 
 do {
