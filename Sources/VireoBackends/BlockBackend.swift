@@ -108,7 +108,16 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     }
     private var queues: [Queue] = []
     private var table: GrantTable?
+    /// The backend's XenStore requests go through `session`, whose replies wake nobody; the
+    /// frontend's state watch lives on `watcher`, whose events wake the service loop and set
+    /// `frontendChanged`. (One session for both made every reply wake the loop, which then read
+    /// the state again: the loop never slept.)
     private var session: XenStoreConnection?
+    private var watcher: XenStoreConnection?
+    private let frontendChanged = Flag()
+    private final class Flag: Sendable {
+        let value = Atomic<Bool>(true)
+    }
 
     /// Opens `path` (read-write unless `readOnly`) for device `device` (51712 = xvda) of domain
     /// `frontend`. The image's size is rounded down to whole sectors of `sectorSize` (512 or
@@ -225,8 +234,12 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     /// Writes the toolstack's nodes and the backend's features, and enters InitWait. Call
     /// once, before the frontend starts looking (before the guest boots).
     public func create() throws(BackendError) {
-        let wake = self.wake
-        session = store.connect(domain: host.id, wake: { wake.kick() })
+        let wake = self.wake, changed = frontendChanged
+        session = store.connect(domain: host.id)
+        watcher = store.connect(domain: host.id, wake: {
+            changed.value.store(true, ordering: .releasing)
+            wake.kick()
+        })
         let front = frontend.rawValue, back = host.id.rawValue
         // The backend directory: dom0's, readable by the frontend. The frontend directory: the
         // frontend's own, readable by the backend. Each node gets its permissions explicitly.
@@ -244,7 +257,10 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
             try write(frontendPath + "/" + key, value)
             try setPermissions(frontendPath + "/" + key, frontendPermissions)
         }
-        _ = try storeRequest(.watch, Array((frontendPath + "/state").utf8) + [0] + Array("vbd-front".utf8) + [0])
+        let watch = XenStoreMessage(type: .watch, payload: Array((frontendPath + "/state").utf8) + [0] + Array("vbd-front".utf8) + [0])
+        guard let watcher, store.request(watch, from: watcher)?.type == .watch else {
+            throw BackendError("XenStore watch \(frontendPath)/state refused")
+        }
         try publish(state: XenbusBackendState.initWait)
     }
 
@@ -259,15 +275,24 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     /// Serves the device until ``stop()``: follows the frontend's state and serves the rings
     /// while connected. Call ``create()`` first. Runs on the caller's thread.
     public func run() {
+        var idle = 0
         while !stopping.load(ordering: .acquiring) {
-            followFrontend()
+            // The frontend's state is read when its watch fired (and, as a safety net, every
+            // second of quiet), not on every ring event.
+            if frontendChanged.value.exchange(false, ordering: .acquiringAndReleasing) || idle >= 10 {
+                _ = watcher?.takeMessages()  // the events only say "look again"; the queue stays empty
+                followFrontend()
+                idle = 0
+            }
             if !queues.isEmpty { serveRings() }
             if stopping.load(ordering: .acquiring) { break }
-            wake.wait(milliseconds: 100)
+            idle = wake.wait(milliseconds: 100) ? 0 : idle + 1
         }
         disconnect()
         if let session { store.disconnect(session) }
+        if let watcher { store.disconnect(watcher) }
         session = nil
+        watcher = nil
     }
 
     /// Reacts to the frontend's state (level-triggered: read on every wake).
