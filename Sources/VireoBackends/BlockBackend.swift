@@ -406,14 +406,16 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         }
     }
 
-    /// Serves every request pending on one ring: requests are taken in a batch, each answered
-    /// as soon as it is done, and the batch's responses are published with one push and at
-    /// most one notification (event suppression, `rsp_event`), then the final check. Returns
-    /// false when the ring broke the protocol and the device was disconnected.
+    /// Serves every request pending on one ring. Responses are published every
+    /// ``pushEvery`` requests and when no request is left, so the frontend can refill slots
+    /// while the backend works on the rest of the batch (the backend does not run dry waiting
+    /// for a whole batch's round trip), without a push and a possible notification per
+    /// request; a notification is sent only when the frontend asked for one (`rsp_event`), and
+    /// the final check before sleeping catches requests that raced with it. Returns false when the ring broke the protocol and the device was disconnected.
     private func serveRing(_ queue: Queue) -> Bool {
         do {
             while true {
-                var served = 0, errors = 0
+                var served = 0, errors = 0, notified = 0
                 while let request = try queue.ring.consumeRequest() {
                     let (status, operation) = handle(request)
                     try queue.ring.produceResponse { slot in
@@ -423,16 +425,21 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
                     }
                     served += 1
                     if status != Int16(VIREO_BLKIF_RSP_OKAY) { errors += 1 }
+                    if served % Self.pushEvery == 0, queue.ring.pushResponsesAndCheckNotify() {
+                        notified += 1
+                        try? host.send(queue.port)
+                    }
+                }
+                if queue.ring.pushResponsesAndCheckNotify() {
+                    notified += 1
+                    try? host.send(queue.port)
                 }
                 if served > 0 {
                     counters.requests.add(served, ordering: .relaxed)
                     counters.batches.add(1, ordering: .relaxed)
                     if errors > 0 { counters.errors.add(errors, ordering: .relaxed) }
                 }
-                if queue.ring.pushResponsesAndCheckNotify() {
-                    counters.notifications.add(1, ordering: .relaxed)
-                    try? host.send(queue.port)
-                }
+                if notified > 0 { counters.notifications.add(notified, ordering: .relaxed) }
                 if try queue.ring.finalCheckForRequests() { continue }
                 return true
             }
@@ -443,6 +450,10 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     }
 
     // MARK: Requests
+
+    /// Responses published together at most while a batch is being served (a quarter of a
+    /// one-page ring).
+    static let pushEvery = 8
 
     private static let okay = Int16(VIREO_BLKIF_RSP_OKAY)
     private static let error = Int16(VIREO_BLKIF_RSP_ERROR)
