@@ -30,6 +30,12 @@ public struct BackendError: Error, CustomStringConvertible, Sendable {
 /// there. READ, WRITE, WRITE_BARRIER, FLUSH_DISKCACHE, DISCARD and INDIRECT are served. A bad
 /// request gets BLKIF_RSP_ERROR (EOPNOTSUPP for an operation or flag not offered) and the ring
 /// carries on; a ring whose producer index is out of range is disconnected (Closing).
+///
+/// Threads: ``run()`` (the control loop: XenStore, state, connection) and one per ring while
+/// Connected. A ring's thread takes each request in turn, does its I/O synchronously and
+/// publishes responses as it goes, so rings run in parallel and a frontend keeps up to a
+/// ring's worth of requests queued per ring; within a ring requests complete in order, which
+/// is also what makes WRITE_BARRIER's "after every earlier write" hold.
 public final class BlockBackend: @unchecked Sendable {  // run() owns the mutable state; stop() only touches atomics and the pipe
     public typealias Request = vireo_blkif_request
     public typealias Response = vireo_blkif_response
@@ -57,7 +63,13 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     private let fd: Int32
     private let wake: WakePipe
     private let stopping = Atomic<Bool>(false)
-    private let scratch: Scratch
+    private let indirectPagesPerRequest: Int
+    /// The disk's grant table of the frontend, set while Connected (before the queues' threads
+    /// start, cleared after they end).
+    private var table: GrantTable?
+    /// A queue's thread found its ring broken: the control loop disconnects (`brokenRing` text).
+    private let ringBroken = Flag(false)
+    private let brokenRing = Mutex<String?>(nil)
 
     /// Indirect pages a request may name, given ``maxIndirectSegments``.
     private var maxIndirectPages: Int {
@@ -91,32 +103,43 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     public var queueCount: Int { connectedQueues.load(ordering: .acquiring) }
     private let connectedQueues = Atomic<Int>(0)
 
-    /// One ring (queue) of the connection.
-    private final class Queue {
+    /// One ring (queue) of the connection, served by a thread of its own (as Xen's blkback
+    /// runs a kernel thread per ring): its event channel wakes that thread only, and it owns
+    /// the buffers its requests use.
+    private final class Queue: @unchecked Sendable {  // ring and scratch: the queue's thread only
+        let index: Int
         let mapping: MappingBox
         var ring: BackRing<Request, Response>
         let port: EventPort
-        init(mapping: MappingBox, ring: BackRing<Request, Response>, port: EventPort) {
+        let wake: WakePipe
+        let scratch: Scratch
+        let stopping = Atomic<Bool>(false)
+        let finished = Atomic<Bool>(false)
+        init(index: Int, mapping: MappingBox, ring: BackRing<Request, Response>, port: EventPort, wake: WakePipe,
+             scratch: Scratch) {
+            self.index = index
             self.mapping = mapping
             self.ring = ring
             self.port = port
+            self.wake = wake
+            self.scratch = scratch
         }
     }
-    private final class MappingBox {
+    private final class MappingBox: @unchecked Sendable {  // GrantMapping is Sendable; the box is only read
         let mapping: GrantMapping
         init(_ mapping: consuming GrantMapping) { self.mapping = mapping }
     }
     private var queues: [Queue] = []
-    private var table: GrantTable?
     /// The backend's XenStore requests go through `session`, whose replies wake nobody; the
     /// frontend's state watch lives on `watcher`, whose events wake the service loop and set
     /// `frontendChanged`. (One session for both made every reply wake the loop, which then read
     /// the state again: the loop never slept.)
     private var session: XenStoreConnection?
     private var watcher: XenStoreConnection?
-    private let frontendChanged = Flag()
+    private let frontendChanged = Flag(true)
     private final class Flag: Sendable {
-        let value = Atomic<Bool>(true)
+        let value: Atomic<Bool>
+        init(_ initial: Bool) { value = Atomic(initial) }
     }
 
     /// Opens `path` (read-write unless `readOnly`) for device `device` (51712 = xvda) of domain
@@ -171,7 +194,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         backendPath = "/local/domain/\(host.id.rawValue)/backend/vbd/\(frontend.rawValue)/\(device)"
         frontendPath = "/local/domain/\(frontend.rawValue)/device/vbd/\(device)"
         let pages = (maxIndirectSegments + Int(VIREO_ABI_BLKIF_SEGS_PER_INDIRECT_FRAME) - 1) / Int(VIREO_ABI_BLKIF_SEGS_PER_INDIRECT_FRAME)
-        scratch = Scratch(segments: maxIndirectSegments, indirectPages: pages)
+        indirectPagesPerRequest = pages
     }
 
     deinit {
@@ -272,8 +295,9 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         wake.kick()
     }
 
-    /// Serves the device until ``stop()``: follows the frontend's state and serves the rings
-    /// while connected. Call ``create()`` first. Runs on the caller's thread.
+    /// Serves the device until ``stop()``: follows the frontend's state on the caller's thread
+    /// (the control loop); while Connected each ring is served by a thread of its own, started
+    /// at connection and joined at disconnection. Call ``create()`` first.
     public func run() {
         var idle = 0
         while !stopping.load(ordering: .acquiring) {
@@ -284,7 +308,9 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
                 followFrontend()
                 idle = 0
             }
-            if !queues.isEmpty { serveRings() }
+            if ringBroken.value.exchange(false, ordering: .acquiringAndReleasing), !queues.isEmpty {
+                fail(brokenRing.withLock { $0 } ?? "\(frontendPath): ring protocol error")
+            }
             if stopping.load(ordering: .acquiring) { break }
             idle = wake.wait(milliseconds: 100) ? 0 : idle + 1
         }
@@ -371,7 +397,11 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
                 for queue in opened { try? host.close(queue.port) }
                 return fail("\(directory)/ring-ref \(ref): not a blkif ring: \(error)")
             }
-            let wake = self.wake
+            let wake: WakePipe
+            do { wake = try WakePipe(for: "block backend queue \(index)") } catch {
+                for queue in opened { try? host.close(queue.port) }
+                return fail("\(error)")
+            }
             let port: EventPort
             do {
                 port = try host.bindInterdomain(remoteDomain: frontend, remotePort: EventPort(UInt32(channel))) { _ in
@@ -381,29 +411,43 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
                 for queue in opened { try? host.close(queue.port) }
                 return fail("\(directory)/event-channel \(channel): cannot bind: \(error)")
             }
-            opened.append(Queue(mapping: box, ring: ring, port: port))
+            opened.append(Queue(index: index, mapping: box, ring: ring, port: port, wake: wake,
+                                scratch: Scratch(segments: maxIndirectSegments, indirectPages: indirectPagesPerRequest)))
         }
         queues = opened
+        for queue in opened {
+            ServiceThread.start(name: "blkback-\(frontend.rawValue)-q\(queue.index)") { [self] in serve(queue) }
+        }
         connectedQueues.store(opened.count, ordering: .releasing)
         counters.connections.add(1, ordering: .relaxed)
         failure.withLock { $0 = nil }
         do { try publish(state: XenbusBackendState.connected) } catch { fail("\(error)") }
     }
 
+    /// Stops the queues' threads (each finishes the request it is serving), then closes the
+    /// ports and unmaps the rings.
     private func disconnect() {
-        for queue in queues { try? host.close(queue.port) }
+        for queue in queues {
+            queue.stopping.store(true, ordering: .releasing)
+            queue.wake.kick()
+        }
+        for queue in queues {
+            while !queue.finished.load(ordering: .acquiring) { usleep(200) }
+            try? host.close(queue.port)
+        }
         queues = []  // the mappings end with the boxes
         table = nil
         connectedQueues.store(0, ordering: .releasing)
     }
 
-    /// Serves every ring until none has requests pending.
-    private func serveRings() {
-        var index = 0
-        while index < queues.count {
-            guard serveRing(queues[index]) else { return }  // the connection was dropped
-            index += 1
+    /// A queue's thread: serves its ring until the queue stops or its ring breaks the protocol.
+    private func serve(_ queue: Queue) {
+        while !queue.stopping.load(ordering: .acquiring) {
+            guard serveRing(queue) else { break }
+            if queue.stopping.load(ordering: .acquiring) { break }
+            queue.wake.wait(milliseconds: 100)
         }
+        queue.finished.store(true, ordering: .releasing)
     }
 
     /// Serves every request pending on one ring. Responses are published every
@@ -417,7 +461,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
             while true {
                 var served = 0, errors = 0, notified = 0
                 while let request = try queue.ring.consumeRequest() {
-                    let (status, operation) = handle(request)
+                    let (status, operation) = handle(request, queue.scratch)
                     try queue.ring.produceResponse { slot in
                         slot.set(\.id, to: request.id)
                         slot.set(\.operation, to: operation)
@@ -444,7 +488,10 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
                 return true
             }
         } catch {
-            fail("\(frontendPath): ring protocol error: \(error)")
+            // The control loop disconnects the device; this thread only reports and stops.
+            brokenRing.withLock { $0 = "\(frontendPath): ring protocol error on queue \(queue.index): \(error)" }
+            ringBroken.value.store(true, ordering: .releasing)
+            wake.kick()
             return false
         }
     }
@@ -462,11 +509,11 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     /// Serves one request (a copy, read from the ring once): every field is checked before
     /// any byte moves. Returns the response status and the operation the response names (the
     /// request's, or for INDIRECT the inner READ/WRITE, as Xen's blkback answers).
-    func handle(_ request: Request) -> (status: Int16, operation: UInt8) {
+    private func handle(_ request: Request, _ scratch: Scratch) -> (status: Int16, operation: UInt8) {
         let operation = Int32(request.operation)
         switch operation {
         case VIREO_BLKIF_OP_READ, VIREO_BLKIF_OP_WRITE, VIREO_BLKIF_OP_FLUSH_DISKCACHE, VIREO_BLKIF_OP_WRITE_BARRIER:
-            return (direct(request), request.operation)
+            return (direct(request, scratch), request.operation)
         case VIREO_BLKIF_OP_DISCARD:
             let discard = withUnsafeBytes(of: request) { $0.loadUnaligned(as: vireo_blkif_request_discard.self) }
             return (self.discard(discard), request.operation)
@@ -474,14 +521,14 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
             let indirect = withUnsafeBytes(of: request) { $0.loadUnaligned(as: vireo_blkif_request_indirect.self) }
             let inner = indirect.indirect_op
             let answer = inner == UInt8(VIREO_BLKIF_OP_READ) || inner == UInt8(VIREO_BLKIF_OP_WRITE) ? inner : request.operation
-            return (self.indirect(indirect), answer)
+            return (self.indirect(indirect, scratch), answer)
         default:
             return (Self.unsupported, request.operation)  // reserved, or unknown
         }
     }
 
     /// READ, WRITE, FLUSH_DISKCACHE and WRITE_BARRIER: segments in the request itself.
-    private func direct(_ request: Request) -> Int16 {
+    private func direct(_ request: Request, _ scratch: Scratch) -> Int16 {
         let operation = Int32(request.operation)
         let count = Int(request.nr_segments)
         let isRW = operation == VIREO_BLKIF_OP_READ || operation == VIREO_BLKIF_OP_WRITE
@@ -501,7 +548,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
             guard fdatasync(fd) == 0 else { return Self.error }
         }
         if count > 0 {
-            let status = transfer(segments: count, at: request.sector_number, read: !write)
+            let status = transfer(segments: count, at: request.sector_number, read: !write, scratch)
             guard status == Self.okay else { return status }
         }
         if operation == VIREO_BLKIF_OP_FLUSH_DISKCACHE || barrier {
@@ -513,7 +560,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
 
     /// INDIRECT: a READ or WRITE whose segment descriptors fill granted pages. The pages are
     /// grant-copied once into a host buffer, and the descriptors validated from that copy.
-    private func indirect(_ request: vireo_blkif_request_indirect) -> Int16 {
+    private func indirect(_ request: vireo_blkif_request_indirect, _ scratch: Scratch) -> Int16 {
         counters.indirect.add(1, ordering: .relaxed)
         let inner = Int32(request.indirect_op)
         guard inner == VIREO_BLKIF_OP_READ || inner == VIREO_BLKIF_OP_WRITE else { return Self.error }
@@ -535,7 +582,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         for i in 0..<count {
             scratch.setSegment(i, scratch.indirectRegion.load(vireo_blkif_request_segment.self, at: i * segmentSize))
         }
-        return transfer(segments: count, at: request.sector_number, read: inner == VIREO_BLKIF_OP_READ)
+        return transfer(segments: count, at: request.sector_number, read: inner == VIREO_BLKIF_OP_READ, scratch)
     }
 
     /// DISCARD: punches a hole over the range (it then reads as zeros; the file keeps its size).
@@ -558,7 +605,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     /// Validates the `count` segments in the scratch (each inside its page, the whole range
     /// inside the disk and aligned to the sector size), then maps their pages for one
     /// `preadv`/`pwritev` at disk sector `first`.
-    private func transfer(segments count: Int, at first: UInt64, read: Bool) -> Int16 {
+    private func transfer(segments count: Int, at first: UInt64, read: Bool, _ scratch: Scratch) -> Int16 {
         var end = first
         for i in 0..<count {
             let firstSect = scratch.first[i], lastSect = scratch.last[i]
@@ -572,7 +619,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         let unit = UInt64(sectorSize / 512)
         guard first % unit == 0, (end - first) % unit == 0 else { return Self.error }
         guard let table else { return Self.error }
-        let scratch = self.scratch, fd = self.fd
+        let fd = self.fd
         do {
             return try table.withMappedPages(UnsafeBufferPointer(rebasing: scratch.refs[0..<count]), by: host.id,
                                              writable: read, pages: scratch.pages) { pages in
@@ -639,7 +686,7 @@ private final class Counters: Sendable {
 
 /// Buffers the service loop reuses for every request (no allocation per request): the
 /// validated segments, the mapped pages, the I/O vectors and the copied indirect pages.
-private final class Scratch {
+private final class Scratch: @unchecked Sendable {  // used by one queue's thread only
     let refs: UnsafeMutableBufferPointer<GrantRef>
     let first: UnsafeMutableBufferPointer<UInt8>
     let last: UnsafeMutableBufferPointer<UInt8>

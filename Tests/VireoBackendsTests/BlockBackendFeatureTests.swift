@@ -208,6 +208,23 @@ private let unsupported = Int16(VIREO_BLKIF_RSP_EOPNOTSUPP)
         #expect(file[0] == 0x40 && file[8 * 512] == 0x41 && file[16 * 512] == 0x42)
     }
 
+    /// One hostile ring among several: the device is disconnected, every ring unmapped.
+    @Test func aBrokenQueueDisconnectsTheDevice() throws {
+        let rig = try BlockRig(sectors: 64)
+        try rig.connect(queues: 2)
+        let page = try rig.page { _ in 1 }
+        let ref = try rig.guest.grantAccess(to: .zero, frame: page, readOnly: true)
+        #expect(try rig.run([BlockRig.request(VIREO_BLKIF_OP_WRITE, id: 1, sector: 0, [(ref, 0, 7)])], queue: 0) == [1: okay])
+        // Queue 1's ring page: req_prod far past a ring ahead.
+        try rig.guest.page(rig.queueFrames[1]).store(UInt32(1000), at: 0)
+        try rig.guest.notify(rig.ports[1])
+        try rig.waitForBackend(XenbusBackendState.closing)
+        #expect(rig.backend.lastFailure?.contains("queue 1") == true)
+        #expect(rig.backend.queueCount == 0)
+        rig.shutdown()
+        #expect(rig.guest.endAccess(rig.ringRef) && rig.guest.endAccess(rig.queueRefs[1]), "both rings were unmapped")
+    }
+
     @Test(arguments: ["5", "0", "-1", "two", "99999999999999999999"])
     func aQueueCountBeyondThePublishedMaxIsRefused(_ value: String) throws {
         let rig = try BlockRig(sectors: 64, maxQueues: 4)

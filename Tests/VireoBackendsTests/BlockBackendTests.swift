@@ -41,6 +41,8 @@ final class BlockRig {
     /// Every ring (queue) of a multi-queue connection; the first is also `front`/`port`.
     var fronts: [FrontRing<BlkRequest, BlkResponse>] = []
     var ports: [EventPort] = []
+    var queueFrames: [GuestFrame] = []
+    var queueRefs: [GrantRef] = []
     private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
 
@@ -105,6 +107,8 @@ final class BlockRig {
             }
             fronts.append(ring)
             ports.append(channel)
+            queueFrames.append(frame)
+            queueRefs.append(ref)
             let directory = queues == 1 && numQueuesValue == nil ? node : node + "/queue-\(index)"
             #expect(guestWrite(directory + "/ring-ref", "\(ref.rawValue)")?.type == .write)
             #expect(guestWrite(directory + "/event-channel", "\(channel.rawValue)")?.type == .write)
