@@ -1,6 +1,7 @@
 // blkcheck: the end-to-end virtual disk check. It connects GuestKit's BlockFrontend to the
 // disk `vireo run --disk PATH` serves as xvda and, by `--cmdline`:
-//   N        (default 64) writes a pattern over the first N sectors (several requests in
+//   N        (default 64) writes a pattern over the first N 512-byte sectors (rounded down to
+//            whole logical sectors on a 4096-byte-sector disk; several requests in
 //            flight, up to 32 pages each: indirect requests when the backend offers them), flushes
 //            (a write barrier when offered, else FLUSH_DISKCACHE), reads them back, compares,
 //            prints "blkcheck: N sectors ok" (or the mismatches) and powers off; a mismatch or
@@ -83,6 +84,7 @@ func run() throws(GuestError) -> Bool {
     let (bench, requested) = arguments()
     var total = requested
     if total > disk.sectors { total = disk.sectors }
+    total -= total % (disk.sectorSize / 512)  // whole logical sectors: the backend refuses less
     let pagesPerRequest = bench ? 16 : (disk.maxSegments < 32 ? disk.maxSegments : 32)
     let inFlight = bench ? 8 : 4
     var pages: [UInt64] = []
