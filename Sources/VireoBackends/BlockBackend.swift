@@ -455,12 +455,15 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
     /// while the backend works on the rest of the batch (the backend does not run dry waiting
     /// for a whole batch's round trip), without a push and a possible notification per
     /// request; a notification is sent only when the frontend asked for one (`rsp_event`), and
-    /// the final check before sleeping catches requests that raced with it. Returns false when the ring broke the protocol and the device was disconnected.
+    /// the final check before sleeping catches requests that raced with it. A frontend that
+    /// keeps the ring full cannot hold the thread: it stops between requests when asked.
+    /// Returns false when the ring broke the protocol (reported to the control loop, which
+    /// disconnects the device).
     private func serveRing(_ queue: Queue) -> Bool {
         do {
-            while true {
+            while !queue.stopping.load(ordering: .relaxed) {
                 var served = 0, errors = 0, notified = 0
-                while let request = try queue.ring.consumeRequest() {
+                while !queue.stopping.load(ordering: .relaxed), let request = try queue.ring.consumeRequest() {
                     let (status, operation) = handle(request, queue.scratch)
                     try queue.ring.produceResponse { slot in
                         slot.set(\.id, to: request.id)
@@ -487,6 +490,7 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
                 if try queue.ring.finalCheckForRequests() { continue }
                 return true
             }
+            return true
         } catch {
             // The control loop disconnects the device; this thread only reports and stops.
             brokenRing.withLock { $0 = "\(frontendPath): ring protocol error on queue \(queue.index): \(error)" }
