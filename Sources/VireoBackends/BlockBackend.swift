@@ -547,8 +547,9 @@ public final class BlockBackend: @unchecked Sendable {  // run() owns the mutabl
         let barrier = operation == VIREO_BLKIF_OP_WRITE_BARRIER
         if barrier {
             counters.barriers.add(1, ordering: .relaxed)
-            // Every earlier request of every ring has completed (they are served in order, each
-            // done before the next starts): make them durable before the barrier's own write.
+            // Every earlier request of this ring has completed (a ring's thread serves them in
+            // order, each done before the next starts; a barrier orders its own ring, as in Xen's
+            // blkback): make them durable before the barrier's own write.
             guard fdatasync(fd) == 0 else { return Self.error }
         }
         if count > 0 {
