@@ -62,7 +62,7 @@ let package = Package(
         .target(name: "GuestKit", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
         // Backends: the host side of split drivers (blkback over an image file), served through
         // grant copies, shared rings and event channels only, never raw guest memory.
-        .target(name: "VireoBackends", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoStore"]),
+        .target(name: "VireoBackends", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoStore", "VireoLinux"]),
         // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the
         // toolchain's swiftc, clang and ld.lld. Host-only tooling.
         .target(name: "VireoGuestBuilder"),

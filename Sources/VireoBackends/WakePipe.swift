@@ -29,11 +29,14 @@ final class WakePipe: Sendable {
         _ = Glibc.write(writeEnd, &one, 1)
     }
 
-    /// Sleeps until kicked or `milliseconds` pass, then drains the pipe.
-    func wait(milliseconds: Int32) {
+    /// Sleeps until kicked or `milliseconds` pass, then drains the pipe. Returns whether it
+    /// was kicked (false on a timeout).
+    @discardableResult
+    func wait(milliseconds: Int32) -> Bool {
         var poller = pollfd(fd: readEnd, events: Int16(POLLIN), revents: 0)
-        _ = poll(&poller, 1, milliseconds)
-        var drain = [UInt8](repeating: 0, count: 64)
-        while Glibc.read(readEnd, &drain, drain.count) > 0 {}
+        let ready = poll(&poller, 1, milliseconds) > 0
+        var drain: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+        while withUnsafeMutableBytes(of: &drain, { Glibc.read(readEnd, $0.baseAddress, $0.count) }) > 0 {}
+        return ready
     }
 }

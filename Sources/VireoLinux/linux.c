@@ -10,6 +10,8 @@
 #include <time.h>
 #include <unistd.h>
 #include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
 #include "vireo_linux.h"
 
 int vireo_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
@@ -77,3 +79,7 @@ int vireo_unblock_signal(int signo) {
 unsigned long vireo_current_thread(void) { return (unsigned long)pthread_self(); }
 
 int vireo_signal_thread(unsigned long thread, int signo) { return pthread_kill((pthread_t)thread, signo); }
+
+int vireo_punch_hole(int fd, int64_t offset, int64_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)offset, (off_t)length);
+}

@@ -62,10 +62,13 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         public var path: String
         public var readOnly: Bool
         public var device: UInt32
-        public init(path: String, readOnly: Bool = false, device: UInt32 = 51712) {
+        /// The logical sector size the guest sees: 512 or 4096 (`sector-size`).
+        public var sectorSize: Int
+        public init(path: String, readOnly: Bool = false, device: UInt32 = 51712, sectorSize: Int = 512) {
             self.path = path
             self.readOnly = readOnly
             self.device = device
+            self.sectorSize = sectorSize
         }
     }
 
@@ -94,7 +97,7 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         var backends: [any BackendService] = []
         for disk in disks {
             backends.append(try BlockBackend(path: disk.path, readOnly: disk.readOnly, frontend: config.id, device: disk.device,
-                                             store: store, grants: grants, host: host))
+                                             sectorSize: disk.sectorSize, store: store, grants: grants, host: host))
         }
         let router = UpcallRouter()
         let built = try DomainBuilder.build(config: config, kernel: kernel, commandLine: commandLine, hub: hub,

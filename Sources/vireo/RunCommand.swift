@@ -39,22 +39,41 @@ struct RunCommand: ParsableCommand {
     @Option(help: "The guest's command line.")
     var cmdline: String = ""
 
-    @Option(help: "A raw disk image served as xvda (device 51712); append ',ro' for read-only.")
+    @Option(help: "A raw disk image served as xvda (device 51712): PATH[,ro][,sector=4096] (',ro' read-only; 'sector=4096' 4096-byte logical sectors).")
     var disk: String?
 
     @Option(help: "Also append the guest's console ring output to this file (rate-limited like stdout).")
     var consoleLog: String?
 
-    /// The --disk value: the path and whether it is read-only.
+    /// The --disk value: PATH[,ro|,rw][,sector=512|4096], options in any order after the path.
     var diskSpec: EmbeddedHost.Disk? {
-        guard let disk else { return nil }
-        if disk.hasSuffix(",ro") { return EmbeddedHost.Disk(path: String(disk.dropLast(3)), readOnly: true) }
-        if disk.hasSuffix(",rw") { return EmbeddedHost.Disk(path: String(disk.dropLast(3)), readOnly: false) }
-        return EmbeddedHost.Disk(path: disk, readOnly: false)
+        get throws {
+            guard var path = disk else { return nil }
+            var spec = EmbeddedHost.Disk(path: "")
+            // Options are taken from the end, so a path may itself contain commas.
+            while let comma = path.lastIndex(of: ",") {
+                let option = String(path[path.index(after: comma)...])
+                if option == "ro" || option == "rw" {
+                    spec.readOnly = option == "ro"
+                } else if option.hasPrefix("sector=") {
+                    guard let size = Int(option.dropFirst(7)), size == 512 || size == 4096 else {
+                        throw ValidationError("--disk: \(option): the sector size is 512 or 4096")
+                    }
+                    spec.sectorSize = size
+                } else {
+                    break
+                }
+                path = String(path[..<comma])
+            }
+            spec.path = path
+            return spec
+        }
     }
 
     func validate() throws {
-        if let spec = diskSpec, spec.path.isEmpty { throw ValidationError("--disk: give an image file, PATH or PATH,ro") }
+        if let spec = try diskSpec, spec.path.isEmpty {
+            throw ValidationError("--disk: give an image file, PATH[,ro][,sector=4096]")
+        }
         guard (2...65536).contains(memory) else { throw ValidationError("--memory \(memory): give 2 to 65536 MiB") }
         guard (1...128).contains(vcpus) else { throw ValidationError("--vcpus \(vcpus): give 1 to 128") }
     }
@@ -68,7 +87,7 @@ struct RunCommand: ParsableCommand {
         guard let bytes = FileManager.default.contents(atPath: kernel) else {
             throw RunError("cannot read the kernel '\(kernel)'")
         }
-        if let spec = diskSpec {
+        if let spec = try diskSpec {
             // Before anything starts: a missing image is a setup error naming the file.
             var info = stat()
             guard stat(spec.path, &info) == 0 else { throw RunError("--disk: cannot find the disk image '\(spec.path)'") }
@@ -90,7 +109,7 @@ struct RunCommand: ParsableCommand {
             outcome = try host.run(
                 config: DomainConfig(id: DomainID(1), name: URL(fileURLWithPath: kernel).lastPathComponent,
                                      memoryBytes: UInt64(memory) << 20, vcpus: vcpus),
-                kernel: Array(bytes), commandLine: cmdline, disks: diskSpec.map { [$0] } ?? [], consoleLog: consoleLog,
+                kernel: Array(bytes), commandLine: cmdline, disks: (try diskSpec).map { [$0] } ?? [], consoleLog: consoleLog,
                 consoleInput: STDIN_FILENO,
                 console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } })
         } catch let failure as BackendError {

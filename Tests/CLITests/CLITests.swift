@@ -136,6 +136,8 @@ import Testing
         #expect(iops > 0 && baseIOPS > 0)
         #expect(object["rand4k_ratio"] is Double && object["seq_goal"] is Double && object["rand4k_goal"] is Double)
         #expect(object["in_flight"] as? Int == 32)
+        #expect(object["seq_direct_ratio"] is Double)
+        #expect((object["backend_indirect_requests"] as? Int ?? 0) > 0, "the sequential phase used indirect requests")
         #expect(r.err.contains("block: sequential 64 KiB"), "progress goes to stderr")
         #expect(try Self.run(["bench", "--list"]).out.contains("block\t"))
     }

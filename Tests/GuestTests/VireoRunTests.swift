@@ -100,6 +100,28 @@ import VireoGuestBuilder
         #expect(!missing.out.contains("blkcheck"))
     }
 
+    /// blkcheck over a disk with 4096-byte sectors, in requests large enough to go indirect,
+    /// and its throughput mode.
+    @Test func blkcheckUsesIndirectRequestsOnA4096ByteSectorDiskAndBenchmarks() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let image = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-blkcheck-\(UUID().uuidString).img")
+        try Data(repeating: 0xEE, count: 1024 * 512).write(to: image)
+        defer { try? FileManager.default.removeItem(at: image) }
+        let kernel = try GuestSupport.image("blkcheck").path.path
+        let r = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--engine", "kvm", "--disk", image.path + ",sector=4096",
+                                                          "--cmdline", "512"])
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("1024 sectors, sector-size 4096, 256 segments per request, barrier, discard"), "\(r.out)")
+        #expect(r.out.contains("blkcheck: 512 sectors ok"), "\(r.out)")
+        let bytes = [UInt8](try Data(contentsOf: image))
+        #expect(bytes[300 * 512 + 7] == UInt8(truncatingIfNeeded: 300 &* 37 &+ 7 &+ 300 >> 3))
+        #expect(bytes[(512 * 512)...].allSatisfy { $0 == 0xEE })
+        let bench = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--engine", "kvm", "--disk", image.path, "--cmdline", "bench 256"])
+        #expect(bench.status == 0 && bench.out.contains("blkcheck: bench write ") && bench.out.contains("(256 sectors)"), "\(bench.out)")
+        let bad = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--disk", image.path + ",sector=1000"])
+        #expect(bad.status != 0 && bad.err.contains("sector=1000"), "\(bad.err)")
+    }
+
     /// cpubench's checksum is the host's for the same loop: the guest ran every iteration.
     @Test func cpubenchRunsItsIntegerLoop() throws {
         guard GuestSupport.kvmAvailable() else { return }

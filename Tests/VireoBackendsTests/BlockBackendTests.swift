@@ -38,16 +38,21 @@ final class BlockRig {
     var ringRef = GrantRef(0)
     var ringFrame = GuestFrame(0)
     var port = EventPort(0)
+    /// Every ring (queue) of a multi-queue connection; the first is also `front`/`port`.
+    var fronts: [FrontRing<BlkRequest, BlkResponse>] = []
+    var ports: [EventPort] = []
+    var queueFrames: [GuestFrame] = []
+    var queueRefs: [GrantRef] = []
     private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
 
-    init(sectors: Int = 256, readOnly: Bool = false, fill: UInt8 = 0) throws {
+    init(sectors: Int = 256, readOnly: Bool = false, fill: UInt8 = 0, sectorSize: Int = 512, maxQueues: Int = 4) throws {
         image = try TempImage(sectors: sectors, fill: fill)
         guest = try SimulatedGuest(id: DomainID(1), ramPages: 512, hub: hub, grantTables: grants)
         host = try HostEventDomain(hub: hub)
         try store.introduceDomain(guest.id)
-        backend = try BlockBackend(path: image.path, readOnly: readOnly, frontend: guest.id, store: store,
-                                   grants: grants, host: host)
+        backend = try BlockBackend(path: image.path, readOnly: readOnly, frontend: guest.id, sectorSize: sectorSize,
+                                   maxQueues: maxQueues, store: store, grants: grants, host: host)
         try backend.create()
         guestStore = store.connect(domain: guest.id)
         let backend = self.backend
@@ -83,19 +88,37 @@ final class BlockRig {
         }
     }
 
-    /// The frontend's half of the handshake.
-    func connect() throws {
+    /// The frontend's half of the handshake: one ring with its keys at the top, or `queues`
+    /// rings under queue-<n> with multi-queue-num-queues (written as `numQueuesValue` when set,
+    /// to try bad values).
+    func connect(queues: Int = 1, numQueuesValue: String? = nil, expect state: UInt32 = XenbusBackendState.connected) throws {
         try waitForBackend(XenbusBackendState.initWait)
-        ringFrame = try guest.allocatePage()
-        front = try guest.frontRing(on: ringFrame)
-        ringRef = try guest.grantAccess(to: host.id, frame: ringFrame, readOnly: false)
-        port = try guest.allocUnbound(remote: host.id)
         let node = backend.frontendPath
-        #expect(guestWrite(node + "/ring-ref", "\(ringRef.rawValue)")?.type == .write)
-        #expect(guestWrite(node + "/event-channel", "\(port.rawValue)")?.type == .write)
+        for index in 0..<queues {
+            let frame = try guest.allocatePage()
+            let ring: FrontRing<BlkRequest, BlkResponse> = try guest.frontRing(on: frame)
+            let ref = try guest.grantAccess(to: host.id, frame: frame, readOnly: false)
+            let channel = try guest.allocUnbound(remote: host.id)
+            if index == 0 {
+                ringFrame = frame
+                ringRef = ref
+                port = channel
+                front = ring
+            }
+            fronts.append(ring)
+            ports.append(channel)
+            queueFrames.append(frame)
+            queueRefs.append(ref)
+            let directory = queues == 1 && numQueuesValue == nil ? node : node + "/queue-\(index)"
+            #expect(guestWrite(directory + "/ring-ref", "\(ref.rawValue)")?.type == .write)
+            #expect(guestWrite(directory + "/event-channel", "\(channel.rawValue)")?.type == .write)
+        }
+        if queues > 1 || numQueuesValue != nil {
+            #expect(guestWrite(node + "/multi-queue-num-queues", numQueuesValue ?? "\(queues)")?.type == .write)
+        }
         #expect(guestWrite(node + "/protocol", "x86_64-abi")?.type == .write)
         #expect(guestWrite(node + "/state", "\(XenbusBackendState.initialised)")?.type == .write)
-        try waitForBackend(XenbusBackendState.connected)
+        try waitForBackend(state)
     }
 
     func page(_ fill: (Int) -> UInt8) throws -> GuestFrame {
@@ -118,20 +141,64 @@ final class BlockRig {
         return r
     }
 
-    /// Pushes `requests` (many in flight, waiting for room) and collects every response by id.
-    func run(_ requests: [BlkRequest]) throws -> [UInt64: Int16] {
+    static func indirect(_ op: Int32, id: UInt64, sector: UInt64, segments: Int, pages: [GrantRef]) -> BlkRequest {
+        var i = vireo_blkif_request_indirect()
+        i.operation = UInt8(VIREO_BLKIF_OP_INDIRECT)
+        i.indirect_op = UInt8(truncatingIfNeeded: op)
+        i.nr_segments = UInt16(truncatingIfNeeded: segments)
+        i.id = id
+        i.sector_number = sector
+        withUnsafeMutableBytes(of: &i.indirect_grefs) { grefs in
+            for (n, ref) in pages.enumerated() { grefs.storeBytes(of: ref.rawValue, toByteOffset: n * 4, as: UInt32.self) }
+        }
+        var r = BlkRequest()
+        withUnsafeMutableBytes(of: &r) { $0.storeBytes(of: i, as: vireo_blkif_request_indirect.self) }
+        return r
+    }
+
+    static func discard(id: UInt64, sector: UInt64, count: UInt64, flag: UInt8 = 0) -> BlkRequest {
+        var d = vireo_blkif_request_discard()
+        d.operation = UInt8(VIREO_BLKIF_OP_DISCARD)
+        d.flag = flag
+        d.id = id
+        d.sector_number = sector
+        d.nr_sectors = count
+        var r = BlkRequest()
+        withUnsafeMutableBytes(of: &r) { $0.storeBytes(of: d, as: vireo_blkif_request_discard.self) }
+        return r
+    }
+
+    /// A page of indirect segment descriptors (granted read-only to dom0).
+    func indirectPage(_ segments: [(GrantRef, UInt8, UInt8)]) throws -> GrantRef {
+        let page = try guest.allocatePage()
+        let region = try guest.page(page)
+        for (n, s) in segments.enumerated() {
+            var d = vireo_blkif_request_segment()
+            d.gref = s.0.rawValue
+            d.first_sect = s.1
+            d.last_sect = s.2
+            region.store(d, at: n * 8)
+        }
+        return try guest.grantAccess(to: .zero, frame: page, readOnly: true)
+    }
+
+    /// Pushes `requests` (many in flight, waiting for room) on ring `queue` and collects every
+    /// response by id.
+    func run(_ requests: [BlkRequest], queue: Int = 0) throws -> [UInt64: Int16] {
         var responses: [UInt64: Int16] = [:]
         var next = 0
+        if fronts.isEmpty, let front { fronts = [front]; ports = [port] }
         let deadline = ContinuousClock.now.advanced(by: .seconds(30))
+        defer { if queue == 0 { front = fronts[0] } }
         while responses.count < requests.count {
-            while next < requests.count, front!.freeRequests > 0 {
-                try front!.produceRequest(requests[next])
+            while next < requests.count, fronts[queue].freeRequests > 0 {
+                try fronts[queue].produceRequest(requests[next])
                 next += 1
             }
-            if front!.pushRequestsAndCheckNotify() { try guest.notify(port) }
-            while let r = try front!.consumeResponse() { responses[r.id] = r.status }
+            if fronts[queue].pushRequestsAndCheckNotify() { try guest.notify(ports[queue]) }
+            while let r = try fronts[queue].consumeResponse() { responses[r.id] = r.status }
             if responses.count == requests.count { break }
-            if try front!.finalCheckForResponses() { continue }
+            if try fronts[queue].finalCheckForResponses() { continue }
             _ = guest.waitForEvents(timeout: .milliseconds(20))
             guard ContinuousClock.now < deadline else { throw BackendError("no responses") }
         }
@@ -233,16 +300,16 @@ private let unsupported = Int16(VIREO_BLKIF_RSP_EOPNOTSUPP)
             BlockRig.request(VIREO_BLKIF_OP_READ, id: 10, sector: 0, [(readOnlyRef, 0, 7)]),   // read into r/o
             BlockRig.request(VIREO_BLKIF_OP_WRITE, id: 11, sector: 0, [(otherDomainRef, 0, 7)]),  // not granted to us
             BlockRig.request(42, id: 12, sector: 0, [(ref, 0, 7)]),                             // unknown
-            BlockRig.request(VIREO_BLKIF_OP_WRITE_BARRIER, id: 13, sector: 0, [(ref, 0, 7)]),
-            BlockRig.request(VIREO_BLKIF_OP_DISCARD, id: 14, sector: 0, []),
-            BlockRig.request(VIREO_BLKIF_OP_INDIRECT, id: 15, sector: 0, []),
+            BlockRig.request(VIREO_BLKIF_OP_WRITE_BARRIER, id: 13, sector: 0, [(ref, 0, 7)]),  // writes zeros: fine
+            BlockRig.request(VIREO_BLKIF_OP_DISCARD, id: 14, sector: 0, []),                   // zero sectors: fine
+            BlockRig.request(VIREO_BLKIF_OP_INDIRECT, id: 15, sector: 0, []),                  // zero segments
             BlockRig.request(VIREO_BLKIF_OP_RESERVED_1, id: 16, sector: 0, []),
             BlockRig.request(VIREO_BLKIF_OP_READ, id: 17, sector: 63, [(ref, 7, 7)]),          // the last sector: fine
         ]
         let responses = try rig.run(requests)
         #expect(responses == [1: failed, 2: failed, 3: okay, 4: failed, 5: failed, 6: failed, 7: failed, 8: failed,
-                              9: failed, 10: failed, 11: failed, 12: unsupported, 13: unsupported, 14: unsupported,
-                              15: unsupported, 16: unsupported, 17: okay])
+                              9: failed, 10: failed, 11: failed, 12: unsupported, 13: okay, 14: okay,
+                              15: failed, 16: unsupported, 17: okay])
         #expect(try rig.image.bytes().allSatisfy { $0 == 0 }, "no hostile write reached the file")
         #expect(rig.backend.state == XenbusBackendState.connected)
     }

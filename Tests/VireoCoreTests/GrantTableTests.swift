@@ -83,6 +83,47 @@ let writing = UInt16(VIREO_GTF_writing)
         #expect(f.table.mappingCount == 0)
     }
 
+    /// One I/O's batch of grants: pinned all or none, marked in use during the body only.
+    @Test func withMappedPagesPinsAllOrNoneForTheBodyOnly() throws {
+        var f = try GrantFixture()
+        try f.memory.store(UInt64(0xabcd), at: GuestPhysicalAddress(7 * 4096 + 8))
+        let a = try f.grant(to: GrantFixture.backendID, frame: 7, readOnly: true)
+        let b = try f.grant(to: GrantFixture.backendID, frame: 9, readOnly: false)
+        let readOnly = try f.grant(to: GrantFixture.backendID, frame: 10, readOnly: true)
+        let pages = UnsafeMutableBufferPointer<SharedRegion>.allocate(capacity: 4)
+        defer { pages.deallocate() }
+        let table = f.table
+        let flags = { (ref: GrantRef) throws -> UInt16 in try f.flags(ref) }
+        // Reading both: each page is in use while the body runs, its bytes reachable by vector.
+        let seen = try [a, b].withUnsafeBufferPointer { refs in
+            try table.withMappedPages(refs, by: GrantFixture.backendID, writable: false, pages: pages) { mapped in
+                #expect(mapped.count == 2)
+                #expect(table.pins(a) == (1, 0) && table.pins(b) == (1, 0))
+                #expect((try? flags(a)).map { $0 & reading } == reading)
+                let vector = mapped[0].ioVector(offset: 8, count: 8)
+                return vector.iov_base!.loadUnaligned(as: UInt64.self)
+            }
+        }
+        #expect(seen == 0xabcd)
+        #expect(table.pins(a) == (0, 0) && table.pins(b) == (0, 0))
+        #expect(try f.flags(a) & (reading | writing) == 0 && f.flags(b) & (reading | writing) == 0)
+        // Writing into a read-only grant, after a good one: refused, and nothing stays pinned.
+        #expect(throws: GrantStatus.permissionDenied) {
+            try [b, readOnly].withUnsafeBufferPointer { refs in
+                try table.withMappedPages(refs, by: GrantFixture.backendID, writable: true, pages: pages) { _ in
+                    Issue.record("the body ran")
+                }
+            }
+        }
+        #expect(throws: GrantStatus.badGntref) {
+            try [b, GrantRef(100_000)].withUnsafeBufferPointer { refs in
+                try table.withMappedPages(refs, by: GrantFixture.backendID, writable: false, pages: pages) { _ in }
+            }
+        }
+        #expect(table.pins(b) == (0, 0) && table.pins(readOnly) == (0, 0))
+        #expect(f.revoke(a) && f.revoke(b) && f.revoke(readOnly))
+    }
+
     @Test func droppingTheMappingUnmaps() throws {
         var f = try GrantFixture()
         let ref = try f.grant(to: GrantFixture.backendID, frame: 3, readOnly: true)

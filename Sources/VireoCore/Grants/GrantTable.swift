@@ -188,6 +188,39 @@ public final class GrantTable: @unchecked Sendable {
         state.withLock { unpin(&$0, ref.rawValue, writable: writable) }
     }
 
+    // MARK: Mapping for one I/O (a batch of grants, held while the I/O runs)
+
+    /// Maps `refs` for `grantee` for the duration of `body` only, as a backend maps a
+    /// request's data pages, does its I/O straight between them and the disk, and unmaps them
+    /// (Xen's blkback). Every grant is pinned under one lock acquisition (all or none: the
+    /// first refused grant's status is thrown and nothing stays pinned), so the granting guest
+    /// sees each page in use (GTF_reading, GTF_writing when `writable`) until `body` returns.
+    /// `pages[i]` receives the page of `refs[i]`; `body` gets `pages` with the first
+    /// `refs.count` filled and must not keep a region past its return.
+    public func withMappedPages<R>(_ refs: UnsafeBufferPointer<GrantRef>, by grantee: DomainID, writable: Bool,
+                                   pages: UnsafeMutableBufferPointer<SharedRegion>,
+                                   _ body: (UnsafeMutableBufferPointer<SharedRegion>) -> R) throws(GrantStatus) -> R {
+        precondition(refs.count <= pages.count, "more grants than pages to hold them")
+        try state.withLock { (s: inout State) throws(GrantStatus) in
+            for i in 0..<refs.count {
+                let frame: UInt32
+                do throws(GrantStatus) {
+                    frame = try pin(&s, refs[i].rawValue, grantee: grantee, writable: writable)
+                } catch {
+                    for j in 0..<i { unpin(&s, refs[j].rawValue, writable: writable) }
+                    throw error
+                }
+                pages[i] = try! memory.region(frame: GuestFrame(UInt64(frame)))
+            }
+        }
+        defer {
+            state.withLock { s in
+                for ref in refs { unpin(&s, ref.rawValue, writable: writable) }
+            }
+        }
+        return body(UnsafeMutableBufferPointer(rebasing: pages[0..<refs.count]))
+    }
+
     // MARK: Mapping (GNTTABOP_map_grant_ref / unmap_grant_ref)
 
     /// Maps grant `ref` of this table for `grantee`. The mapping ends when the returned value

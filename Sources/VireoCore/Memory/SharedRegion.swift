@@ -102,6 +102,16 @@ public struct SharedRegion: @unchecked Sendable {
         return try body(UnsafeMutableRawBufferPointer(start: base + offset, count: count))
     }
 
+    /// Scoped read-only access to the bytes, for bulk I/O (a backend writing a granted page
+    /// straight to a file). The pointer must not escape `body`.
+    @inlinable
+    public func withUnsafeBytes<R, E: Error>(
+        offset: Int, count: Int, _ body: (UnsafeRawBufferPointer) throws(E) -> R
+    ) throws(E) -> R {
+        check(offset, count)
+        return try body(UnsafeRawBufferPointer(start: base + offset, count: count))
+    }
+
     /// True when both regions are the same bytes (used to detect aliasing in grant copy).
     public func overlaps(_ other: SharedRegion) -> Bool {
         let a = UInt(bitPattern: base), b = UInt(bitPattern: other.base)

@@ -48,4 +48,12 @@ int vireo_unblock_signal(int signo);
 unsigned long vireo_current_thread(void);
 int vireo_signal_thread(unsigned long thread, int signo);
 
+/*
+ * fallocate(2) with FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE (which need _GNU_SOURCE and
+ * <linux/falloc.h>): frees the byte range [offset, offset + length) of a regular file, which
+ * then reads as zeros, without changing the file's size. 0, or -1 with errno set (EOPNOTSUPP
+ * where the file system cannot punch holes).
+ */
+int vireo_punch_hole(int fd, int64_t offset, int64_t length);
+
 #endif

@@ -11,9 +11,12 @@
  *
  * Every sector quantity on the ring (sector_number, nr_sectors, first_sect, last_sect)
  * counts 512-byte units, whatever "sector-size" says. The "sectors" key counts 512-byte
- * units too: that is what Linux and the BSDs do at both ends. (Xen's prose says
- * "sector-size" units, and "feature-large-sector-size" asks for that reading; the two
- * agree when sector-size is 512, which is what a Vireo backend publishes.)
+ * units too: that is what Linux and the BSDs do at both ends (Linux's blkfront passes it
+ * to set_capacity, which counts 512-byte sectors; its blkback publishes the device's size
+ * in 512-byte sectors). Xen's prose says "sector-size" units, and a frontend's
+ * "feature-large-sector-size" asks for that reading; Vireo's backend does not honour it.
+ * "sector-size" is the logical block size (512 or 4096 for Vireo): with 4096, every
+ * transfer and discard must start and end on a multiple of 8 of these 512-byte units.
  * A data page is one 4096-byte granted frame: sectors 0..7 of it.
  *
  * ---------------------------------------------------------------------------------------
