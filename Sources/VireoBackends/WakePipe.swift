@@ -36,4 +36,16 @@ final class WakePipe: Sendable {
         var drain = [UInt8](repeating: 0, count: 64)
         while Glibc.read(readEnd, &drain, drain.count) > 0 {}
     }
+
+    /// Sleeps until kicked, `descriptor` is readable (when it is not negative) or
+    /// `milliseconds` pass, then drains the pipe: a service loop that also reads a device (a
+    /// TAP) sleeps on both.
+    func wait(milliseconds: Int32, alsoReadable descriptor: Int32) {
+        guard descriptor >= 0 else { return wait(milliseconds: milliseconds) }
+        var pollers = [pollfd(fd: readEnd, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)]
+        _ = poll(&pollers, 2, milliseconds)
+        var drain = [UInt8](repeating: 0, count: 64)
+        while Glibc.read(readEnd, &drain, drain.count) > 0 {}
+    }
 }
