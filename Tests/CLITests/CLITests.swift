@@ -140,6 +140,15 @@ import Testing
         #expect(try Self.run(["bench", "--list"]).out.contains("block\t"))
     }
 
+    /// Bad `--net` values are refused before anything starts: exit status 1, the field named.
+    @Test func runRefusesBadNetValuesByField() throws {
+        for (value, field) in [("bogus", "--net 'bogus'"), ("tap:x,mac=zz", "--net mac"), ("switch:lan,rate=9", "--net rate")] {
+            let r = try Self.run(["run", "/nonexistent/guest.elf", "--net", value])
+            #expect(r.status == 1, "\(value): \(r.err)")
+            #expect(r.err.contains(field), "\(value): \(r.err)")
+        }
+    }
+
     /// `vireo store serve --socket PATH`: the store on its own; a client reaches it; SIGTERM
     /// stops it and removes the socket.
     @Test func storeServeAnswersAndCleansUp() throws {

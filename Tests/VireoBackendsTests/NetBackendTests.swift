@@ -515,3 +515,30 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         #expect(a.frames.withLock { $0.count } == aCount && b.frames.withLock { $0.count } == before + 1)
     }
 }
+
+@Suite struct NetworkSpecTests {
+    @Test func netValuesParseAsXlWritesThem() throws {
+        #expect(try NetworkSpec(parsing: "tap:vif1") == NetworkSpec(hostSide: .tap("vif1")))
+        let full = try NetworkSpec(parsing: "switch:lan,mac=00:16:3e:aa:bb:cc,rate=10Mb/s")
+        #expect(full.hostSide == .networkSwitch("lan"))
+        #expect(full.mac?.description == "00:16:3e:aa:bb:cc")
+        #expect(full.rateBytesPerSecond == 1_250_000)
+        #expect(try NetworkSpec(parsing: "tap:t0,rate=2MB/s").rateBytesPerSecond == 2_000_000)
+        #expect(try NetworkSpec(parsing: "tap:t0,rate=512B/s").rateBytesPerSecond == 512)
+    }
+
+    @Test(arguments: [
+        ("bogus", "--net 'bogus'"), ("tap:", "--net tap"), ("tap:a-name-longer-than-15", "--net tap"),
+        ("switch:", "--net switch"), ("tap:t0,mac=zz:00:00:00:00:00", "--net mac"),
+        ("tap:t0,mac=01:00:5e:00:00:01", "--net mac"), ("tap:t0,rate=fast", "--net rate"),
+        ("tap:t0,rate=0Mb/s", "--net rate"), ("tap:t0,color=red", "--net 'color'"), ("tap:t0,mac", "--net 'mac'"),
+    ])
+    func badNetValuesNameTheirField(_ text: String, _ field: String) {
+        do {
+            _ = try NetworkSpec(parsing: text)
+            Issue.record("'\(text)' was accepted")
+        } catch {
+            #expect(error.description.hasPrefix(field), "\(error.description)")
+        }
+    }
+}
