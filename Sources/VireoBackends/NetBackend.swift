@@ -629,6 +629,7 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
         parsed = ParsedPacket()
         let first = try next(c, "a packet")
         slots.append((first.id, false))
+        fragments.append((first.gref, Int(first.offset), 0))  // its length is known once the rest is counted
         parsed.size = Int(first.size)
         parsed.flags = first.flags
         if first.flags & ~Self.knownTxFlags != 0 { parsed.invalid = "unknown flags \(first.flags)" }
@@ -683,7 +684,7 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
                 throw ProtocolError(description: "a packet's first slot crosses its page (offset \(first.offset), \(remaining) bytes)")
             }
         }
-        fragments.insert((first.gref, Int(first.offset), remaining), at: 0)
+        fragments[0].length = remaining
         if !parsed.controlOnly && parsed.size < 14 {
             parsed.invalid = parsed.invalid ?? "size \(first.size) (a frame is at least 14 bytes)"
         }

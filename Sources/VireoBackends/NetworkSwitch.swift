@@ -25,6 +25,8 @@ public final class NetworkSwitch: Sendable {
     private struct Entry {
         var port: Int
         var seen: UInt64
+        /// A vif's own configured address: never aged out, never moved by another port's frames.
+        var fixed = false
     }
     private struct State {
         var ports: [Int: Deliver] = [:]
@@ -34,6 +36,9 @@ public final class NetworkSwitch: Sendable {
         var stats = Statistics()
     }
     private let state = Mutex(State())
+    // Counted after delivery, outside the table's lock.
+    private let deliveredCount = Atomic<Int>(0)
+    private let droppedCount = Atomic<Int>(0)
 
     /// Counters, for tests and diagnostics.
     public struct Statistics: Sendable, Equatable {
@@ -50,7 +55,12 @@ public final class NetworkSwitch: Sendable {
         /// Source addresses not learned because a table bound was reached.
         public var learnRefused = 0
     }
-    public var statistics: Statistics { state.withLock { $0.stats } }
+    public var statistics: Statistics {
+        var stats = state.withLock { $0.stats }
+        stats.delivered = deliveredCount.load(ordering: .relaxed)
+        stats.dropped = droppedCount.load(ordering: .relaxed)
+        return stats
+    }
     /// Addresses in the table now.
     public var learnedAddresses: Int { state.withLock { $0.table.count } }
 
@@ -82,11 +92,18 @@ public final class NetworkSwitch: Sendable {
     }
 
     /// Plugs `backend` in: its transmissions enter the switch, and frames for it go to its
-    /// receive queue.
+    /// receive queue. The vif's configured MAC is entered for its port at once (fixed: it
+    /// neither ages nor moves), so frames to a guest that has not spoken yet are not flooded.
     @discardableResult
     public func connect(_ backend: NetBackend) -> Port {
         let port = addPort { [weak backend] frame, checksum in
             backend?.receive(UnsafeRawBufferPointer(frame), checksum: checksum) ?? false
+        }
+        let key = backend.mac.key, number = port.number
+        state.withLock { s in
+            if let old = s.table[key] { s.addressesPerPort[old.port, default: 1] -= 1 }
+            s.table[key] = Entry(port: number, seen: 0, fixed: true)
+            s.addressesPerPort[number, default: 0] += 1
         }
         backend.attach(port)
         return port
@@ -134,7 +151,7 @@ public final class NetworkSwitch: Sendable {
             s.stats.frames += 1
             guard s.ports[port] != nil else { return false }  // a port that left
             if !source.isMulticast { learn(source.key, port: port, now: now, &s) }
-            if !destination.isMulticast, let entry = s.table[destination.key], now &- entry.seen <= agingNanoseconds {
+            if !destination.isMulticast, let entry = s.table[destination.key], entry.fixed || now &- entry.seen <= agingNanoseconds {
                 guard entry.port != port, let deliver = s.ports[entry.port] else {
                     s.stats.discarded += 1
                     return false
@@ -155,15 +172,14 @@ public final class NetworkSwitch: Sendable {
                 if deliver(frame, checksum) { delivered += 1 } else { dropped += 1 }
             }
         }
-        state.withLock { s in
-            s.stats.delivered += delivered
-            s.stats.dropped += dropped
-        }
+        if delivered > 0 { deliveredCount.add(delivered, ordering: .relaxed) }
+        if dropped > 0 { droppedCount.add(dropped, ordering: .relaxed) }
         return delivered > 0 || (single == nil && flood.isEmpty)
     }
 
     private func learn(_ key: UInt64, port: Int, now: UInt64, _ s: inout State) {
         if var entry = s.table[key] {
+            if entry.fixed { return }  // a vif's own address: another port cannot take it over
             if entry.port != port {
                 // The address moved: count it against its new port (if that one has room).
                 guard s.addressesPerPort[port, default: 0] < portAddressLimit else {
@@ -181,7 +197,7 @@ public final class NetworkSwitch: Sendable {
         if s.table.count >= tableLimit {
             // Forget what has aged out before refusing.
             let aging = agingNanoseconds
-            let stale = s.table.filter { now &- $0.value.seen > aging }
+            let stale = s.table.filter { !$0.value.fixed && now &- $0.value.seen > aging }
             for (k, e) in stale {
                 s.table[k] = nil
                 s.addressesPerPort[e.port, default: 1] -= 1

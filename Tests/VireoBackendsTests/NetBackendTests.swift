@@ -98,6 +98,11 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         #expect(try one.takeReceived().count == 1)
         #expect(fabric.statistics.flooded == flooded)
         #expect(fabric.learnedAddresses == 2)
+        // A vif's own address stays on its port: one spoofing two's address does not take it over.
+        try one.send(ethernetFrame(to: .broadcast, from: two.mac, payload: 60), id: 2)
+        try one.send(ethernetFrame(to: two.mac, from: one.mac, payload: 61), id: 3)
+        rig.pump()
+        #expect(try two.takeReceived().map(\.bytes.count) == [74, 75])
     }
 
     @Test func anRxPacketLandsInThePostedPageAndBigOnesSpanSlots() throws {
