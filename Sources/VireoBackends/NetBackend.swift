@@ -96,6 +96,10 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     private let host: HostEventDomain
     private let wake: WakePipe
     private let stopping = Atomic<Bool>(false)
+    /// Set by the XenStore session's wake-up (a watch fired): the frontend's state is read again.
+    private let storeChanged = StoreFlag()
+    private final class StoreFlag: Sendable { let raised = Atomic<Bool>(true) }
+    private var stateReadAt: UInt64 = 0
     /// Frames are taken for the guest only while Connected.
     private let accepting = Atomic<Bool>(false)
     let queue: FrameQueue
@@ -266,8 +270,11 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     /// Writes the toolstack's nodes and the backend's features, and enters InitWait. Call
     /// once, before the frontend starts looking (before the guest boots).
     public func create() throws(BackendError) {
-        let wake = self.wake
-        session = store.connect(domain: host.id, wake: { wake.kick() })
+        let wake = self.wake, storeChanged = self.storeChanged
+        session = store.connect(domain: host.id, wake: {
+            storeChanged.raised.store(true, ordering: .releasing)
+            wake.kick()
+        })
         let front = frontend.rawValue, back = host.id.rawValue
         let backendPermissions = ["n\(back)", "r\(front)"], frontendPermissions = ["n\(front)", "r\(back)"]
         _ = try storeRequest(.mkdir, Array(backendPath.utf8) + [0])
@@ -363,9 +370,14 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
         }
     }
 
-    /// Reacts to the frontend's state (level-triggered: read on every pass).
+    /// Reacts to the frontend's state: read when the state watch fired, and at least every
+    /// 50 ms regardless (level-triggered, so a missed wake-up costs latency, never the state),
+    /// not on every pass: a busy vif would otherwise make a store request per batch.
     private func followFrontend() {
         guard session != nil else { return }
+        let now = configuration.clock()
+        guard storeChanged.raised.exchange(false, ordering: .acquiring) || now &- stateReadAt >= 50_000_000 else { return }
+        stateReadAt = now
         let front = readNumber(frontendPath + "/state").map { UInt32(truncatingIfNeeded: $0) } ?? 0
         let mine = state
         switch front {
