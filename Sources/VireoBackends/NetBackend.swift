@@ -28,6 +28,9 @@ import VireoStore
 /// fit is dropped and counted) and are grant-copied into the pages the frontend posted, one
 /// page per slot, offset 0, response i in the slot of request i.
 public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mutable state; others touch atomics, locks and the pipe
+    // The service state below is touched only by the one thread in run()/poll(), so its
+    // properties skip Swift's dynamic exclusivity checks (@exclusivity(unchecked)): on the
+    // per-frame path they cost as much as the ring work itself.
     public typealias TxRequest = vireo_netif_tx_request
     public typealias TxResponse = vireo_netif_tx_response
     public typealias RxRequest = vireo_netif_rx_request
@@ -105,10 +108,10 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     let queue: FrameQueue
     private let queueRegion: SharedRegion
     private let attachmentBox = Mutex<(any NetworkAttachment)?>(nil)
-    private var attachment: (any NetworkAttachment)?
+    @exclusivity(unchecked) private var attachment: (any NetworkAttachment)?
 
     private let stats = Mutex(Statistics())
-    private var pending = Statistics()  // this pass's counts, added to `stats` at its end
+    @exclusivity(unchecked) private var pending = Statistics()  // this pass's counts, added to `stats` at its end
     public var statistics: Statistics { stats.withLock { $0 } }
 
     /// The state the backend last published.
@@ -122,12 +125,12 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     private static let frameBytes = 65536
     private let txBuffer: UnsafeMutableRawPointer
     private let txRegion: SharedRegion
-    private var slots: [(id: UInt16, extra: Bool)] = []
-    private var fragments: [(ref: UInt32, offset: Int, length: Int)] = []
-    private var parsed = ParsedPacket()
-    private var held = false
-    private var bucket: TokenBucket?
-    private var rxRequests: [RxRequest] = []
+    @exclusivity(unchecked) private var slots: [(id: UInt16, extra: Bool)] = []
+    @exclusivity(unchecked) private var fragments: [(ref: UInt32, offset: Int, length: Int)] = []
+    @exclusivity(unchecked) private var parsed = ParsedPacket()
+    @exclusivity(unchecked) private var held = false
+    @exclusivity(unchecked) private var bucket: TokenBucket?
+    @exclusivity(unchecked) private var rxRequests: [RxRequest] = []
 
     /// The packet whose slots are in `slots`/`fragments`.
     private struct ParsedPacket {
@@ -148,8 +151,8 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     private final class Connection {
         let txMapping: MappingBox
         let rxMapping: MappingBox
-        var tx: BackRing<TxRequest, TxResponse>
-        var rx: BackRing<RxRequest, RxResponse>
+        @exclusivity(unchecked) var tx: BackRing<TxRequest, TxResponse>
+        @exclusivity(unchecked) var rx: BackRing<RxRequest, RxResponse>
         let rxRegion: SharedRegion
         let port: EventPort
         let frontendSG: Bool
@@ -173,7 +176,7 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
         let mapping: GrantMapping
         init(_ mapping: consuming GrantMapping) { self.mapping = mapping }
     }
-    private var connection: Connection?
+    @exclusivity(unchecked) private var connection: Connection?
     private var session: XenStoreConnection?
 
     /// A vif `handle` (0 = the first, Linux's eth0) of domain `frontend`.

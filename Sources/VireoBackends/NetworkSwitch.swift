@@ -29,7 +29,8 @@ public final class NetworkSwitch: Sendable {
         var fixed = false
     }
     private struct State {
-        var ports: [Int: Deliver] = [:]
+        /// By port number (numbers are never reused; a removed port leaves nil).
+        var ports: [Deliver?] = [nil]
         var nextPort = 1
         var table: [UInt64: Entry] = [:]
         var addressesPerPort: [Int: Int] = [:]
@@ -66,7 +67,7 @@ public final class NetworkSwitch: Sendable {
 
     public init(name: String, tableLimit: Int = 4096, portAddressLimit: Int = 256,
                 aging: Duration = .seconds(300),
-                clock: @escaping @Sendable () -> UInt64 = ConsoleBackend.monotonicNanoseconds) {
+                clock: @escaping @Sendable () -> UInt64 = NetworkSwitch.coarseNanoseconds) {
         precondition(tableLimit > 0 && portAddressLimit > 0, "a switch table holds at least one address")
         self.name = name
         self.tableLimit = tableLimit
@@ -89,6 +90,14 @@ public final class NetworkSwitch: Sendable {
         }
         /// Leaves the switch: frames are no longer delivered to it and its addresses are forgotten.
         public func remove() { owner.removePort(number) }
+    }
+
+    /// The default clock: CLOCK_MONOTONIC_COARSE (a few milliseconds' resolution is plenty for
+    /// ageing out addresses, and it is read on every frame).
+    public static func coarseNanoseconds() -> UInt64 {
+        var now = timespec()
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &now)
+        return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
     }
 
     /// Plugs `backend` in: its transmissions enter the switch, and frames for it go to its
@@ -120,7 +129,7 @@ public final class NetworkSwitch: Sendable {
         let number = state.withLock { s in
             let n = s.nextPort
             s.nextPort += 1
-            s.ports[n] = deliver
+            s.ports.append(deliver)
             return n
         }
         return Port(number: number, owner: self)
@@ -128,7 +137,7 @@ public final class NetworkSwitch: Sendable {
 
     func removePort(_ number: Int) {
         state.withLock { s in
-            s.ports[number] = nil
+            if number < s.ports.count { s.ports[number] = nil }
             s.table = s.table.filter { $0.value.port != number }
             s.addressesPerPort[number] = nil
         }
@@ -149,17 +158,17 @@ public final class NetworkSwitch: Sendable {
         var flood: [Deliver] = []
         let decided: Bool = state.withLock { s in
             s.stats.frames += 1
-            guard s.ports[port] != nil else { return false }  // a port that left
+            guard port < s.ports.count, s.ports[port] != nil else { return false }  // a port that left
             if !source.isMulticast { learn(source.key, port: port, now: now, &s) }
             if !destination.isMulticast, let entry = s.table[destination.key], entry.fixed || now &- entry.seen <= agingNanoseconds {
-                guard entry.port != port, let deliver = s.ports[entry.port] else {
+                guard entry.port != port, entry.port < s.ports.count, let deliver = s.ports[entry.port] else {
                     s.stats.discarded += 1
                     return false
                 }
                 single = deliver
             } else {
                 s.stats.flooded += 1
-                flood = s.ports.filter { $0.key != port }.sorted { $0.key < $1.key }.map(\.value)
+                flood = s.ports.enumerated().compactMap { $0.offset == port ? nil : $0.element }
             }
             return true
         }
