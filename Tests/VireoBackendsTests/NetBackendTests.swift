@@ -278,7 +278,7 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
 
     /// Each of these breaks the ring rules: the vif goes to Closing with a reason, and another
     /// vif on the same backend domain and switch keeps working.
-    @Test(arguments: ["crosses", "endless", "overflow", "extra-type", "too-many-extras", "first-crosses"])
+    @Test(arguments: ["crosses", "endless", "overflow", "extra-type", "too-many-extras", "first-crosses", "rx-overflow"])
     func protocolBreakersAreDisconnected(_ attack: String) throws {
         let (rig, fabric, one, two) = try pair()
         let three = try rig.vif(3)
@@ -304,11 +304,14 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
             for _ in 0..<10 {  // type HASH, flags MORE, forever
                 try one.tx.produceRequest(NetFront.request(gref: GrantRef(0x0104), offset: 0, flags: 0, id: 0, size: 0))
             }
+        case "rx-overflow":  // the receive ring's req_prod far ahead, found when a frame arrives
+            try one.guest.page(one.rxFrame).storeRelease32(5000, at: RingLayout.requestProducerOffset)
+            ethernetFrame(to: one.mac, from: two.mac, payload: 30).withUnsafeBytes { _ = one.backend.receive($0) }
         default:  // "overflow": req_prod far more than a ring ahead
             try one.guest.page(one.txFrame).storeRelease32(1000, at: RingLayout.requestProducerOffset)
             try one.guest.notify(one.port)
         }
-        if attack != "overflow" { try one.push() }
+        if !attack.contains("overflow") { try one.push() }
         rig.pump()
         #expect(one.backendState == closing, "\(attack)")
         #expect(one.backend.lastFailure != nil)
@@ -329,6 +332,23 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         try two.send(ethernetFrame(to: one.mac, from: two.mac, payload: 70), id: 2)
         rig.pump()
         #expect(try one.takeReceived().count == 1)
+    }
+
+    @Test func aSecondVifOfOneGuestHasItsOwnDirectoriesAndAddress() throws {
+        let rig = try NetRig()
+        let guest = try SimulatedGuest(id: DomainID(7), ramPages: 64, hub: rig.hub, grantTables: rig.grants)
+        try rig.store.introduceDomain(guest.id)
+        let second = try NetBackend(frontend: guest.id, handle: 1, store: rig.store, grants: rig.grants, host: rig.host)
+        try second.create()
+        #expect(second.backendPath == "/local/domain/0/backend/vif/7/1")
+        #expect(second.frontendPath == "/local/domain/7/device/vif/1")
+        #expect(second.mac.description == "02:16:3e:00:07:01")
+        let given = try NetBackend(frontend: guest.id, handle: 2, configuration: .init(mac: EthernetAddress(parsing: "00:16:3e:12:34:56")),
+                                   store: rig.store, grants: rig.grants, host: rig.host)
+        try given.create()
+        let session = rig.store.connect(domain: guest.id)
+        let reply = rig.store.request(XenStoreMessage(.read, given.frontendPath + "/mac"), from: session)
+        #expect(reply.map { String(decoding: $0.payload, as: UTF8.self) } == "00:16:3e:12:34:56")
     }
 
     @Test func badHandshakesAreRefusedByName() throws {
