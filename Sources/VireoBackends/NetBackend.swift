@@ -28,9 +28,6 @@ import VireoStore
 /// fit is dropped and counted) and are grant-copied into the pages the frontend posted, one
 /// page per slot, offset 0, response i in the slot of request i.
 public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mutable state; others touch atomics, locks and the pipe
-    // The service state below is touched only by the one thread in run()/poll(), so its
-    // properties skip Swift's dynamic exclusivity checks (@exclusivity(unchecked)): on the
-    // per-frame path they cost as much as the ring work itself.
     public typealias TxRequest = vireo_netif_tx_request
     public typealias TxResponse = vireo_netif_tx_response
     public typealias RxRequest = vireo_netif_rx_request
@@ -121,6 +118,9 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     public var lastFailure: String? { failure.withLock { $0 } }
     private let failure = Mutex<String?>(nil)
 
+    // The service state (here, `attachment`, `pending`, `connection` and the rings) is touched
+    // only by the one thread in run()/poll(), so it skips Swift's dynamic exclusivity checks
+    // (@exclusivity(unchecked)): on the per-frame path they cost as much as the ring work.
     // Transmit scratch: one packet at a time, allocated once.
     private static let frameBytes = 65536
     private let txBuffer: UnsafeMutableRawPointer
