@@ -351,6 +351,28 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         #expect(reply.map { String(decoding: $0.payload, as: UTF8.self) } == "00:16:3e:12:34:56")
     }
 
+    /// One page granted as both rings: the frontend only confuses itself; the backend bounds
+    /// every index it reads and keeps to the page, and the other vifs carry on.
+    @Test func oneRingPageForBothRingsHarmsNoOneElse() throws {
+        let (rig, fabric, one, two) = try pair()
+        let odd = try rig.vif(5)
+        fabric.connect(odd.backend)
+        try odd.connect(oneRingPage: true)
+        for i in 0..<50 {
+            try odd.send(ethernetFrame(to: .broadcast, from: odd.mac, payload: 40 + i), id: UInt16(i))
+            ethernetFrame(to: odd.mac, from: one.mac, payload: 30).withUnsafeBytes { _ = odd.backend.receive($0) }
+            rig.pump()
+        }
+        try one.send(ethernetFrame(to: two.mac, from: one.mac, payload: 30), id: 1)
+        rig.pump()
+        var got = try two.takeReceived()
+        try two.postReceive(128)
+        rig.pump()
+        got += try two.takeReceived()
+        #expect(got.contains { $0.bytes.count == 44 })
+        #expect(one.backendState == connected && two.backendState == connected)
+    }
+
     @Test func badHandshakesAreRefusedByName() throws {
         let rig = try NetRig()
         let cases: [(extra: [(String, String)], omit: Set<String>, expect: String)] = [

@@ -90,13 +90,14 @@ final class NetFront {
     /// Sets up both rings and the event channel and writes Linux netfront's keys, then
     /// Connected (Linux frontends skip Initialised). `extra` keys are written too (a test's
     /// features or hostile values); `omit` leaves keys out.
-    func connect(extra: [(String, String)] = [], omit: Set<String> = [], state: UInt32 = XenbusBackendState.connected) throws {
+    func connect(extra: [(String, String)] = [], omit: Set<String> = [], state: UInt32 = XenbusBackendState.connected,
+                 oneRingPage: Bool = false) throws {
         txFrame = try guest.allocatePage()
         rxFrame = try guest.allocatePage()
         tx = try guest.frontRing(on: txFrame)
         rx = try guest.frontRing(on: rxFrame)
         txRef = try guest.grantAccess(to: rig.host.id, frame: txFrame, readOnly: false)
-        rxRef = try guest.grantAccess(to: rig.host.id, frame: rxFrame, readOnly: false)
+        rxRef = oneRingPage ? txRef : try guest.grantAccess(to: rig.host.id, frame: rxFrame, readOnly: false)
         port = try guest.allocUnbound(remote: rig.host.id)
         let node = backend.frontendPath
         var keys: [(String, String)] = [("tx-ring-ref", "\(txRef.rawValue)"), ("rx-ring-ref", "\(rxRef.rawValue)"),
