@@ -60,7 +60,8 @@ let package = Package(
         // console, a cooperative loop), generic over a platform. The same sources build in
         // Embedded Swift for bare-metal guests (`vireo guest build`, see Docs/guestkit.md).
         .target(name: "GuestKit", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
-        // Backends: the host side of split drivers (blkback over an image file), served through
+        // Backends: the host side of split drivers (blkback over an image file, netback with a
+        // switch and TAP devices; VireoLinux for the TAP's ioctl), served through
         // grant copies, shared rings and event channels only, never raw guest memory.
         .target(name: "VireoBackends", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoStore", "VireoLinux"]),
         // Builds bare-metal guest images (Hypercalls/runtime + a guest's sources) by running the

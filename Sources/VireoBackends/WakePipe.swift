@@ -35,8 +35,26 @@ final class WakePipe: Sendable {
     func wait(milliseconds: Int32) -> Bool {
         var poller = pollfd(fd: readEnd, events: Int16(POLLIN), revents: 0)
         let ready = poll(&poller, 1, milliseconds) > 0
-        var drain: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
-        while withUnsafeMutableBytes(of: &drain, { Glibc.read(readEnd, $0.baseAddress, $0.count) }) > 0 {}
+        drain()
         return ready
+    }
+
+    /// Sleeps until kicked, `descriptor` is readable (when it is not negative) or
+    /// `milliseconds` pass, then drains the pipe: a service loop that also reads a device (a
+    /// TAP) sleeps on both.
+    func wait(milliseconds: Int32, alsoReadable descriptor: Int32) {
+        guard descriptor >= 0 else {
+            wait(milliseconds: milliseconds)
+            return
+        }
+        var pollers = [pollfd(fd: readEnd, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)]
+        _ = poll(&pollers, 2, milliseconds)
+        drain()
+    }
+
+    private func drain() {
+        var bytes: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
+        while withUnsafeMutableBytes(of: &bytes, { Glibc.read(readEnd, $0.baseAddress, $0.count) }) > 0 {}
     }
 }

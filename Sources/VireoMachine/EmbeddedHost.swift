@@ -20,6 +20,19 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     private let rings: XenStoreGuestRings
     private let mappings = Mappings()
     private var dispatcher: HostEventDispatcher?
+    private let switches = Mutex<[String: NetworkSwitch]>([:])
+
+    /// The in-process switch called `name` (made on first use): every vif of every domain this
+    /// host runs with `--net switch:NAME` is a port of the same one, so two domains run on two
+    /// threads of one process reach each other through it.
+    public func networkSwitch(named name: String) -> NetworkSwitch {
+        switches.withLock { s in
+            if let existing = s[name] { return existing }
+            let created = NetworkSwitch(name: name)
+            s[name] = created
+            return created
+        }
+    }
 
     final class Mappings: Sendable { let byDomain = Mutex<[DomainID: GrantMappingHolder]>([:]) }
 
@@ -82,14 +95,18 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     /// given `consoleLog`, appends it to that file. It serves the ring from before the guest
     /// starts until the domain ends, draining it once more after the guest stops. Given
     /// `consoleInput`, what can be read from that descriptor goes into the ring's `in` side.
-    /// - Throws: ``BackendError`` naming the image when a disk cannot be opened, or the console
-    ///   log when it cannot be opened.
+    ///
+    /// Networks: each spec becomes vif handle 0, 1, ... (netback, Docs/network.md), its TAP
+    /// opened or its switch port plugged in before the guest starts, served on its own thread
+    /// until the domain ends, then unplugged.
     ///
     /// `devices` are further backends for the domain (built on this host's ``store``,
     /// ``grants`` and ``host`` for frontend `config.id`): created with the disks' and served
     /// the same way, each on its own thread.
+    /// - Throws: ``BackendError`` naming the image when a disk cannot be opened, the console
+    ///   log when it cannot be opened, or the TAP when it cannot be opened.
     public func run(config: DomainConfig, kernel: [UInt8], commandLine: String, disks: [Disk] = [],
-                    devices: [any BackendService] = [],
+                    networks: [NetworkSpec] = [], devices: [any BackendService] = [],
                     consoleLog: String? = nil, consoleRate: ConsoleBackend.RateLimit = .standard,
                     consoleInput: Int32? = nil,
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
@@ -99,6 +116,21 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
             backends.append(try BlockBackend(path: disk.path, readOnly: disk.readOnly, frontend: config.id, device: disk.device,
                                              sectorSize: disk.sectorSize, store: store, grants: grants, host: host))
         }
+        // The TAPs next, for the same reason; a vif's backend needs the domain's ID only.
+        var vifs: [(backend: NetBackend, port: NetworkSwitch.Port?)] = []
+        for (handle, spec) in networks.enumerated() {
+            let backend = try NetBackend(frontend: config.id, handle: UInt32(handle),
+                                         configuration: .init(mac: spec.mac, rateBytesPerSecond: spec.rateBytesPerSecond),
+                                         store: store, grants: grants, host: host)
+            switch spec.hostSide {
+            case .tap(let name):
+                backend.attach(try TapDevice(name: name))
+                vifs.append((backend, nil))
+            case .networkSwitch(let name):
+                vifs.append((backend, networkSwitch(named: name).connect(backend)))
+            }
+        }
+        defer { for vif in vifs { vif.port?.remove() } }
         let router = UpcallRouter()
         let built = try DomainBuilder.build(config: config, kernel: kernel, commandLine: commandLine, hub: hub,
                                             grantTables: grants, backend: host.id, console: console,
@@ -141,12 +173,21 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         var servers: [Thread] = []
         defer {
             for backend in backends { backend.stop() }
+            for vif in vifs { vif.backend.stop() }
             for thread in servers { while !thread.isFinished { usleep(1000) } }
         }
         for backend in backends {
             try backend.create()
             let thread = Thread { backend.run() }
             thread.name = "vireo-\(backend.name)"
+            thread.start()
+            servers.append(thread)
+        }
+        for vif in vifs {
+            try vif.backend.create()
+            let backend = vif.backend
+            let thread = Thread { backend.run() }
+            thread.name = "vireo-netback-\(backend.handle)"
             thread.start()
             servers.append(thread)
         }

@@ -42,6 +42,11 @@ struct RunCommand: ParsableCommand {
     @Option(help: "A raw disk image served as xvda (device 51712): PATH[,ro][,sector=4096] (',ro' read-only; 'sector=4096' 4096-byte logical sectors).")
     var disk: String?
 
+    @Option(help: ArgumentHelp(
+        "A network interface (repeatable; vif 0, 1, ...): tap:IFNAME (create or attach the TAP) or switch:NAME (an in-process switch), then optional ,mac=XX:XX:XX:XX:XX:XX and ,rate=R/s (xl's vif rate, e.g. 10Mb/s).",
+        valueName: "tap:IFNAME|switch:NAME[,mac=M][,rate=R/s]"))
+    var net: [String] = []
+
     @Option(help: "Also append the guest's console ring output to this file (rate-limited like stdout).")
     var consoleLog: String?
 
@@ -81,6 +86,11 @@ struct RunCommand: ParsableCommand {
     static let exitCrash: Int32 = 2, exitReboot: Int32 = 3, exitOther: Int32 = 4
 
     func run() throws {
+        // Before anything starts: a bad --net value is a setup error naming its field.
+        var networks: [NetworkSpec] = []
+        for text in net {
+            do { networks.append(try NetworkSpec(parsing: text)) } catch { throw RunError(error.description) }
+        }
         if engine == .soft || (engine == .auto && access("/dev/kvm", R_OK | W_OK) != 0) {
             throw RunError("the SoftCPU engine is not built yet; run on a host with /dev/kvm (--engine kvm)")
         }
@@ -109,11 +119,13 @@ struct RunCommand: ParsableCommand {
             outcome = try host.run(
                 config: DomainConfig(id: DomainID(1), name: URL(fileURLWithPath: kernel).lastPathComponent,
                                      memoryBytes: UInt64(memory) << 20, vcpus: vcpus),
-                kernel: Array(bytes), commandLine: cmdline, disks: (try diskSpec).map { [$0] } ?? [], consoleLog: consoleLog,
-                consoleInput: STDIN_FILENO,
+                kernel: Array(bytes), commandLine: cmdline, disks: (try diskSpec).map { [$0] } ?? [], networks: networks,
+                consoleLog: consoleLog, consoleInput: STDIN_FILENO,
                 console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } })
         } catch let failure as BackendError {
-            throw RunError(failure.description.hasPrefix("console") ? "\(failure)" : "--disk: \(failure)")
+            let text = failure.description
+            if text.hasPrefix("console") { throw RunError(text) }
+            throw RunError(text.hasPrefix("tap ") || text.hasPrefix("vif") ? "--net: \(text)" : "--disk: \(text)")
         } catch let failure as DomainBuilder.Failure {
             throw RunError("\(kernel): \(failure)")
         } catch {

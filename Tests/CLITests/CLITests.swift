@@ -142,6 +142,37 @@ import Testing
         #expect(try Self.run(["bench", "--list"]).out.contains("block\t"))
     }
 
+    /// The JSON contract of `vireo bench net`; never its speed.
+    @Test func benchNetQuickPrintsTheContractLine() throws {
+        let r = try Self.run(["bench", "net", "--quick", "--json"])
+        #expect(r.status == 0, "\(r.err)")
+        let last = try #require(r.out.split(separator: "\n").last)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(last.utf8)) as? [String: Any])
+        #expect(object["bench"] as? String == "net")
+        #expect(object["unit"] as? String == "Gbit/s")
+        let value = try #require(object["value"] as? Double)
+        let baseline = try #require(object["baseline"] as? Double)
+        #expect(value > 0 && baseline > 0)
+        let ratio = try #require(object["ratio"] as? Double)
+        #expect(abs(ratio - value / baseline) < 1e-9 * max(1, ratio))
+        let pps = try #require(object["pps_64"] as? Double)
+        let basePPS = try #require(object["pps_64_baseline"] as? Double)
+        #expect(pps > 0 && basePPS > 0)
+        #expect(object["ratio_goal"] is Double && object["pps_64_goal"] is Double)
+        #expect((object["frames"] as? Int ?? 0) > 0)
+        #expect(r.err.contains("net: round 1"), "progress goes to stderr")
+        #expect(try Self.run(["bench", "--list"]).out.contains("net\t"))
+    }
+
+    /// Bad `--net` values are refused before anything starts: exit status 1, the field named.
+    @Test func runRefusesBadNetValuesByField() throws {
+        for (value, field) in [("bogus", "--net 'bogus'"), ("tap:x,mac=zz", "--net mac"), ("switch:lan,rate=9", "--net rate")] {
+            let r = try Self.run(["run", "/nonexistent/guest.elf", "--net", value])
+            #expect(r.status == 1, "\(value): \(r.err)")
+            #expect(r.err.contains(field), "\(value): \(r.err)")
+        }
+    }
+
     /// `vireo store serve --socket PATH`: the store on its own; a client reaches it; SIGTERM
     /// stops it and removes the socket.
     @Test func storeServeAnswersAndCleansUp() throws {

@@ -65,6 +65,27 @@ import VireoGuestBuilder
         #expect(r.out.contains("console-echo: ready\nconsole-echo: got 'hello, guest'\n"), "\(r.out)")
     }
 
+    /// `--net` wires a vif before the guest starts (its backend waits in InitWait; hello-kit has
+    /// no network frontend and ignores it) and takes it down when the guest ends: a guest runs
+    /// and powers off the same with a switch port and, as root, with a TAP.
+    @Test func aGuestRunsWithNetworkInterfacesAttached() throws {
+        guard GuestSupport.kvmAvailable() else {
+            print("--net on KVM skipped: /dev/kvm is missing")
+            return
+        }
+        let kernel = try GuestSupport.image("hello-kit").path.path
+        var args = ["run", kernel, "--engine", "kvm", "--net", "switch:lan,mac=00:16:3e:00:00:01"]
+        if getuid() == 0 && access("/dev/net/tun", R_OK | W_OK) == 0 {
+            args += ["--net", "tap:vireorun\(getpid() % 10000)"]
+        } else {
+            print("--net tap skipped: needs root and /dev/net/tun")
+        }
+        let r = try GuestSupport.run(GuestSupport.vireo, args)
+        #expect(!r.timedOut)
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("hello-kit: done"), "\(r.out)")
+    }
+
     /// The first end-to-end disk: blkcheck writes a pattern over the first sectors of xvda,
     /// flushes, reads back and verifies; the host then finds the pattern in the image file.
     @Test func blkcheckWritesAndReadsBackItsDisk() throws {

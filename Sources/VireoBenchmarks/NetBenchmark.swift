@@ -1,0 +1,271 @@
+import Foundation
+import Glibc
+import VireoABI
+import VireoBackends
+import VireoBench
+import VireoCore
+import VireoHypercalls
+import VireoStore
+
+/// `vireo bench net`: frames from one simulated frontend (domain 1) through its netback, an
+/// in-process switch and a second netback into the posted receive pages of another simulated
+/// frontend (domain 2): the real backends, switch, grant copies, rings and event channels, with
+/// a ring's worth in flight. The main figures run on one thread, each backend served by its
+/// `poll()` in turn, so they are the CPU cost of the path, not of thread wake-ups; the
+/// `threaded_*` fields then run each backend's `run()` loop on its own thread, woken by events.
+/// Baseline: memcpy of the same bytes (one copy per frame, between page-sized buffers as
+/// many as the ring's pages) in the same run. `value` is Gbit/s at 1500-byte frames, `ratio`
+/// that against memcpy; 64-byte frames per second are extra fields.
+public struct NetBenchmark: Benchmark {
+    public let name = "net"
+    public let summary = "netback frames guest -> switch -> guest: Gbit/s at 1500 B and frames/s at 64 B, beside memcpy of the same bytes"
+
+    public init() {}
+
+    public func run(_ options: BenchmarkOptions) async throws -> BenchmarkResult {
+        let rig = try NetBenchRig(benchmark: name)
+        defer { rig.finish() }
+        let seconds = options.phaseSeconds
+        let rounds = options.quick ? 1 : 3
+        let batch = options.quick ? 2048 : 32768
+        var large: [Measure.Rate] = [], largeBase: [Measure.Rate] = []
+        var small: [Measure.Rate] = [], smallBase: [Measure.Rate] = []
+        let copier = Copier(pages: NetBenchRig.slots)
+        defer { copier.release() }
+        for round in 1...rounds {
+            options.log("net: round \(round): 1500-byte and 64-byte frames, netback and memcpy")
+            try rig.load(frameBytes: 1500)
+            large.append(try Measure.rate(seconds: seconds) { UInt64(try rig.drive(batch)) })
+            largeBase.append(Measure.rate(seconds: seconds) { copier.copy(batch, bytes: 1500) })
+            try rig.load(frameBytes: 64)
+            small.append(try Measure.rate(seconds: seconds) { UInt64(try rig.drive(batch)) })
+            smallBase.append(Measure.rate(seconds: seconds) { copier.copy(batch, bytes: 64) })
+        }
+        // Last, the deployed shape: each backend on its own thread, woken by events.
+        options.log("net: backends on their own threads, woken by events")
+        rig.startThreads()
+        try rig.load(frameBytes: 1500)
+        let threadedLarge = try Measure.rate(seconds: seconds) { UInt64(try rig.drive(batch)) }
+        try rig.load(frameBytes: 64)
+        let threadedSmall = try Measure.rate(seconds: seconds) { UInt64(try rig.drive(batch)) }
+        let gbit = { (rate: Measure.Rate, bytes: Int) in rate.perSecond * Double(bytes) * 8 / 1e9 }
+        let value = gbit(Measure.median(large), 1500), baseline = gbit(Measure.median(largeBase), 1500)
+        let pps = Measure.median(small).perSecond, basePPS = Measure.median(smallBase).perSecond
+        let a = rig.sender.statistics, b = rig.receiver.statistics
+        guard a.txErrors == 0, a.txDropped == 0, b.rxErrors == 0, b.rxDropped == 0 else {
+            throw BenchmarkError.unavailable(name: name, reason: "frames were lost: sender \(a), receiver \(b)")
+        }
+        return BenchmarkResult(
+            bench: name, value: value, unit: "Gbit/s", baseline: baseline,
+            baselineName: "memcpy of the same 1500-byte frames",
+            goal: ">= 0.3x memcpy at 1500 B; >= 1 M frames/s at 64 B",
+            extra: [
+                ("ratio_goal", .number(0.3)),
+                ("pps_64", .number(pps.rounded())),
+                ("pps_64_goal", .number(1e6)),
+                ("pps_64_baseline", .number(basePPS.rounded())),
+                ("pps_64_baseline_name", .string("memcpy of the same 64-byte frames")),
+                ("pps_1500", .number(Measure.median(large).perSecond.rounded())),
+                ("threaded_gbit_1500", .number(gbit(threadedLarge, 1500))),
+                ("threaded_pps_64", .number(threadedSmall.perSecond.rounded())),
+                ("in_flight", .integer(Int64(NetBenchRig.slots))),
+                ("frames", .integer(Int64(b.rxPackets))),
+            ])
+    }
+}
+
+/// The baseline: one memcpy per frame between page-sized buffers, as many as the ring's pages.
+private final class Copier: @unchecked Sendable {
+    let source: UnsafeMutableRawPointer
+    let dest: UnsafeMutableRawPointer
+    let pages: Int
+    init(pages: Int) {
+        self.pages = pages
+        source = .allocate(byteCount: pages * 4096, alignment: 4096)
+        dest = .allocate(byteCount: pages * 4096, alignment: 4096)
+        source.initializeMemory(as: UInt8.self, repeating: 0x5A, count: pages * 4096)
+        dest.initializeMemory(as: UInt8.self, repeating: 0, count: pages * 4096)
+    }
+    func copy(_ frames: Int, bytes: Int) -> UInt64 {
+        for i in 0..<frames {
+            let page = (i % pages) * 4096
+            memcpy(dest + page, source + page, bytes)
+        }
+        return UInt64(frames)
+    }
+    func release() {
+        source.deallocate()
+        dest.deallocate()
+    }
+}
+
+/// Two SimulatedGuests with real netif rings, two NetBackends on one NetworkSwitch.
+final class NetBenchRig {
+    static let slots = Int(VIREO_ABI_NETIF_TX_RING_SIZE)
+    let hub = EventChannels()
+    let grants = GrantTables()
+    let store = XenStore()
+    let host: HostEventDomain
+    let one: SimulatedGuest, two: SimulatedGuest
+    let sender: NetBackend, receiver: NetBackend
+    let fabric = NetworkSwitch(name: "bench")
+    let benchmark: String
+    private var tx: FrontRing<vireo_netif_tx_request, vireo_netif_tx_response>
+    private var rx: FrontRing<vireo_netif_rx_request, vireo_netif_rx_response>
+    private var txPages: [GuestFrame] = []
+    private var txRefs: [GrantRef] = []
+    private var rxRefs: [GrantRef] = []
+    private var frameBytes = 0
+    private var txPort = EventPort(0), rxPort = EventPort(0)
+    private var dispatcher: HostEventDispatcher?
+    private var threads: [Thread] = []
+
+    init(benchmark: String) throws {
+        self.benchmark = benchmark
+        host = try HostEventDomain(hub: hub)
+        one = try SimulatedGuest(id: DomainID(1), ramPages: Self.slots + 64, hub: hub, grantTables: grants)
+        two = try SimulatedGuest(id: DomainID(2), ramPages: Self.slots + 64, hub: hub, grantTables: grants)
+        try store.introduceDomain(one.id)
+        try store.introduceDomain(two.id)
+        let queue = NetBackend.Configuration(queueFrames: Self.slots, queueBytes: Self.slots * 4096)
+        sender = try NetBackend(frontend: one.id, configuration: queue, store: store, grants: grants, host: host)
+        receiver = try NetBackend(frontend: two.id, configuration: queue, store: store, grants: grants, host: host)
+        fabric.connect(sender)
+        fabric.connect(receiver)
+        try sender.create()
+        try receiver.create()
+        let a = try Self.connect(one, sender, store: store, host: host)
+        let b = try Self.connect(two, receiver, store: store, host: host)
+        tx = a.tx
+        rx = b.rx
+        txPort = a.port
+        rxPort = b.port
+        guard sender.state == XenbusBackendState.connected, receiver.state == XenbusBackendState.connected else {
+            throw BenchmarkError.unavailable(name: benchmark, reason: "the vifs did not connect: \(sender.lastFailure ?? receiver.lastFailure ?? "-")")
+        }
+        for _ in 0..<Self.slots {
+            let page = try one.allocatePage()
+            txPages.append(page)
+            txRefs.append(try one.grantAccess(to: host.id, frame: page, readOnly: true))
+            let target = try two.allocatePage()
+            rxRefs.append(try two.grantAccess(to: host.id, frame: target, readOnly: false))
+        }
+        // Every receive page posted; each response reposts its page under the same id.
+        for id in 0..<Self.slots { try rx.produceRequest(Self.rxRequest(id: id, ref: rxRefs[id])) }
+        _ = rx.pushRequestsAndCheckNotify()
+        receiver.poll()
+    }
+
+    private static func rxRequest(id: Int, ref: GrantRef) -> vireo_netif_rx_request {
+        var request = vireo_netif_rx_request()
+        request.id = UInt16(id)
+        request.gref = ref.rawValue
+        return request
+    }
+
+    /// A frontend's handshake: both rings, the event channel, Linux netfront's keys, Connected.
+    private static func connect(_ guest: SimulatedGuest, _ backend: NetBackend, store: XenStore, host: HostEventDomain) throws
+        -> (tx: FrontRing<vireo_netif_tx_request, vireo_netif_tx_response>, rx: FrontRing<vireo_netif_rx_request, vireo_netif_rx_response>,
+            port: EventPort) {
+        let txFrame = try guest.allocatePage(), rxFrame = try guest.allocatePage()
+        let tx: FrontRing<vireo_netif_tx_request, vireo_netif_tx_response> = try guest.frontRing(on: txFrame)
+        let rx: FrontRing<vireo_netif_rx_request, vireo_netif_rx_response> = try guest.frontRing(on: rxFrame)
+        let txRef = try guest.grantAccess(to: host.id, frame: txFrame, readOnly: false)
+        let rxRef = try guest.grantAccess(to: host.id, frame: rxFrame, readOnly: false)
+        let port = try guest.allocUnbound(remote: host.id)
+        let session = store.connect(domain: guest.id)
+        defer { store.disconnect(session) }
+        for (key, value) in [("tx-ring-ref", "\(txRef.rawValue)"), ("rx-ring-ref", "\(rxRef.rawValue)"),
+                             ("event-channel", "\(port.rawValue)"), ("request-rx-copy", "1"), ("feature-rx-notify", "1"),
+                             ("feature-sg", "1"), ("state", "\(XenbusBackendState.connected)")] {
+            let path = backend.frontendPath + "/" + key
+            _ = store.request(XenStoreMessage(type: .write, payload: Array(path.utf8) + [0] + Array(value.utf8)), from: session)
+        }
+        backend.poll()
+        return (tx, rx, port)
+    }
+
+    /// Writes a frame of `frameBytes` (to the receiver's MAC) into every transmit page.
+    func load(frameBytes: Int) throws {
+        self.frameBytes = frameBytes
+        let d = receiver.mac.bytes, s = sender.mac.bytes
+        let header: [UInt8] = [d.0, d.1, d.2, d.3, d.4, d.5, s.0, s.1, s.2, s.3, s.4, s.5, 0x88, 0xB5]
+        for (i, page) in txPages.enumerated() {
+            let frame = header + (0..<(frameBytes - 14)).map { UInt8(truncatingIfNeeded: $0 &+ i) }
+            try one.page(page).withUnsafeMutableBytes(offset: 0, count: frameBytes) { $0.copyBytes(from: frame) }
+        }
+    }
+
+    /// From now on each backend runs its own `run()` loop on a thread, woken by events (and a
+    /// dispatcher thread for the host domain's ports): the deployed shape. `poll()` is no longer
+    /// called from here, and the backends disconnect when ``finish()`` stops them.
+    func startThreads() {
+        dispatcher = HostEventDispatcher(host, name: "vireo-bench-net-events")
+        threads = [sender, receiver].map { backend in Thread { backend.run() } }
+        for t in threads { t.start() }
+    }
+
+    /// Sends `count` frames from one to two and waits for all of them; returns `count`. With
+    /// threads running, the frontends notify as the rings ask and sleep on their events.
+    func drive(_ count: Int) throws -> Int {
+        let threaded = !threads.isEmpty
+        var sent = 0, received = 0, idle = 0
+        while received < count {
+            // At most a receive queue's worth ahead of the receiver: more would be dropped there.
+            while sent < count, tx.freeRequests > 0, sent - received < Self.slots {
+                var request = vireo_netif_tx_request()
+                let slot = Int(tx.requestsProduced) % Self.slots
+                request.gref = txRefs[slot].rawValue
+                request.id = UInt16(slot)
+                request.size = UInt16(frameBytes)
+                try tx.produceRequest(request)
+                sent += 1
+            }
+            if tx.pushRequestsAndCheckNotify() && threaded { try one.notify(txPort) }
+            if !threaded {
+                sender.poll()
+                receiver.poll()
+            }
+            var got = 0
+            while let response = try rx.consumeResponse() {
+                guard response.status == Int16(frameBytes) else {
+                    throw BenchmarkError.unavailable(name: benchmark, reason: "a receive response with status \(response.status)")
+                }
+                try rx.produceRequest(Self.rxRequest(id: Int(response.id), ref: rxRefs[Int(response.id)]))
+                got += 1
+            }
+            received += got
+            if rx.pushRequestsAndCheckNotify() && threaded { try two.notify(rxPort) }
+            while let response = try tx.consumeResponse() {
+                guard response.status == Int16(VIREO_NETIF_RSP_OKAY) else {
+                    throw BenchmarkError.unavailable(name: benchmark, reason: "a transmit response with status \(response.status)")
+                }
+            }
+            idle = got == 0 ? idle + 1 : 0
+            if threaded && got == 0 && received < count {
+                // Sleep on the receiver's events (its frames) unless responses arrived meanwhile.
+                if try !rx.finalCheckForResponses() { _ = two.waitForEvents(timeout: .milliseconds(5)) }
+                _ = one.takePendingEvents()
+                continue
+            }
+            guard idle < 1000 else {
+                throw BenchmarkError.unavailable(name: benchmark, reason: "frames stopped arriving: \(sender.statistics) \(receiver.statistics)")
+            }
+        }
+        return count
+    }
+
+    func finish() {
+        if threads.isEmpty {
+            sender.finish()
+            receiver.finish()
+        } else {
+            sender.stop()
+            receiver.stop()
+            while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
+            threads = []
+        }
+        dispatcher?.stop()
+        dispatcher = nil
+    }
+}
