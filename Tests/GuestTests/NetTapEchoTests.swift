@@ -92,4 +92,78 @@ import Testing
         #expect(output.contains("netecho: vif0 connected"), "\(output)")
         #expect(output.contains("netecho: done"), "\(output)")
     }
+
+    /// The issue's proof, in a network namespace the test creates: `vireo run` inside it opens
+    /// the TAP there, and the namespace's own `ping` and a UDP client reach the guest.
+    @Test func pingAndUDPReachAGuestBehindATapInAFreshNamespace() throws {
+        if let reason = Self.unavailable() {
+            print("netecho in a namespace skipped: \(reason)")
+            return
+        }
+        guard let ping = GuestSupport.onPath("ping"), let python = GuestSupport.onPath("python3"),
+              FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") else {
+            if ProcessInfo.processInfo.environment["CI"] == "true" {
+                Issue.record("ping, python3 or ip is missing; CI needs them (.ci/run installs iputils-ping and iproute2)")
+            } else {
+                print("netecho in a namespace skipped: ping, python3 or /usr/sbin/ip is missing")
+            }
+            return
+        }
+        let namespace = "vireo-test-\(getpid())", tap = "vns\(getpid() % 100000)"
+        let subnet = 100 + Int(getpid() % 100)
+        let guestIP = "10.\(subnet).1.2"
+        func ip(_ arguments: [String]) throws -> (status: Int32, out: String, err: String, timedOut: Bool) {
+            try GuestSupport.run("/usr/sbin/ip", arguments, timeout: 30)
+        }
+        try #require(try ip(["netns", "add", namespace]).status == 0, "ip netns add failed")
+        defer { _ = try? ip(["netns", "delete", namespace]) }
+        _ = try ip(["netns", "exec", namespace, "ip", "link", "set", "lo", "up"])
+
+        let kernel = try GuestSupport.image("netecho").path.path
+        let directory = GuestSupport.temporaryDirectory("netecho-ns")
+        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let out = directory.appendingPathComponent("out")
+        _ = FileManager.default.createFile(atPath: out.path, contents: nil)
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
+        process.arguments = ["netns", "exec", namespace, GuestSupport.vireo, "run", kernel, "--engine", "kvm",
+                             "--net", "tap:\(tap)", "--cmdline", "ip=\(guestIP)"]
+        process.standardInput = FileHandle.nullDevice
+        process.standardOutput = try FileHandle(forWritingTo: out)
+        process.standardError = try FileHandle(forWritingTo: out)
+        try process.run()
+        defer {
+            if process.isRunning { process.terminate() }
+            process.waitUntilExit()
+        }
+        let appear = Date().addingTimeInterval(30)
+        while try ip(["netns", "exec", namespace, "ip", "link", "show", tap]).status != 0 && Date() < appear && process.isRunning {
+            usleep(50_000)
+        }
+        try #require(try ip(["netns", "exec", namespace, "ip", "addr", "add", "10.\(subnet).1.1/24", "dev", tap]).status == 0,
+                     "the TAP \(tap) never appeared in \(namespace): \((try? String(contentsOf: out, encoding: .utf8)) ?? "")")
+        _ = try ip(["netns", "exec", namespace, "ip", "link", "set", tap, "up"])
+
+        let pinged = try ip(["netns", "exec", namespace, ping, "-c", "3", "-W", "10", guestIP])
+        #expect(pinged.status == 0, "ping: \(pinged.out)\(pinged.err)")
+        #expect(pinged.out.contains("3 received"), "\(pinged.out)")
+
+        let client = """
+            import socket
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+            for attempt in range(10):
+                s.sendto(b"vireo in a namespace", ("\(guestIP)", 4242))
+                try:
+                    print(s.recv(2048).decode()); break
+                except socket.timeout:
+                    pass
+            """
+        let udp = try ip(["netns", "exec", namespace, python, "-c", client])
+        #expect(udp.out == "vireo in a namespace\n", "udp: \(udp.out)\(udp.err)")
+
+        let output = (try? String(contentsOf: out, encoding: .utf8)) ?? ""
+        #expect(output.contains("netecho: vif0 connected, mac "), "\(output)")
+        #expect(process.isRunning, "netecho stopped early: \(output)")
+    }
 }
