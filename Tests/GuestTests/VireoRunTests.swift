@@ -54,6 +54,31 @@ import VireoGuestBuilder
         #expect(bad.status == 1 && bad.err.contains("/nonexistent/dir/console.log"), "\(bad.err)")
     }
 
+    /// The README's demo command, as written there (the sample image and the disk path mapped
+    /// to this run's): blkcheck with a disk and a network.
+    @Test func theReadmeDemoBootsAGuestWithADiskAndANetwork() throws {
+        guard GuestSupport.kvmAvailable() else { return }
+        let readme = try String(contentsOf: GuestSupport.root.appendingPathComponent("README.md"), encoding: .utf8)
+        let line = try #require(readme.split(separator: "\n").first { $0.hasPrefix("swift run vireo guest build --samples && ") })
+        let command = try #require(line.components(separatedBy: " && ").last)
+        #expect(command.hasPrefix("swift run vireo run "), "\(command)")
+        let image = GuestSupport.temporaryDirectory("demo").appendingPathExtension("img")
+        try Data(count: 1 << 20).write(to: image)
+        defer { try? FileManager.default.removeItem(at: image) }
+        let arguments = command.dropFirst("swift run vireo ".count).split(separator: " ").map { word -> String in
+            switch word {
+            case ".build/guests/blkcheck.elf": (try? GuestSupport.image("blkcheck").path.path) ?? String(word)
+            case "/tmp/vireo-demo.img": image.path
+            default: String(word)
+            }
+        }
+        let r = try GuestSupport.run(GuestSupport.vireo, arguments)
+        #expect(!r.timedOut)
+        #expect(r.status == 0, "\(r.out)\(r.err)")
+        #expect(r.out.contains("blkcheck: 64 sectors ok\n"), "\(r.out)")
+        #expect(r.out.contains("blkcheck: vif0 connected, mac 02:16:3e:00:01:00, announced 10.0.2.15\n"), "\(r.out)")
+    }
+
     /// stdin reaches the guest: `vireo run` forwards it into the console ring's input side,
     /// where GuestKit's ConsoleFrontend reads a line.
     @Test func stdinReachesTheGuestsConsole() throws {
