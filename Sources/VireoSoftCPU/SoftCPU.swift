@@ -132,6 +132,7 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
     var rex: UInt8 = 0
     var rexPresent = false
     var operandOverride = false
+    var lockPrefix = false
     var addressSize = 4
     var segmentBase: UInt64 = 0
     var modrmReg = 0

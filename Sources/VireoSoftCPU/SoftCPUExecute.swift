@@ -1,3 +1,5 @@
+import VireoCore
+
 /// The decoder and executor: one instruction per ``SoftCPU/step()``, decoded straight from the
 /// guest's code page (prefixes, REX, ModRM/SIB/displacement/immediate) and executed in the
 /// same switch. Faults are thrown as ``CPUFault`` and delivered by the run loop with RIP back
@@ -165,6 +167,57 @@ extension SoftCPU {
 
     @inline(__always) func writeRM(_ size: Int, _ v: UInt64) throws(CPUFault) {
         if modrmIsRegister { setReg(modrmRM, size, v) } else { try write(effectiveAddress, size, v) }
+    }
+
+    // MARK: Read-modify-write
+
+    /// Reads the r/m operand, computes `f` (nil: no write) and writes the result; returns the
+    /// old value. With a LOCK prefix (or `atomic`, for XCHG) on an aligned memory operand it is
+    /// a compare-exchange loop on the host page, so vCPUs on other threads see it whole.
+    @inline(__always) @discardableResult
+    func modifyRM(_ size: Int, atomic: Bool = false, _ f: (UInt64) -> UInt64?) throws(CPUFault) -> UInt64 {
+        if (lockPrefix || atomic) && !modrmIsRegister && effectiveAddress & UInt64(size &- 1) == 0 {
+            let p = try writePointer(effectiveAddress)
+            while true {
+                let old = Self.atomicLoad(p, size)
+                guard let new = f(old) else { return old }
+                if Self.compareExchange(p, size, old, new & sizeMask(size)) { return old }
+            }
+        }
+        let v = try readRM(size)
+        if let r = f(v) { try writeRM(size, r) }
+        return v
+    }
+
+    static func atomicLoad(_ p: UnsafeMutableRawPointer, _ size: Int) -> UInt64 {
+        switch size {
+        case 1: return UInt64(p.load(as: UInt8.self))
+        case 2: return UInt64(SharedRegion.unsafe(p, count: 2).loadAcquire16(at: 0))
+        case 4: return UInt64(SharedRegion.unsafe(p, count: 4).loadAcquire32(at: 0))
+        default: return SharedRegion.unsafe(p, count: 8).loadAcquire64(at: 0)
+        }
+    }
+
+    /// One compare-exchange of `size` bytes (a byte goes through its aligned 32-bit word).
+    static func compareExchange(_ p: UnsafeMutableRawPointer, _ size: Int, _ expected: UInt64, _ desired: UInt64) -> Bool {
+        switch size {
+        case 1:
+            let offset = Int(UInt(bitPattern: p) & 3)
+            let word = SharedRegion.unsafe(p - offset, count: 4)
+            let shift = UInt32(offset * 8)
+            while true {
+                let w = word.loadAcquire32(at: 0)
+                guard UInt64((w >> shift) & 0xFF) == expected else { return false }
+                let nw = (w & ~(0xFF << shift)) | UInt32(desired & 0xFF) << shift
+                if word.compareExchange32(at: 0, expected: w, desired: nw) == w { return true }
+            }
+        case 2:
+            return SharedRegion.unsafe(p, count: 2).compareExchange16(at: 0, expected: UInt16(expected), desired: UInt16(desired)) == UInt16(expected)
+        case 4:
+            return SharedRegion.unsafe(p, count: 4).compareExchange32(at: 0, expected: UInt32(expected), desired: UInt32(desired)) == UInt32(expected)
+        default:
+            return SharedRegion.unsafe(p, count: 8).compareExchange64(at: 0, expected: expected, desired: desired) == expected
+        }
     }
 
     // MARK: The stack
@@ -391,6 +444,7 @@ extension SoftCPU {
         rexPresent = false
         operandOverride = false
         segmentBase = 0
+        lockPrefix = false
         let long = mode64
         addressSize = long ? 8 : 4
         var repPrefix: UInt8 = 0  // 0xF3 or 0xF2
@@ -401,7 +455,8 @@ extension SoftCPU {
             case 0x66: operandOverride = true
             case 0x67: addressSize = long ? 4 : 2
             case 0xF2, 0xF3: repPrefix = op
-            case 0xF0, 0x2E, 0x3E, 0x26, 0x36: break  // LOCK (one vCPU thread: see Docs/softcpu.md); CS/DS/ES/SS: flat
+            case 0xF0: lockPrefix = true
+            case 0x2E, 0x3E, 0x26, 0x36: break  // CS/DS/ES/SS: flat
             case 0x64: segmentBase = fsBase
             case 0x65: segmentBase = gsBase
             case 0x40...0x4F where long:
@@ -430,9 +485,8 @@ extension SoftCPU {
             case 0, 1:
                 let size = op & 1 == 0 ? 1 : operandSize()
                 try decodeModRM()
-                let d = try readRM(size), s = getReg(modrmReg, size)
-                let r = alu(kind, d, s, size)
-                if kind != 7 { try writeRM(size, r) }
+                let s = getReg(modrmReg, size)
+                try modifyRM(size) { d in let r = alu(kind, d, s, size); return kind != 7 ? r : nil }
             case 2, 3:
                 let size = op & 1 == 0 ? 1 : operandSize()
                 try decodeModRM()
@@ -486,9 +540,8 @@ extension SoftCPU {
             let size = op == 0x80 ? 1 : operandSize()
             try decodeModRM(immediate: op == 0x81 ? min(size, 4) : 1)
             let s = op == 0x83 ? try fetchS8() & sizeMask(size) : try fetchImmediate(size)
-            let d = try readRM(size)
-            let r = alu(modrmReg & 7, d, s, size)
-            if modrmReg & 7 != 7 { try writeRM(size, r) }
+            let kind = modrmReg & 7
+            try modifyRM(size) { d in let r = alu(kind, d, s, size); return kind != 7 ? r : nil }
         case 0x84, 0x85:
             let size = op == 0x84 ? 1 : operandSize()
             try decodeModRM()
@@ -497,8 +550,8 @@ extension SoftCPU {
         case 0x86, 0x87:
             let size = op == 0x86 ? 1 : operandSize()
             try decodeModRM()
-            let a = try readRM(size), b = getReg(modrmReg, size)
-            try writeRM(size, b)
+            let b = getReg(modrmReg, size)
+            let a = try modifyRM(size, atomic: true) { _ in b }  // XCHG with memory is always locked
             setReg(modrmReg, size, a)
         case 0x88...0x8B:
             let size = op & 1 == 0 ? 1 : operandSize()
@@ -669,14 +722,13 @@ extension SoftCPU {
         case 0xF6, 0xF7:
             let size = op == 0xF6 ? 1 : operandSize()
             try decodeModRM(immediate: modrmPeekIsTest() ? min(size, 4) : 0)
-            let v = try readRM(size)
             switch modrmReg & 7 {
-            case 0, 1: _ = alu(4, v, try fetchImmediate(size), size)
-            case 2: try writeRM(size, ~v & sizeMask(size))
-            case 3:
-                let r = alu(5, 0, v, size)
-                try writeRM(size, r)
-            default: try multiplyDivide(modrmReg & 7, v, size)
+            case 0, 1:
+                let v = try readRM(size)
+                _ = alu(4, v, try fetchImmediate(size), size)
+            case 2: try modifyRM(size) { v in ~v & sizeMask(size) }
+            case 3: try modifyRM(size) { v in alu(5, 0, v, size) }
+            default: try multiplyDivide(modrmReg & 7, try readRM(size), size)
             }
         case 0xF8: setArithmeticFlags(arithmeticFlags() & ~Flags.CF)
         case 0xF9: setArithmeticFlags(arithmeticFlags() | Flags.CF)
@@ -691,8 +743,8 @@ extension SoftCPU {
             try decodeModRM()
             switch modrmReg & 7 {
             case 0, 1:
-                let v = try readRM(size)
-                try writeRM(size, incDec(v, size, dec: modrmReg & 7 == 1))
+                let dec = modrmReg & 7 == 1
+                try modifyRM(size) { v in incDec(v, size, dec: dec) }
             case 2 where op == 0xFF:  // CALL near indirect
                 let ssize = stackOperandSize()
                 let target = try readRM(ssize)
@@ -890,12 +942,11 @@ extension SoftCPU {
         case 0xB0, 0xB1:  // CMPXCHG
             let size = op == 0xB0 ? 1 : operandSize()
             try decodeModRM()
-            let d = try readRM(size), a = getReg(0, size)
-            _ = alu(7, a, d, size)
-            if a == d { try writeRM(size, getReg(modrmReg, size)) } else {
-                if !modrmIsRegister { try write(effectiveAddress, size, d) }  // the locked cycle writes back
-                setReg(0, size, d)
-            }
+            let a = getReg(0, size), s = getReg(modrmReg, size)
+            // The locked cycle writes the old value back on failure; a CAS that changes
+            // nothing is the same to every other observer.
+            let d = try modifyRM(size) { d in _ = alu(7, a, d, size); return a == d ? s : (modrmIsRegister ? nil : d) }
+            if a != d { setReg(0, size, d) }
         case 0xB6, 0xB7, 0xBE, 0xBF:  // MOVZX, MOVSX
             let size = operandSize(), from = op & 1 == 0 ? 1 : 2
             try decodeModRM()
@@ -921,9 +972,8 @@ extension SoftCPU {
         case 0xC0, 0xC1:  // XADD
             let size = op == 0xC0 ? 1 : operandSize()
             try decodeModRM()
-            let d = try readRM(size), s = getReg(modrmReg, size)
-            let r = alu(0, d, s, size)
-            try writeRM(size, r)
+            let s = getReg(modrmReg, size)
+            let d = try modifyRM(size) { d in alu(0, d, s, size) }
             setReg(modrmReg, size, d)
         case 0xC8...0xCF:  // BSWAP
             let size = operandSize(), r = Int(op & 7) | Int(rex & 1) << 3
@@ -959,15 +1009,16 @@ extension SoftCPU {
                 offset = UInt64(bitPattern: signed) & (bits - 1)
             }
         }
-        let v = try readRM(size)
         let bit: UInt64 = 1 << offset
         let f = arithmeticFlags() & ~Flags.CF
-        setArithmeticFlags(f | (v & bit != 0 ? Flags.CF : 0))
-        switch kind {
-        case 1: try writeRM(size, v | bit)
-        case 2: try writeRM(size, v & ~bit)
-        case 3: try writeRM(size, v ^ bit)
-        default: break
+        try modifyRM(size) { v in
+            setArithmeticFlags(f | (v & bit != 0 ? Flags.CF : 0))
+            switch kind {
+            case 1: return v | bit
+            case 2: return v & ~bit
+            case 3: return v ^ bit
+            default: return nil
+            }
         }
     }
 

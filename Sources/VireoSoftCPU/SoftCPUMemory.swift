@@ -13,13 +13,14 @@ final class TLB {
     let execTag = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
     let readAddend = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
     let writeAddend = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
+    let execAddend = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
 
     init() {
-        for p in [readTag, writeTag, execTag, readAddend, writeAddend] { p.initialize(repeating: Self.invalid, count: Self.entries) }
+        for p in [readTag, writeTag, execTag, readAddend, writeAddend, execAddend] { p.initialize(repeating: Self.invalid, count: Self.entries) }
     }
 
     deinit {
-        for p in [readTag, writeTag, execTag, readAddend, writeAddend] { p.deallocate() }
+        for p in [readTag, writeTag, execTag, readAddend, writeAddend, execAddend] { p.deallocate() }
     }
 
     func flush() {
@@ -64,9 +65,9 @@ extension SoftCPU {
     /// The host address of the code at `la` (checked executable).
     @inline(__always) func codePointer(_ la: UInt64) throws(CPUFault) -> UnsafeMutableRawPointer {
         let i = Self.tlbIndex(la)
-        if tlb.execTag[i] == la & ~0xFFF { return pointer(la, tlb.readAddend, i) }
+        if tlb.execTag[i] == la & ~0xFFF { return pointer(la, tlb.execAddend, i) }
         try fill(la, .execute)
-        return pointer(la, tlb.readAddend, i)
+        return pointer(la, tlb.execAddend, i)
     }
 
     /// One code byte for diagnostics, through the translation but without touching the TLB's
@@ -155,8 +156,7 @@ extension SoftCPU {
             tlb.readAddend[i] = addend
         case .execute:
             tlb.execTag[i] = page
-            tlb.readTag[i] = page
-            tlb.readAddend[i] = addend
+            tlb.execAddend[i] = addend
         case .write:
             if writable {
                 tlb.writeTag[i] = page
