@@ -93,6 +93,7 @@ let package = Package(
         .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
         .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "VireoHypervisorTests", dependencies: ["VireoHypervisor", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoSoftCPUTests", dependencies: ["VireoSoftCPU", "VireoKVM", "VireoCore", "VireoABI"]),
         .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoStoreTests", dependencies: ["VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
