@@ -13,7 +13,7 @@ struct BenchCommand: AsyncParsableCommand {
 
     /// Every benchmark the CLI knows. Later layers add theirs here.
     static let registry = BenchmarkRegistry([
-        RingBenchmark(), GrantBenchmark(), StoreBenchmark(), RawExitBenchmark(), HypercallBenchmark(), BootBenchmark(), BlockBenchmark(),
+        RingBenchmark(), GrantBenchmark(), StoreBenchmark(), RawExitBenchmark(), HypercallBenchmark(), BootBenchmark(), BlockBenchmark(), CPUBenchmark(),
     ])
 
     @Argument(help: "The benchmark to run (see --list).")
