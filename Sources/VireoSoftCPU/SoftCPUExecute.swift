@@ -77,7 +77,9 @@ extension SoftCPU {
 
     // MARK: Modes and sizes
 
-    @inline(__always) var mode64: Bool { csLong && efer & EFER.LMA != 0 }
+    /// 64-bit code: CS.L, which is only ever set with EFER.LMA (and paging cannot be turned
+    /// off from 64-bit code).
+    @inline(__always) var mode64: Bool { csLong }
 
     @inline(__always) func operandSize() -> Int {
         if rex & 8 != 0 { return 8 }
@@ -277,7 +279,28 @@ extension SoftCPU {
 
     /// Group 2: ROL, ROR, RCL, RCR, SHL, SHR, SAL, SAR by `count` (already masked to 5 or 6
     /// bits). A zero count changes nothing.
-    func shift(_ op: Int, _ v: UInt64, _ count: UInt64, _ size: Int) -> UInt64 {
+    @inline(__always) func shift(_ op: Int, _ v: UInt64, _ count: UInt64, _ size: Int) -> UInt64 {
+        if op >= 4 {
+            let d = v & sizeMask(size)
+            switch op {
+            case 4, 6:
+                let r = count >= 64 ? 0 : (d << count) & sizeMask(size)
+                setLazy(.shl, d, count, r, size)
+                return r
+            case 5:
+                let r = count >= 64 ? 0 : d >> count
+                setLazy(.shr, d, count, r, size)
+                return r
+            default:
+                let r = UInt64(bitPattern: Int64(bitPattern: signExtend(d, size)) >> Int64(min(count, 63))) & sizeMask(size)
+                setLazy(.sar, d, count, r, size)
+                return r
+            }
+        }
+        return rotate(op, v, count, size)
+    }
+
+    func rotate(_ op: Int, _ v: UInt64, _ count: UInt64, _ size: Int) -> UInt64 {
         let bits = UInt64(size * 8), m = sizeMask(size)
         let d = v & m
         guard count != 0 else { return d }
@@ -314,22 +337,8 @@ extension SoftCPU {
             let of = op == 2 ? ((r >> (bits - 1)) & 1) != cf : (r >> (bits - 1)) & 1 != (r >> (bits - 2)) & 1
             setArithmeticFlags(f | cf | (of ? Flags.OF : 0))
             return r
-        case 4, 6:  // SHL/SAL
-            let r = count >= 64 ? 0 : (d << count) & m
-            let cf = count <= bits ? (d >> (bits - count)) & 1 != 0 : false
-            setResultFlags(r, size, cf: cf, of: (r & signBit(size) != 0) != cf)
-            return r
-        case 5:  // SHR
-            let r = count >= 64 ? 0 : d >> count
-            let cf = count <= bits ? (d >> (count - 1)) & 1 != 0 : false
-            setResultFlags(r, size, cf: cf, of: d & signBit(size) != 0)
-            return r
-        default:  // SAR
-            let s = Int64(bitPattern: signExtend(d, size))
-            let r = UInt64(bitPattern: s >> Int64(min(count, 63))) & m
-            let cf = (s >> Int64(min(count - 1, 63))) & 1 != 0
-            setResultFlags(r, size, cf: cf, of: false)
-            return r
+        default:  // shifts are handled inline by `shift`
+            return d
         }
     }
 
@@ -447,9 +456,26 @@ extension SoftCPU {
         lockPrefix = false
         let long = mode64
         addressSize = long ? 8 : 4
-        var repPrefix: UInt8 = 0  // 0xF3 or 0xF2
+        let repPrefix: UInt8 = 0  // 0xF3 or 0xF2 once the prefix loop sees one
         var op = try fetch8()
-        // Prefixes (REX only counts when it comes last).
+        // Most instructions have no prefix but REX: test for the rest with a few compares.
+        let legacy = op == 0x66 || op == 0x67 || op & 0xFE == 0xF2 || op == 0xF0 || op & 0xE7 == 0x26 || op & 0xFE == 0x64
+        if !legacy {
+            if long && op & 0xF0 == 0x40 {
+                rex = op & 0xF
+                rexPresent = true
+                op = try fetch8()
+                if op & 0xF0 == 0x40 { return try prefixed(op, 0, long: long) }
+            }
+            return try execute(op, 0)
+        }
+        return try prefixed(op, repPrefix, long: long)
+    }
+
+    /// The general prefix loop (legacy prefixes in any order, REX only when it comes last).
+    func prefixed(_ first: UInt8, _ rep: UInt8, long: Bool) throws(CPUFault) {
+        var op = first
+        var repPrefix = rep
         while true {
             switch op {
             case 0x66: operandOverride = true
@@ -486,7 +512,12 @@ extension SoftCPU {
                 let size = op & 1 == 0 ? 1 : operandSize()
                 try decodeModRM()
                 let s = getReg(modrmReg, size)
-                try modifyRM(size) { d in let r = alu(kind, d, s, size); return kind != 7 ? r : nil }
+                if lockPrefix {
+                    try modifyRM(size) { d in let r = alu(kind, d, s, size); return kind != 7 ? r : nil }
+                } else {
+                    let r = alu(kind, try readRM(size), s, size)
+                    if kind != 7 { try writeRM(size, r) }
+                }
             case 2, 3:
                 let size = op & 1 == 0 ? 1 : operandSize()
                 try decodeModRM()
@@ -541,7 +572,12 @@ extension SoftCPU {
             try decodeModRM(immediate: op == 0x81 ? min(size, 4) : 1)
             let s = op == 0x83 ? try fetchS8() & sizeMask(size) : try fetchImmediate(size)
             let kind = modrmReg & 7
-            try modifyRM(size) { d in let r = alu(kind, d, s, size); return kind != 7 ? r : nil }
+            if lockPrefix {
+                try modifyRM(size) { d in let r = alu(kind, d, s, size); return kind != 7 ? r : nil }
+            } else {
+                let r = alu(kind, try readRM(size), s, size)
+                if kind != 7 { try writeRM(size, r) }
+            }
         case 0x84, 0x85:
             let size = op == 0x84 ? 1 : operandSize()
             try decodeModRM()

@@ -5,6 +5,8 @@ enum LazyOp: UInt8 {
     /// The flags are in `flagsStored`.
     case none
     case add, adc, sub, sbb, logic, inc, dec
+    /// Shifts by a non-zero count (`lazySrc`); `lazyDst` is the value shifted.
+    case shl, shr, sar
 }
 
 @inline(__always) func sizeMask(_ size: Int) -> UInt64 { size == 8 ? ~0 : (1 << UInt64(size &* 8)) &- 1 }
@@ -39,6 +41,13 @@ extension SoftCPU {
         case .sbb: return (lazyCarry != 0 ? lazyDst & m <= lazySrc & m : lazyDst & m < lazySrc & m) ? 1 : 0
         case .logic: return 0
         case .inc, .dec: return lazyCarry
+        case .shl:
+            let bits = UInt64(lazySize &* 8)
+            return lazySrc <= bits ? (lazyDst >> (bits &- lazySrc)) & 1 : 0
+        case .shr:
+            return lazySrc <= UInt64(lazySize &* 8) ? (lazyDst >> (lazySrc &- 1)) & 1 : 0
+        case .sar:
+            return UInt64(bitPattern: Int64(bitPattern: signExtend(lazyDst & m, lazySize)) >> Int64(min(lazySrc &- 1, 63))) & 1
         }
     }
 
@@ -64,7 +73,11 @@ extension SoftCPU {
         case .dec:
             f |= (dst ^ 1 ^ res) & 0x10
             if dst == sign { f |= Flags.OF }
-        case .logic, .none:
+        case .shl:
+            if (res & sign != 0) != (f & Flags.CF != 0) { f |= Flags.OF }
+        case .shr:
+            if dst & sign != 0 { f |= Flags.OF }
+        case .logic, .none, .sar:
             break
         }
         return f

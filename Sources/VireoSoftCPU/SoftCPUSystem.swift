@@ -93,7 +93,10 @@ extension SoftCPU {
                     return
                 }
             }
-            if v & CR0.PG == 0 { efer &= ~EFER.LMA }
+            if v & CR0.PG == 0 {
+                guard !csLong else { throw .gp() }  // paging stays on in 64-bit code
+                efer &= ~EFER.LMA
+            }
             v &= 0xFFFF_FFFF
             cr0 = v
             flushTLB()
