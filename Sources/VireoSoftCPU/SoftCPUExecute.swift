@@ -658,7 +658,8 @@ extension SoftCPU {
             }
             let v = try readRM(size)
             let masked = count & (size == 8 ? 63 : 31)
-            if masked != 0 { try writeRM(size, shift(modrmReg & 7, v, masked, size)) }
+            // Even a zero count writes the destination (a 32-bit register is zero-extended).
+            try writeRM(size, masked != 0 ? shift(modrmReg & 7, v, masked, size) : v)
         case 0xC2, 0xC3:
             let size = stackOperandSize()
             let extra = op == 0xC2 ? try fetch16() : 0
@@ -967,7 +968,7 @@ extension SoftCPU {
             try decodeModRM(immediate: op & 1 == 0 ? 1 : 0)
             let count = (op & 1 == 0 ? UInt64(try fetch8()) : regs[1]) & (size == 8 ? 63 : 31)
             let d = try readRM(size)
-            if count != 0 { try writeRM(size, doubleShift(left: op < 0xA8, d, getReg(modrmReg, size), count, size)) }
+            try writeRM(size, count != 0 ? doubleShift(left: op < 0xA8, d, getReg(modrmReg, size), count, size) : d)
         case 0xAE:
             try decodeModRM()
             guard modrmIsRegister || modrmReg & 7 == 7 else { throw unimplementedInstruction() }  // fences; CLFLUSH
@@ -979,9 +980,9 @@ extension SoftCPU {
             let size = op == 0xB0 ? 1 : operandSize()
             try decodeModRM()
             let a = getReg(0, size), s = getReg(modrmReg, size)
-            // The locked cycle writes the old value back on failure; a CAS that changes
-            // nothing is the same to every other observer.
-            let d = try modifyRM(size) { d in _ = alu(7, a, d, size); return a == d ? s : (modrmIsRegister ? nil : d) }
+            // The destination is written back on failure (the locked cycle does; a 32-bit
+            // register is zero-extended): a CAS that changes nothing is the same to others.
+            let d = try modifyRM(size) { d in _ = alu(7, a, d, size); return a == d ? s : d }
             if a != d { setReg(0, size, d) }
         case 0xB6, 0xB7, 0xBE, 0xBF:  // MOVZX, MOVSX
             let size = operandSize(), from = op & 1 == 0 ? 1 : 2
@@ -1009,8 +1010,15 @@ extension SoftCPU {
             let size = op == 0xC0 ? 1 : operandSize()
             try decodeModRM()
             let s = getReg(modrmReg, size)
-            let d = try modifyRM(size) { d in alu(0, d, s, size) }
-            setReg(modrmReg, size, d)
+            if modrmIsRegister {  // the source takes the old value first, then the sum lands
+                let d = getReg(modrmRM, size)
+                let sum = alu(0, d, s, size)
+                setReg(modrmReg, size, d)
+                setReg(modrmRM, size, sum)
+            } else {
+                let d = try modifyRM(size) { d in alu(0, d, s, size) }
+                setReg(modrmReg, size, d)
+            }
         case 0xC8...0xCF:  // BSWAP
             let size = operandSize(), r = Int(op & 7) | Int(rex & 1) << 3
             let v = getReg(r, size)
