@@ -139,8 +139,10 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
     var modrmRM = 0
     var modrmIsRegister = true
     var effectiveAddress: UInt64 = 0
-    /// Extra instructions retired inside one step (REP iterations).
-    var extraRetired: UInt64 = 0
+    /// The page the last instruction was fetched from and its host address (TLB.invalid when
+    /// none): most instructions follow one on the same page, and skip the TLB.
+    var codePage: UInt64 = TLB.invalid
+    var codeHost: UnsafeMutableRawPointer
 
     // The TLB (see SoftCPUMemory.swift).
     let tlb: TLB
@@ -163,6 +165,7 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
         fetchScratch = .allocate(byteCount: 32, alignment: 16)
         fetchScratch.initializeMemory(as: UInt8.self, repeating: 0, count: 32)
         fetchPointer = fetchScratch
+        codeHost = fetchScratch
         xmmStorage = .allocate(byteCount: 256, alignment: 16)
         xmmStorage.initializeMemory(as: UInt8.self, repeating: 0, count: 256)
         floatingPage = .allocate(byteCount: 4096, alignment: 4096)
@@ -267,10 +270,6 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
             }
             if shadow { interruptShadow = false }
             left -= 1
-            if extraRetired != 0 {
-                instructions &+= extraRetired
-                extraRetired = 0
-            }
             if exitPending {
                 exitPending = false
                 instructions &+= UInt64(budget - left)

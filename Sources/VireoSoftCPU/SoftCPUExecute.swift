@@ -12,10 +12,18 @@ extension SoftCPU {
     /// into a scratch copy of the two pages' bytes (a missing second page faults only if the
     /// instruction reaches it).
     @inline(__always) func beginFetch() throws(CPUFault) {
-        let p = try codePointer(rip)
-        let left = 4096 &- Int(rip & 0xFFF)
+        let offset = Int(truncatingIfNeeded: rip & 0xFFF)
         fetchPosition = 0
+        if rip & ~0xFFF == codePage && offset <= 4096 - 16 {
+            fetchPointer = codeHost + offset
+            fetchAvailable = 16
+            return
+        }
+        let p = try codePointer(rip)
+        let left = 4096 &- offset
         if left >= 16 {
+            codePage = rip & ~0xFFF
+            codeHost = p - offset
             fetchPointer = p
             fetchAvailable = 16
             return
@@ -96,6 +104,7 @@ extension SoftCPU {
     // MARK: Registers by size
 
     @inline(__always) func getReg(_ r: Int, _ size: Int) -> UInt64 {
+        if size == 8 { return regs[r] }
         switch size {
         case 1:
             if rexPresent || r < 4 { return regs[r] & 0xFF }
@@ -107,6 +116,7 @@ extension SoftCPU {
     }
 
     @inline(__always) func setReg(_ r: Int, _ size: Int, _ v: UInt64) {
+        if size == 8 { regs[r] = v; return }
         switch size {
         case 1:
             if rexPresent || r < 4 { regs[r] = (regs[r] & ~0xFF) | (v & 0xFF) } else {
@@ -479,7 +489,9 @@ extension SoftCPU {
         while true {
             switch op {
             case 0x66: operandOverride = true
-            case 0x67: addressSize = long ? 4 : 2
+            case 0x67:
+                guard long else { throw unimplementedInstruction() }  // 16-bit addressing: real mode only
+                addressSize = 4
             case 0xF2, 0xF3: repPrefix = op
             case 0xF0: lockPrefix = true
             case 0x2E, 0x3E, 0x26, 0x36: break  // CS/DS/ES/SS: flat
@@ -503,7 +515,6 @@ extension SoftCPU {
     @inline(__always) func finish() { rip &+= UInt64(fetchPosition) }
 
     func execute(_ op: UInt8, _ repPrefix: UInt8) throws(CPUFault) {
-        if addressSize == 2 { throw unimplementedInstruction() }  // 16-bit addressing: real mode only
         switch op {
         case 0x00...0x3F where op & 7 < 6:
             let kind = Int(op >> 3)
@@ -858,7 +869,7 @@ extension SoftCPU {
         while regs[1] & am != 0 {
             try once()
             regs[1] = (regs[1] & ~am) | ((regs[1] &- 1) & am)
-            extraRetired &+= 1
+            instructions &+= 1  // each iteration retires
             if compares && condition(repPrefix == 0xF3 ? 5 : 4) { break }  // REPE stops on NE, REPNE on E
         }
     }
@@ -880,7 +891,7 @@ extension SoftCPU {
             }
             regs[7] = di &+ UInt64(n &* size)
             regs[1] &-= UInt64(n)
-            extraRetired &+= UInt64(n)
+            instructions &+= UInt64(n)
         }
     }
 

@@ -39,7 +39,10 @@ enum PTE {
 }
 
 extension SoftCPU {
-    public func flushTLB() { tlb.flush() }
+    public func flushTLB() {
+        tlb.flush()
+        codePage = TLB.invalid
+    }
 
     @inline(__always) static func tlbIndex(_ la: UInt64) -> Int { Int(truncatingIfNeeded: (la >> 12) & UInt64(TLB.entries - 1)) }
 
