@@ -14,6 +14,7 @@ extension SoftCPU {
     @inline(__always) func beginFetch() throws(CPUFault) {
         let offset = Int(truncatingIfNeeded: rip & 0xFFF)
         fetchPosition = 0
+        fetchFault = .gp()  // running past the window: an instruction longer than x86 allows
         if rip & ~0xFFF == codePage && offset <= 4096 - 16 {
             fetchPointer = codeHost + offset
             fetchAvailable = 16

@@ -192,14 +192,18 @@ extension SoftCPU {
         var sp = regs[4]
         if ist != 0 { sp = try read(trBase &+ 0x24 &+ (ist - 1) * 8, 8) }
         sp &= ~0xF
-        let frame: [UInt64] = [UInt64(selectors.2), regs[4], rflags, UInt64(selectors.1), rip]
+        let (oldSS, oldSP, oldFlags, oldCS, oldIP) = (UInt64(selectors.2), regs[4], rflags, UInt64(selectors.1), rip)
         let count = errorCode == nil ? 5 : 6
         let newSP = sp &- UInt64(count * 8)
         try probeWrite(newSP, count * 8)
         let savedCS = (selectors.1, csLong, csDefault32)
         try loadCS(selector)
         do {
-            for (i, value) in frame.enumerated() { try write(sp &- UInt64((i + 1) * 8), 8, value) }
+            try write(sp &- 8, 8, oldSS)
+            try write(sp &- 16, 8, oldSP)
+            try write(sp &- 24, 8, oldFlags)
+            try write(sp &- 32, 8, oldCS)
+            try write(sp &- 40, 8, oldIP)
             if let errorCode { try write(newSP, 8, UInt64(errorCode)) }
         } catch {
             (selectors.1, csLong, csDefault32) = savedCS

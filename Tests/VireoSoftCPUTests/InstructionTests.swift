@@ -206,6 +206,23 @@ import VireoKVM
         #expect(try m.stackWord(0) == TestMachine.code, "the frame returns to the interrupted instruction")
     }
 
+    @Test func anOverlongInstructionIsGP() throws {
+        let m = try TestMachine([UInt8](repeating: 0x66, count: 17) + [0x90, 0xF4])
+        #expect(m.run() == .halt)
+        #expect(m.exceptionVector == 13)
+    }
+
+    /// Code fetched from guest-physical addresses that are not memory reads all-ones (FF FF is
+    /// an invalid FF /7): #UD for the guest, nothing for the host.
+    @Test func codeOutsideMemoryIsUndefined() throws {
+        let m = try TestMachine(Snippets.jumpToAddress)
+        try m.memory.store(UInt64(0x4000_0000 | 0x83), at: GuestPhysicalAddress(0x3000 + 2 * 8))  // 4 MiB-6 MiB: beyond RAM
+        m.cpu.flushTLB()
+        m.cpu[.rax] = 0x40_0000
+        #expect(m.run() == .halt)
+        #expect(m.exceptionVector == 6)
+    }
+
     @Test func unimplementedInstructionsRaiseUDAndAreReportedOnce() throws {
         let seen = Mutex<[[UInt8]]>([])
         let m = try TestMachine(Snippets.unknown)
