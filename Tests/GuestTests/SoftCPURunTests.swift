@@ -98,7 +98,8 @@ import VireoGuestBuilder
     @Test func bothEnginesPrintTheSame() throws {
         guard GuestSupport.kvmAvailable() else { return }
         for (name, extra) in [("hello", ["--cmdline", "x=1"]), ("hello-c", []), ("cpubench", ["--cmdline", "3000"]), ("trap", []),
-                              ("heap", ["--memory", "32"]), ("xenstore", [])] {
+                              ("heap", ["--memory", "32"]), ("xenstore", []), ("hostile", []), ("hypercalls", []),
+                              ("upcall", []), ("smp", ["--vcpus", "2"])] {
             let path = try GuestSupport.image(name).path.path
             let kvm = try GuestSupport.run(GuestSupport.vireo, ["run", path, "--engine", "kvm"] + extra)
             let soft = try GuestSupport.run(GuestSupport.vireo, ["run", path, "--engine", "soft"] + extra)
