@@ -478,9 +478,55 @@ extension SoftCPU {
                 op = try fetch8()
                 if op & 0xF0 == 0x40 { return try prefixed(op, 0, long: long) }
             }
+            if long && registerForm(op) { return }
             return try execute(op, 0)
         }
         return try prefixed(op, repPrefix, long: long)
+    }
+
+    /// The commonest shape in compiled 64-bit code, register to register with no prefix but
+    /// REX: MOV, the ALU operations and TEST on 32- or 64-bit registers, without the general
+    /// ModRM decoder. False when the instruction is not of that shape (nothing consumed).
+    @inline(__always) func registerForm(_ op: UInt8) -> Bool {
+        switch op {
+        case 0x01, 0x03, 0x09, 0x0B, 0x11, 0x13, 0x19, 0x1B, 0x21, 0x23, 0x29, 0x2B, 0x31, 0x33, 0x39, 0x3B, 0x85, 0x89, 0x8B:
+            break
+        case 0xC1:  // SHL/SHR/SAR r, imm8
+            let m = fetchPointer.load(fromByteOffset: fetchPosition, as: UInt8.self)
+            let kind = Int((m >> 3) & 7)
+            guard m >= 0xC0, kind >= 4 else { return false }
+            let count = UInt64(fetchPointer.load(fromByteOffset: fetchPosition &+ 1, as: UInt8.self))
+            fetchPosition &+= 2
+            let r = Int(m & 7) | Int(rex & 1) << 3
+            let size = rex & 8 != 0 ? 8 : 4
+            let masked = count & (size == 8 ? 63 : 31)
+            let v = regs[r] & sizeMask(size)
+            regs[r] = masked != 0 ? shift(kind, v, masked, size) : v
+            finish()
+            return true
+        default:
+            return false
+        }
+        let m = fetchPointer.load(fromByteOffset: fetchPosition, as: UInt8.self)  // the window holds 16 bytes
+        guard m >= 0xC0 else { return false }
+        fetchPosition &+= 1
+        let reg = Int((m >> 3) & 7) | Int(rex & 4) << 1, rm = Int(m & 7) | Int(rex & 1) << 3
+        let (dst, src) = op & 2 == 0 ? (rm, reg) : (reg, rm)
+        let wide = rex & 8 != 0
+        let mask: UInt64 = wide ? ~0 : 0xFFFF_FFFF
+        let size = wide ? 8 : 4
+        switch op {
+        case 0x89, 0x8B:
+            regs[dst] = regs[src] & mask
+        case 0x85:
+            _ = alu(4, regs[dst] & mask, regs[src] & mask, size)
+        default:
+            let kind = Int(op >> 3)
+            let r = alu(kind, regs[dst] & mask, regs[src] & mask, size)
+            if kind != 7 { regs[dst] = r }
+        }
+        finish()
+        return true
     }
 
     /// The general prefix loop (legacy prefixes in any order, REX only when it comes last).
