@@ -491,6 +491,23 @@ extension SoftCPU {
         switch op {
         case 0x01, 0x03, 0x09, 0x0B, 0x11, 0x13, 0x19, 0x1B, 0x21, 0x23, 0x29, 0x2B, 0x31, 0x33, 0x39, 0x3B, 0x85, 0x89, 0x8B:
             break
+        case 0x70...0x7F, 0xEB:  // Jcc rel8, JMP rel8
+            let disp = UInt64(bitPattern: Int64(Int8(bitPattern: fetchPointer.load(fromByteOffset: fetchPosition, as: UInt8.self))))
+            fetchPosition &+= 1
+            finish()
+            if op == 0xEB || condition(op & 0xF) { rip &+= disp }
+            return true
+        case 0x83:  // ALU r, imm8
+            let m = fetchPointer.load(fromByteOffset: fetchPosition, as: UInt8.self)
+            guard m >= 0xC0 else { return false }
+            let imm = UInt64(bitPattern: Int64(Int8(bitPattern: fetchPointer.load(fromByteOffset: fetchPosition &+ 1, as: UInt8.self))))
+            fetchPosition &+= 2
+            let r = Int(m & 7) | Int(rex & 1) << 3, kind = Int((m >> 3) & 7)
+            let size = rex & 8 != 0 ? 8 : 4
+            let result = alu(kind, regs[r] & sizeMask(size), imm & sizeMask(size), size)
+            if kind != 7 { regs[r] = result }
+            finish()
+            return true
         case 0xC1:  // SHL/SHR/SAR r, imm8
             let m = fetchPointer.load(fromByteOffset: fetchPosition, as: UInt8.self)
             let kind = Int((m >> 3) & 7)
