@@ -73,3 +73,45 @@ import VireoABI
         #expect(why.contains("triple fault"))
     }
 }
+
+/// A guest's page tables may point anywhere; the host stays safe.
+@Suite struct HostilePagingTests {
+    /// A page mapped to a guest-physical address beyond RAM: writes vanish, reads float high,
+    /// and no byte of host memory outside the guest changes.
+    @Test func pagesBeyondRAMReadAllOnesAndDropWrites() throws {
+        // mov %rbx, (%rax); mov (%rax), %rcx; hlt
+        let m = try TestMachine([0x48, 0x89, 0x18, 0x48, 0x8B, 0x08, 0xF4])
+        try m.setPTE(0x50000, 0xFFFF_F000 | 3)  // 4 GiB - 4 KiB: far beyond the 4 MiB of RAM
+        (m.cpu[.rax], m.cpu[.rbx]) = (0x50008, 0x1122_3344_5566_7788)
+        let before = try m.memory.bytes(at: GuestPhysicalAddress(0), count: 4 << 20)
+        #expect(m.run() == .halt && m.exceptionVector == nil)
+        #expect(m.cpu[.rcx] == UInt64.max)
+        let after = try m.memory.bytes(at: GuestPhysicalAddress(0), count: 4 << 20)
+        let changed = zip(before, after).enumerated().filter { $0.element.0 != $0.element.1 }.map { $0.offset }
+        #expect(changed.allSatisfy { $0 >= 0x4000 && $0 < 0x5000 || $0 >= 0x1000 && $0 < 0x4000 },
+                "only paging structures (accessed/dirty bits) and the stack may change: \(changed.prefix(8))")
+    }
+
+    /// A page table that is not guest memory reads as not present: #PF, not a host fault.
+    @Test func aTableOutsideMemoryIsNotPresent() throws {
+        let m = try TestMachine(Snippets.loadFromAddress)
+        try m.memory.store(UInt64(0x7_0000_0000 | 3), at: GuestPhysicalAddress(0x3000 + 2 * 8))  // PD entry 2 → a table at 28 GiB
+        m.cpu.flushTLB()
+        m.cpu[.rax] = 0x40_0000
+        #expect(m.run() == .halt)
+        #expect(m.exceptionVector == 14)
+        #expect(try m.stackWord(0) == 0, "not present")
+    }
+
+    /// REP STOS running into an unmapped page faults there, with RCX and RDI showing progress.
+    @Test func aRepStoreStopsAtTheFirstMissingPage() throws {
+        // rep stosq; hlt
+        let m = try TestMachine([0xF3, 0x48, 0xAB, 0xF4])
+        try m.setPTE(0x51000, 0)
+        (m.cpu[.rdi], m.cpu[.rcx], m.cpu[.rax]) = (0x50000, 1024, 0xAB)
+        #expect(m.run() == .halt)
+        #expect(m.exceptionVector == 14 && m.cpu.cr2 == 0x51000)
+        #expect(m.cpu[.rdi] == 0x51000 && m.cpu[.rcx] == 512, "the first page was filled, the rest restarts")
+        #expect(try m.stackWord(1) == TestMachine.code, "the REP instruction restarts")
+    }
+}
