@@ -488,6 +488,9 @@ extension SoftCPU {
     /// REX: MOV, the ALU operations and TEST on 32- or 64-bit registers, without the general
     /// ModRM decoder. False when the instruction is not of that shape (nothing consumed).
     @inline(__always) func registerForm(_ op: UInt8) -> Bool {
+        // Up to two more bytes are read (ModRM and an imm8, or a rel8); near the end of a page
+        // whose successor is missing the general decoder raises the fault instead.
+        guard fetchPosition &+ 2 <= fetchAvailable else { return false }
         switch op {
         case 0x01, 0x03, 0x09, 0x0B, 0x11, 0x13, 0x19, 0x1B, 0x21, 0x23, 0x29, 0x2B, 0x31, 0x33, 0x39, 0x3B, 0x85, 0x89, 0x8B:
             break
@@ -524,7 +527,7 @@ extension SoftCPU {
         default:
             return false
         }
-        let m = fetchPointer.load(fromByteOffset: fetchPosition, as: UInt8.self)  // the window holds 16 bytes
+        let m = fetchPointer.load(fromByteOffset: fetchPosition, as: UInt8.self)
         guard m >= 0xC0 else { return false }
         fetchPosition &+= 1
         let reg = Int((m >> 3) & 7) | Int(rex & 4) << 1, rm = Int(m & 7) | Int(rex & 1) << 3

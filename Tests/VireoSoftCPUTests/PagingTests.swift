@@ -115,3 +115,26 @@ import VireoABI
         #expect(try m.stackWord(1) == TestMachine.code, "the REP instruction restarts")
     }
 }
+
+extension HostilePagingTests {
+    /// An instruction whose last byte is on a missing page faults for that page (CR2 at its
+    /// start, an instruction fetch), even for the shapes the fast path decodes.
+    @Test func anInstructionCrossingIntoAMissingPageFaults() throws {
+        let m = try TestMachine([0xF4])
+        let page: UInt64 = 0x50000
+        // xor %rax, %rax (48 31 c0) with its ModRM on the next page.
+        try m.memory.write([0x48, 0x31], at: GuestPhysicalAddress(page + 0xFFE))
+        try m.memory.write([0xC0, 0xF4], at: GuestPhysicalAddress(page + 0x1000))
+        m.cpu.rip = page + 0xFFE
+        m.cpu[.rax] = 5
+        #expect(m.run() == .halt && m.cpu[.rax] == 0 && m.cpu.rip == page + 0x1002, "it runs while both pages are there")
+        // Now without the second page (the fetcher's scratch copy still holds the old bytes).
+        try m.setPTE(page + 0x1000, 0)
+        m.cpu.rip = page + 0xFFE
+        m.cpu[.rax] = 5
+        #expect(m.run() == .halt)
+        #expect(m.exceptionVector == 14 && m.cpu.cr2 == page + 0x1000)
+        #expect(try m.stackWord(0) == 0x10, "not present, instruction fetch")
+        #expect(m.cpu[.rax] == 5, "the instruction did not run")
+    }
+}
