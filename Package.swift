@@ -43,8 +43,16 @@ let package = Package(
             name: "VireoKVM",
             dependencies: ["VireoKVMSys", "VireoLinux", "VireoCore", "VireoABI", "VireoHypercalls"]
         ),
-        // Runs domains: the hypervisor core on an engine (KVM today), one thread per vCPU.
-        .target(name: "VireoMachine", dependencies: ["VireoBackends", "VireoHypervisor", "VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux", "VireoStore"]),
+        // The SoftCPU engine: Vireo's own x86-64 interpreter over a domain's guest memory (the
+        // PVH entry, long mode, paging, the IDT). Built with exclusivity checks off: the hot
+        // loop touches the CPU's own fields millions of times a second from one thread.
+        .target(
+            name: "VireoSoftCPU",
+            dependencies: ["VireoCore", "VireoABI"],
+            swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"])]
+        ),
+        // Runs domains: the hypervisor core on an engine (KVM or SoftCPU), one thread per vCPU.
+        .target(name: "VireoMachine", dependencies: ["VireoSoftCPU", "VireoBackends", "VireoHypervisor", "VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux", "VireoStore"]),
         // XenStore: the tree, permissions, transactions, watches and quotas (a pure engine),
         // its wire codec, and its transports (a Unix socket for tools, a ring page per guest).
         .target(name: "VireoStore", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls"]),
@@ -88,6 +96,7 @@ let package = Package(
         .testTarget(name: "VireoBenchTests", dependencies: ["VireoBench"]),
         .testTarget(name: "VireoCoreTests", dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "VireoHypervisorTests", dependencies: ["VireoHypervisor", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoSoftCPUTests", dependencies: ["VireoSoftCPU", "VireoKVM", "VireoCore", "VireoABI"]),
         .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoStoreTests", dependencies: ["VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),

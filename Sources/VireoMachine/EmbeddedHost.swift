@@ -11,7 +11,7 @@ import VireoStore
 /// The embedded default of `vireo run`: everything one domain needs in one process, no daemon.
 /// The host's own domain (Xen's dom0) with a dispatcher thread for its events, the XenStore
 /// serving the guest's store ring (found through the reserved grant, as a backend would), the
-/// toolstack's nodes for the domain, and the KVM runner.
+/// toolstack's nodes for the domain, and the engine's runner (KVM or the SoftCPU).
 public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; the thread owns the loop
     public let hub = EventChannels()
     public let grants = GrantTables()
@@ -108,7 +108,7 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     public func run(config: DomainConfig, kernel: [UInt8], commandLine: String, disks: [Disk] = [],
                     networks: [NetworkSpec] = [], devices: [any BackendService] = [],
                     consoleLog: String? = nil, consoleRate: ConsoleBackend.RateLimit = .standard,
-                    consoleInput: Int32? = nil,
+                    consoleInput: Int32? = nil, engine: ExecutionEngine = .kvm,
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
         // Open the images first: a missing file fails before any domain exists.
         var backends: [any BackendService] = []
@@ -191,8 +191,15 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
             thread.start()
             servers.append(thread)
         }
-        let runner = try KVMDomainRunner(built: built, router: router)
-        let reason = runner.run()
-        return Outcome(reason: reason, failure: runner.failureDescription)
+        switch engine {
+        case .kvm:
+            let runner = try KVMDomainRunner(built: built, router: router)
+            let reason = runner.run()
+            return Outcome(reason: reason, failure: runner.failureDescription)
+        case .soft:
+            let runner = SoftDomainRunner(built: built, router: router)
+            let reason = runner.run()
+            return Outcome(reason: reason, failure: runner.failureDescription)
+        }
     }
 }

@@ -54,7 +54,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     private let vm: VMBox
     private let vcpus: [KVMVirtualCPU]
     private let wakers: [VCPUWaker]
-    private let dispatcher: HypercallDispatcher
+    private let services: VCPUServices
     private let failure = Mutex<String?>(nil)
     private let exitCount = Atomic<Int>(0)
 
@@ -78,6 +78,12 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     public var exits: Int { exitCount.load(ordering: .relaxed) }
 
     /// Creates the KVM VM and vCPUs for `built` and puts vCPU 0 in the PVH entry state.
+    /// Whether /dev/kvm opens and offers what the runner needs (for `--engine auto`).
+    public static var kvmUsable: Bool {
+        guard let kvm = try? KVMSystem() else { return false }
+        return (try? kvm.requireCapabilities()) != nil
+    }
+
     public init(built: BuiltDomain, router: UpcallRouter) throws(KVMError) {
         let kvm = try KVMSystem()
         try kvm.requireCapabilities()
@@ -94,7 +100,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         self.vm = VMBox(vm)
         self.vcpus = vcpus
         self.wakers = vcpus.map { _ in VCPUWaker() }
-        self.dispatcher = HypercallDispatcher(domain: built.domain)
+        self.services = VCPUServices(domain: built.domain, dispatcher: HypercallDispatcher(domain: built.domain), wakers: self.wakers)
         // Special frames the guest places (shared_info, grant frames) become KVM slots, inside
         // RAM too (the RAM slots are split around them).
         let physmap = KVMPhysmap(vm: self.vm, memory: built.domain.memory)
@@ -168,32 +174,17 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         thread.start()
     }
 
-    /// Fires timers when they fall due and kicks the vCPUs so they deliver the event, even when
-    /// a vCPU is running guest code that makes no exits.
+    /// Wakes the timer thread (``VCPUServices/startTimerThread``).
     private let timerWaker = VCPUWaker()
 
     private func startTimerThread() -> Thread {
-        let domain = self.domain, waker = timerWaker, wakers = self.wakers, cpus = vcpus
-        domain.setTimerHook { waker.wake() }
-        let thread = Thread {
-            while domain.shutdownReason == nil {
-                let next = domain.nextTimerDeadline
-                let now = domain.systemTime()
-                if let next, next <= now {
-                    domain.fireDueTimers()
-                    for (w, cpu) in zip(wakers, cpus) {  // the upcall hook wakes the right one; kick all to deliver
-                        w.wake()
-                        cpu.kick()
-                    }
-                    continue
-                }
-                let timeout = next.map { Int64(clamping: $0 - now) } ?? -1
-                waker.wait(until: { domain.shutdownReason != nil || domain.nextTimerDeadline != next }, timeoutNanoseconds: timeout)
+        let wakers = self.wakers, cpus = vcpus
+        return VCPUServices.startTimerThread(domain: domain, waker: timerWaker) {
+            for (w, cpu) in zip(wakers, cpus) {
+                w.wake()
+                cpu.kick()
             }
         }
-        thread.name = "vireo-timers"
-        thread.start()
-        return thread
     }
 
     /// Stops the domain from another thread (the reason is recorded; the vCPU stops soon).
@@ -210,20 +201,12 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         domain.shutDown(.crash)
     }
 
-    private func upcallPending(_ vcpu: Int) -> Bool {
-        domain.vcpuInfoRegion(vcpu).map { $0.loadAcquire8(at: 0) != 0 } ?? false
-    }
-
-    private func upcallMasked(_ vcpu: Int) -> Bool {
-        domain.vcpuInfoRegion(vcpu).map { $0.loadAcquire8(at: 1) != 0 } ?? true
-    }
-
     private func runVCPU(_ index: Int) {
         let cpu = vcpus[index]
         publishTime(index)
         while domain.shutdownReason == nil {
             // Due timers are the timer thread's job (it fires them and kicks this vCPU).
-            if let vector = domain.callbackVector, upcallPending(index), !upcallMasked(index) {
+            if let vector = services.upcallVector(index) {
                 if cpu.readyForInterruptInjection {
                     do { try cpu.injectInterrupt(vector: vector) } catch { return crash("KVM_INTERRUPT: \(error)") }
                     cpu.requestInterruptWindow = false
@@ -243,7 +226,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
                     crash("vCPU \(index) halted with interrupts disabled")
                     continue
                 }
-                sleep(vcpu: index, cpu: cpu, ports: nil, deadline: nil)
+                sleep(vcpu: index)
             case .writeMSR(let msr, let value, _):
                 if msr == VIREO_ABI_HYPERCALL_PAGE_MSR && HypercallPage.install(msrValue: value, in: domain.memory) {
                     continue
@@ -285,61 +268,31 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         var regs = cpu.registers
         let sregs = cpu.syncedSpecialRegisters  // from the run area: no ioctl per hypercall
         let longMode = sregs.efer & (1 << 10) != 0
-        let result: UInt64
-        if sregs.cs.selector & 3 != 0 {
-            result = UInt64(bitPattern: XenError.EPERM.hypercallResult)  // hypercalls are for the kernel only
-        } else {
-            let arguments = longMode ? [regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8]
-                : [regs.rbx, regs.rcx, regs.rdx, regs.rsi, regs.rdi].map { $0 & 0xFFFF_FFFF }
-            let space = GuestAddressSpace(memory: domain.memory,
-                                          mode: PagingMode(cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer))
-            switch dispatcher.dispatch(HypercallPage.number(fromEAX: regs.rax), arguments, vcpu: vcpu, space: space) {
-            case .result(let r):
-                result = UInt64(bitPattern: r)
-            case .yield:
-                sched_yield()
-                result = 0
-            case .block:
-                // SCHEDOP_block: sleep until an event is pending (delivered after return).
-                sleep(vcpu: vcpu, cpu: cpu, ports: nil, deadline: nil)
-                result = 0
-            case .poll(let ports, let deadline):
-                sleep(vcpu: vcpu, cpu: cpu, ports: ports, deadline: deadline)
-                result = 0
-            case .shutdown:
-                return
-            case .restart(let args):
-                if longMode {
-                    (regs.rdi, regs.rsi, regs.rdx) = (args[0], args[1], args[2])
-                } else {
-                    (regs.rbx, regs.rcx, regs.rdx) = (args[0], args[1], args[2])
-                }
-                regs.rip &-= 2  // back onto `out %eax, $port`: the call runs again
-                cpu.registers = regs
-                return
+        let call = VCPUServices.Call(number: regs.rax, longMode: longMode, userMode: sregs.cs.selector & 3 != 0,
+                                     rdi: regs.rdi, rsi: regs.rsi, rdx: regs.rdx, r10: regs.r10, r8: regs.r8,
+                                     rbx: regs.rbx, rcx: regs.rcx,
+                                     paging: PagingMode(cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer))
+        switch services.hypercall(call, vcpu: vcpu) {
+        case .result(let result, let slept):
+            if slept { publishTime(vcpu) }  // time moved on while the vCPU slept
+            regs.rax = result
+            cpu.registers = regs
+        case .restart(let args):
+            if longMode {
+                (regs.rdi, regs.rsi, regs.rdx) = (args[0], args[1], args[2])
+            } else {
+                (regs.rbx, regs.rcx, regs.rdx) = (args[0], args[1], args[2])
             }
+            regs.rip &-= 2  // back onto `out %eax, $port`: the call runs again
+            cpu.registers = regs
+        case .stop:
+            return
         }
-        regs.rax = longMode ? result : result & 0xFFFF_FFFF
-        cpu.registers = regs
     }
 
-    /// Sleeps the vCPU until an event is pending for it (or one of `ports`, for SCHEDOP_poll),
-    /// a timer fires, the deadline passes, or the domain stops.
-    private func sleep(vcpu: Int, cpu: KVMVirtualCPU, ports: [EventPort]?, deadline: UInt64?) {
+    /// Sleeps the vCPU until an event is pending for it, a timer fires or the domain stops.
+    private func sleep(vcpu: Int) {
         defer { publishTime(vcpu) }  // time moved on while the vCPU slept
-        let events = (try? domain.memory.specialRegion(Domain.sharedInfoSpecialFrame)).map { GuestEventState(sharedInfo: $0) }
-        func ready() -> Bool {
-            if domain.shutdownReason != nil { return true }
-            if let ports, let events { return ports.contains { events.isPending($0) } }
-            return upcallPending(vcpu)
-        }
-        while !ready() {
-            let next = domain.fireDueTimers()
-            if ready() { return }
-            let wakeAt = [next, deadline].compactMap { $0 }.min()
-            if let deadline, domain.systemTime() >= deadline { return }
-            let timeout = wakeAt.map { Int64(clamping: $0 &- min($0, domain.systemTime())) } ?? -1
-            wakers[vcpu].wait(until: ready, timeoutNanoseconds: timeout)
-        }
+        services.sleep(vcpu: vcpu, ports: nil, deadline: nil)
     }
 }

@@ -27,7 +27,7 @@ struct RunCommand: ParsableCommand {
     @Argument(help: "The guest kernel: an ELF image with a Xen PVH entry note.")
     var kernel: String
 
-    @Option(help: "The execution engine: kvm, soft or auto (KVM when /dev/kvm is usable).")
+    @Option(help: "The execution engine: kvm, soft (Vireo's x86-64 interpreter) or auto (KVM when /dev/kvm is usable, else soft).")
     var engine: Engine = .auto
 
     @Option(help: "Guest memory in MiB.")
@@ -91,8 +91,10 @@ struct RunCommand: ParsableCommand {
         for text in net {
             do { networks.append(try NetworkSpec(parsing: text)) } catch { throw RunError(error.description) }
         }
-        if engine == .soft || (engine == .auto && access("/dev/kvm", R_OK | W_OK) != 0) {
-            throw RunError("the SoftCPU engine is not built yet; run on a host with /dev/kvm (--engine kvm)")
+        let chosen: ExecutionEngine = switch engine {
+        case .kvm: .kvm
+        case .soft: .soft
+        case .auto: ExecutionEngine.automatic
         }
         guard let bytes = FileManager.default.contents(atPath: kernel) else {
             throw RunError("cannot read the kernel '\(kernel)'")
@@ -120,7 +122,7 @@ struct RunCommand: ParsableCommand {
                 config: DomainConfig(id: DomainID(1), name: URL(fileURLWithPath: kernel).lastPathComponent,
                                      memoryBytes: UInt64(memory) << 20, vcpus: vcpus),
                 kernel: Array(bytes), commandLine: cmdline, disks: (try diskSpec).map { [$0] } ?? [], networks: networks,
-                consoleLog: consoleLog, consoleInput: STDIN_FILENO,
+                consoleLog: consoleLog, consoleInput: STDIN_FILENO, engine: chosen,
                 console: { bytes in bytes.withUnsafeBytes { _ = write(STDOUT_FILENO, $0.baseAddress, $0.count) } })
         } catch let failure as BackendError {
             let text = failure.description

@@ -69,6 +69,28 @@ import Testing
         }
     }
 
+    /// The JSON contract of `vireo bench cpu` (the SoftCPU on cpubench beside QEMU TCG or KVM);
+    /// never its speed. Where QEMU runs too, both printed the same checksum.
+    @Test func benchCPUQuickPrintsTheContractLine() throws {
+        let r = try Self.run(["bench", "cpu", "--quick", "--json"])
+        let hasQEMU = (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":")
+            .contains { FileManager.default.isExecutableFile(atPath: "\($0)/qemu-system-x86_64") }
+        guard hasQEMU || FileManager.default.isWritableFile(atPath: "/dev/kvm") else {
+            #expect(r.status != 0 && r.err.contains("cannot run here"), "\(r.err)")
+            return
+        }
+        #expect(r.status == 0, "\(r.err)")
+        let last = try #require(r.out.split(separator: "\n").last)
+        let object = try #require(try JSONSerialization.jsonObject(with: Data(last.utf8)) as? [String: Any])
+        #expect(object["bench"] as? String == "cpu")
+        #expect(object["unit"] as? String == "instructions/s")
+        let value = try #require(object["value"] as? Double)
+        let baseline = try #require(object["baseline"] as? Double)
+        #expect(value > 0 && baseline > 0)
+        #expect((object["checksum_line"] as? String)?.hasPrefix("cpubench: 300000 iterations, checksum ") == true)
+        if hasQEMU { #expect(object["same_checksum_as_qemu"] as? Bool == true) }
+    }
+
     /// The JSON contract of `vireo bench ring`; never its speed (a smoke test on a shared machine).
     @Test func benchRingQuickPrintsTheContractLine() throws {
         let r = try Self.run(["bench", "ring", "--quick", "--json"])

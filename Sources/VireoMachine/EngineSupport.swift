@@ -1,0 +1,141 @@
+import Foundation
+import Glibc
+import VireoABI
+import VireoCore
+import VireoHypercalls
+import VireoHypervisor
+
+/// Which engine runs a domain's vCPUs.
+public enum ExecutionEngine: String, Sendable, CaseIterable {
+    /// Linux KVM (`/dev/kvm`).
+    case kvm
+    /// Vireo's own x86-64 interpreter (``SoftDomainRunner``).
+    case soft
+
+    /// KVM when `/dev/kvm` can be opened and has what Vireo needs, else the SoftCPU.
+    public static var automatic: ExecutionEngine {
+        guard access("/dev/kvm", R_OK | W_OK) == 0 else { return .soft }
+        return KVMDomainRunner.kvmUsable ? .kvm : .soft
+    }
+}
+
+/// The engine-independent half of running a vCPU: the hypercall's arguments taken from the
+/// registers as Xen passes them, the dispatcher's outcome turned into what the engine must do,
+/// the sleep on HLT and SCHEDOP_block/poll, and the timer thread. KVMDomainRunner and
+/// SoftDomainRunner each supply registers and a way to wake their vCPU.
+struct VCPUServices {
+    let domain: Domain
+    let dispatcher: HypercallDispatcher
+    let wakers: [VCPUWaker]
+
+    /// The registers a hypercall reads (RDI, RSI, RDX, R10, R8 in 64-bit mode; EBX, ECX, EDX,
+    /// ESI, EDI in 32-bit mode) and its number (EAX).
+    struct Call {
+        var number: UInt64
+        var longMode: Bool
+        var userMode: Bool
+        var rdi, rsi, rdx, r10, r8, rbx, rcx: UInt64
+        var paging: PagingMode
+    }
+
+    /// What the engine does next.
+    enum Completion {
+        /// Write this to RAX (already truncated to 32 bits outside long mode) and resume;
+        /// `slept` when the vCPU slept (block, poll): the engine republishes its pvclock.
+        case result(UInt64, slept: Bool)
+        /// Set these argument registers (RDI, RSI, RDX in 64-bit mode; EBX, ECX, EDX in 32-bit
+        /// mode) and run the same hypercall instruction again.
+        case restart([UInt64])
+        /// The domain shut down.
+        case stop
+    }
+
+    func hypercall(_ call: Call, vcpu: Int) -> Completion {
+        if call.userMode {
+            return .result(UInt64(bitPattern: XenError.EPERM.hypercallResult), slept: false)  // for the kernel only
+        }
+        let arguments = call.longMode ? [call.rdi, call.rsi, call.rdx, call.r10, call.r8]
+            : [call.rbx, call.rcx, call.rdx, call.rsi, call.rdi].map { $0 & 0xFFFF_FFFF }
+        let space = GuestAddressSpace(memory: domain.memory, mode: call.paging)
+        let result: UInt64
+        var slept = false
+        switch dispatcher.dispatch(HypercallPage.number(fromEAX: call.number), arguments, vcpu: vcpu, space: space) {
+        case .result(let r):
+            result = UInt64(bitPattern: r)
+        case .yield:
+            sched_yield()
+            result = 0
+        case .block:
+            // SCHEDOP_block: sleep until an event is pending (delivered after return).
+            sleep(vcpu: vcpu, ports: nil, deadline: nil)
+            result = 0
+            slept = true
+        case .poll(let ports, let deadline):
+            sleep(vcpu: vcpu, ports: ports, deadline: deadline)
+            result = 0
+            slept = true
+        case .shutdown:
+            return .stop
+        case .restart(let args):
+            return .restart(args)
+        }
+        return .result(call.longMode ? result : result & 0xFFFF_FFFF, slept: slept)
+    }
+
+    func upcallPending(_ vcpu: Int) -> Bool {
+        domain.vcpuInfoRegion(vcpu).map { $0.loadAcquire8(at: 0) != 0 } ?? false
+    }
+
+    func upcallMasked(_ vcpu: Int) -> Bool {
+        domain.vcpuInfoRegion(vcpu).map { $0.loadAcquire8(at: 1) != 0 } ?? true
+    }
+
+    /// The callback vector when an upcall should be injected into `vcpu` now (pending,
+    /// unmasked, a vector chosen); the engine still checks the vCPU's IF.
+    func upcallVector(_ vcpu: Int) -> UInt8? {
+        guard let vector = domain.callbackVector, upcallPending(vcpu), !upcallMasked(vcpu) else { return nil }
+        return vector
+    }
+
+    /// Sleeps the vCPU until an event is pending for it (or one of `ports`, for SCHEDOP_poll),
+    /// a timer fires, the deadline passes, or the domain stops.
+    func sleep(vcpu: Int, ports: [EventPort]?, deadline: UInt64?) {
+        let events = (try? domain.memory.specialRegion(Domain.sharedInfoSpecialFrame)).map { GuestEventState(sharedInfo: $0) }
+        func ready() -> Bool {
+            if domain.shutdownReason != nil { return true }
+            if let ports, let events { return ports.contains { events.isPending($0) } }
+            return upcallPending(vcpu)
+        }
+        while !ready() {
+            let next = domain.fireDueTimers()
+            if ready() { return }
+            let wakeAt = [next, deadline].compactMap { $0 }.min()
+            if let deadline, domain.systemTime() >= deadline { return }
+            let timeout = wakeAt.map { Int64(clamping: $0 &- min($0, domain.systemTime())) } ?? -1
+            wakers[vcpu].wait(until: ready, timeoutNanoseconds: timeout)
+        }
+    }
+
+    /// Fires timers when they fall due and calls `kickAll` so the vCPUs deliver the event,
+    /// even when a vCPU is running guest code that makes no exits. Ends with the domain
+    /// (wake `waker` to make it look).
+    static func startTimerThread(domain: Domain, waker: VCPUWaker, kickAll: @escaping @Sendable () -> Void) -> Thread {
+        domain.setTimerHook { waker.wake() }
+        let thread = Thread {
+            while domain.shutdownReason == nil {
+                let next = domain.nextTimerDeadline
+                let now = domain.systemTime()
+                if let next, next <= now {
+                    domain.fireDueTimers()
+                    kickAll()  // the upcall hook wakes the right one; kick all to deliver
+                    continue
+                }
+                let timeout = next.map { Int64(clamping: $0 - now) } ?? -1
+                waker.wait(until: { domain.shutdownReason != nil || domain.nextTimerDeadline != next }, timeoutNanoseconds: timeout)
+            }
+        }
+        thread.name = "vireo-timers"
+        thread.start()
+        return thread
+    }
+}
