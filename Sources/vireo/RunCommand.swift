@@ -27,7 +27,7 @@ struct RunCommand: ParsableCommand {
     @Argument(help: "The guest kernel: an ELF image with a Xen PVH entry note.")
     var kernel: String
 
-    @Option(help: "The execution engine: kvm, soft (Vireo's x86-64 interpreter) or auto (KVM when /dev/kvm is usable, else soft).")
+    @Option(help: "The execution engine: kvm, soft (Vireo's x86-64 interpreter) or auto (KVM where it is hardware-accelerated, else soft).")
     var engine: Engine = .auto
 
     @Option(help: "Guest memory in MiB.")
