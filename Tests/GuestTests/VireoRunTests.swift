@@ -135,6 +135,15 @@ import VireoGuestBuilder
         }
         #expect(wrong == 0, "the image holds the guest's pattern")
         #expect(bytes[(80 * 512)...].allSatisfy { $0 == 0xEE }, "nothing past the sectors written")
+        // "all": the pattern across the whole disk (on the SoftCPU: the work is 256 sectors' worth).
+        let all = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--engine", "soft", "--disk", image.path, "--cmdline", "all"])
+        #expect(all.status == 0 && all.out.contains("blkcheck: 256 sectors ok"), "\(all.out)\(all.err)")
+        let whole = [UInt8](try Data(contentsOf: image))
+        var wrongAll = 0
+        for sector in 0..<256 {
+            for i in 0..<512 where whole[sector * 512 + i] != UInt8(truncatingIfNeeded: sector &* 37 &+ i &+ sector >> 3) { wrongAll += 1 }
+        }
+        #expect(wrongAll == 0, "the whole image holds the guest's pattern")
         // Read-only: the guest's writes are refused, so it fails, and the image is untouched.
         try Data(repeating: 0xEE, count: 256 * 512).write(to: image)
         let ro = try GuestSupport.run(GuestSupport.vireo, ["run", kernel, "--engine", "kvm", "--disk", image.path + ",ro", "--cmdline", "8"])

@@ -1,5 +1,6 @@
 // blkcheck: the end-to-end virtual disk check. It connects GuestKit's BlockFrontend to the
 // disk `vireo run --disk PATH` serves as xvda and, by `--cmdline`:
+//   all      the same over the whole disk
 //   N        (default 64) writes a pattern over the first N 512-byte sectors (rounded down to
 //            whole logical sectors on a 4096-byte-sector disk; several requests in
 //            flight, up to 32 pages each: indirect requests when the backend offers them), flushes
@@ -30,7 +31,7 @@ func pattern(_ sector: UInt64, _ offset: Int) -> UInt8 {
     UInt8(truncatingIfNeeded: sector &* 37 &+ UInt64(offset) &+ (sector >> 3))
 }
 
-/// The command line: an optional "bench" word and a sector count (default 64).
+/// The command line: "all", or an optional "bench" word and a sector count (default 64).
 func arguments() -> (bench: Bool, sectors: UInt64) {
     let text = Array(String(cString: vireo_guest_cmdline()).utf8)
     var value: UInt64 = 0
@@ -40,6 +41,11 @@ func arguments() -> (bench: Bool, sectors: UInt64) {
         digits += 1
     }
     var bench = false
+    if text.count >= 3 {
+        for start in 0...(text.count - 3) where text[start] == 97 && text[start + 1] == 108 && text[start + 2] == 108 {
+            return (false, UInt64.max)  // "all": clamped to the disk's size
+        }
+    }
     if text.count >= 5 {
         for start in 0...(text.count - 5) where text[start] == 98 && text[start + 1] == 101 && text[start + 2] == 110
             && text[start + 3] == 99 && text[start + 4] == 104 { bench = true }  // "bench"
