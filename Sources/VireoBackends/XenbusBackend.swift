@@ -260,7 +260,9 @@ public final class XenbusBackend<Device: XenbusDevice>: BackendService, @uncheck
     /// connected. Returns when the device wants the next pass.
     @discardableResult
     public func poll() -> NextPass {
-        let now = NetworkSwitch.coarseNanoseconds()
+        var clock = timespec()
+        clock_gettime(CLOCK_MONOTONIC_COARSE, &clock)
+        let now = UInt64(clock.tv_sec) &* 1_000_000_000 &+ UInt64(clock.tv_nsec)
         if frontendChanged.raised.exchange(false, ordering: .acquiringAndReleasing) || now &- stateReadAt >= Self.stateReadInterval {
             stateReadAt = now
             _ = watcher?.takeMessages()  // the events only say "look again"; the queue stays empty
@@ -361,7 +363,9 @@ final class FailureReports: Sendable {
     init(_ wake: WakePipe) { self.wake = wake }
 
     func report(_ text: String, generation: Int) {
-        pending.withLock { if $0 == nil { $0 = (generation, text) } }
+        // The first report about the newest connection wins; one about an older connection
+        // (not yet taken) gives way.
+        pending.withLock { if $0 == nil || $0!.generation < generation { $0 = (generation, text) } }
         wake.kick()
     }
 
