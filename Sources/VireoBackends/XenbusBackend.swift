@@ -168,9 +168,6 @@ public final class XenbusBackend<Device: XenbusDevice>: BackendService, @uncheck
         frontendPath = "/local/domain/\(frontend.rawValue)/device/\(device.kind)/\(handle)"
     }
 
-    /// Wakes the control loop for a pass (any thread).
-    public func kick() { wake.kick() }
-
     // MARK: XenStore
 
     func storeRequest(_ type: XenStoreMessageType, _ payload: [UInt8]) throws(BackendError) -> [UInt8] {

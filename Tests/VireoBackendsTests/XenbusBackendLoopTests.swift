@@ -73,6 +73,12 @@ private final class ProbeRig {
 
     func setState(_ state: UInt32) { write("state", "\(state)") }
 
+    /// The frontend's keys, then its state.
+    func offer(token: String, state: UInt32 = XenbusBackendState.initialised) {
+        write("token", token)
+        setState(state)
+    }
+
     /// Polls until the backend reaches `state` (a worker's report arrives from its thread).
     func poll(until state: UInt32) throws {
         let deadline = ContinuousClock.now.advanced(by: .seconds(10))
@@ -90,8 +96,7 @@ private final class ProbeRig {
     @Test func pollDrivesTheWholeWalkWithoutThreads() throws {
         let rig = try ProbeRig()
         #expect(rig.backend.state == XenbusBackendState.initWait)
-        rig.write("token", "7")
-        rig.setState(XenbusBackendState.initialised)
+        rig.offer(token: "7")
         rig.backend.poll()  // the watch fired when the frontend wrote its state: read at once
         #expect(rig.backend.state == XenbusBackendState.connected && rig.backend.connections == 1)
         rig.backend.poll()
@@ -116,8 +121,7 @@ private final class ProbeRig {
 
     @Test func aConnectFailureNamesTheKey() throws {
         let rig = try ProbeRig()
-        rig.write("token", "seven")
-        rig.setState(XenbusBackendState.initialised)
+        rig.offer(token: "seven")
         rig.backend.poll()
         #expect(rig.backend.state == XenbusBackendState.closing)
         #expect(rig.backend.lastFailure?.contains(rig.backend.frontendPath + "/token") == true, "\(rig.backend.lastFailure ?? "-")")
@@ -127,8 +131,7 @@ private final class ProbeRig {
 
     @Test func aWorkerThatFailsDropsItsConnectionThroughTheControlLoop() throws {
         let rig = try ProbeRig()
-        rig.write("token", "1")
-        rig.setState(XenbusBackendState.initialised)
+        rig.offer(token: "1")
         try rig.poll(until: XenbusBackendState.connected)
         rig.probe.giveUp.store(true, ordering: .releasing)
         try rig.poll(until: XenbusBackendState.closing)  // the worker's next pass (at most 100 ms)
@@ -152,8 +155,7 @@ private final class ProbeRig {
 
     @Test func aFrontendWhoseDomainIsReleasedIsLetGo() throws {
         let rig = try ProbeRig()
-        rig.write("token", "1")
-        rig.setState(XenbusBackendState.connected)
+        rig.offer(token: "1", state: XenbusBackendState.connected)
         rig.backend.poll()
         #expect(rig.backend.state == XenbusBackendState.connected)
         try rig.store.releaseDomain(rig.guest.id)  // its home, the frontend's directory included, goes
@@ -176,8 +178,7 @@ private final class ProbeRig {
             backend.stop()
             while !thread.isFinished { usleep(1000) }
         }
-        rig.write("token", "1")
-        rig.setState(XenbusBackendState.initialised)
+        rig.offer(token: "1")
         let deadline = ContinuousClock.now.advanced(by: .seconds(10))
         while backend.state != XenbusBackendState.connected && ContinuousClock.now < deadline { usleep(1000) }
         #expect(backend.state == XenbusBackendState.connected)
