@@ -6,16 +6,14 @@ import VireoHypercalls
 import VireoStore
 
 /// netback: the host side of one paravirtual network interface (vif) of one frontend domain,
-/// speaking Xen's netif protocol (`vireo/io/netif.h`; Docs/network.md).
+/// speaking Xen's netif protocol (`vireo/io/netif.h`; Docs/network.md): a ``XenbusDevice``
+/// that ``XenbusBackend`` publishes and connects (``NetBackend``).
 ///
-/// Wiring (Xen's): ``create()`` writes the toolstack's nodes, the backend directory
-/// `/local/domain/0/backend/vif/<domid>/<handle>` (frontend, frontend-id, online, handle, mac,
-/// the features, state) and the frontend directory `/local/domain/<domid>/device/vif/<handle>`
-/// (backend, backend-id, handle, mac, state), the latter owned by the frontend. ``run()`` (or
-/// ``poll()`` from a caller's own loop) then follows the frontend's state: on Initialised or
-/// Connected it reads tx-ring-ref, rx-ring-ref, event-channel, request-rx-copy and the
-/// frontend's features, maps both rings, binds the event channel and enters Connected; on
-/// Closing/Closed it disconnects; a frontend that starts again is offered the device anew.
+/// Nodes (Xen's): the backend directory `/local/domain/0/backend/vif/<domid>/<handle>` gets
+/// handle, mac and the features besides XenbusBackend's own; the frontend directory
+/// `/local/domain/<domid>/device/vif/<handle>` handle and mac. On connect it reads
+/// tx-ring-ref, rx-ring-ref, event-channel, request-rx-copy and the frontend's features, maps
+/// both rings and binds the event channel.
 ///
 /// Transmit: each packet's slots (first request, extra info slots, fragments) are copied out of
 /// the ring once and validated as a whole before any byte moves; then the fragments are
@@ -27,7 +25,11 @@ import VireoStore
 /// Receive: frames from the host side wait in a bounded ``FrameQueue`` (a frame that does not
 /// fit is dropped and counted) and are grant-copied into the pages the frontend posted, one
 /// page per slot, offset 0, response i in the slot of request i.
-public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mutable state; others touch atomics, locks and the pipe
+///
+/// Threads: everything is served on XenbusBackend's control loop (``XenbusBackend/run()``, or
+/// ``XenbusBackend/poll()`` from a caller's loop); ``receive(_:checksum:)`` may be called from
+/// any thread and wakes that loop.
+public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the control loop owns the mutable state; others touch atomics, locks and the pipe
     public typealias TxRequest = vireo_netif_tx_request
     public typealias TxResponse = vireo_netif_tx_response
     public typealias RxRequest = vireo_netif_rx_request
@@ -59,7 +61,8 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
         }
     }
 
-    /// Counters, for tests, diagnostics and metrics.
+    /// Counters, for tests, diagnostics and metrics (connections and protocol errors are
+    /// ``XenbusBackend/connections`` and ``XenbusBackend/protocolErrors``).
     public struct Statistics: Sendable, Equatable {
         /// Frames the guest sent that the host side took, and their bytes.
         public var txPackets = 0
@@ -79,27 +82,16 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
         public var rxErrors = 0
         /// Events sent to the frontend.
         public var notifications = 0
-        public var connections = 0
-        /// Connections ended because the frontend broke the protocol.
-        public var protocolErrors = 0
     }
 
-    public let frontend: DomainID
+    public let kind = "vif"
     public let handle: UInt32
     public let mac: EthernetAddress
-    public let backendPath: String
-    public let frontendPath: String
     public let configuration: Configuration
 
-    private let store: XenStore
-    private let grants: GrantTables
-    private let host: HostEventDomain
-    private let wake: WakePipe
-    private let stopping = Atomic<Bool>(false)
-    /// Set by the XenStore session's wake-up (a watch fired): the frontend's state is read again.
-    private let storeChanged = StoreFlag()
-    private final class StoreFlag: Sendable { let raised = Atomic<Bool>(true) }
-    private var stateReadAt: UInt64 = 0
+    /// The backend's control loop, woken when a frame arrives for an empty queue; set once by
+    /// ``XenbusBackend/init(frontend:handle:configuration:store:grants:host:)`` before any thread runs.
+    var waker: WakePipe?
     /// Frames are taken for the guest only while Connected.
     private let accepting = Atomic<Bool>(false)
     let queue: FrameQueue
@@ -111,15 +103,8 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     @exclusivity(unchecked) private var pending = Statistics()  // this pass's counts, added to `stats` at its end
     public var statistics: Statistics { stats.withLock { $0 } }
 
-    /// The state the backend last published.
-    public var state: UInt32 { published.load(ordering: .acquiring) }
-    private let published = Atomic<UInt32>(0)
-    /// Why the last connection failed or was dropped, if it was.
-    public var lastFailure: String? { failure.withLock { $0 } }
-    private let failure = Mutex<String?>(nil)
-
-    // The service state (here, `attachment`, `pending`, `connection` and the rings) is touched
-    // only by the one thread in run()/poll(), so it skips Swift's dynamic exclusivity checks
+    // The service state (here, `attachment`, `pending`, the connection's rings) is touched
+    // only by the control loop's thread, so it skips Swift's dynamic exclusivity checks
     // (@exclusivity(unchecked)): on the per-frame path they cost as much as the ring work.
     // Transmit scratch: one packet at a time, allocated once.
     private static let frameBytes = 65536
@@ -131,6 +116,8 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     @exclusivity(unchecked) private var held = false
     @exclusivity(unchecked) private var bucket: TokenBucket?
     @exclusivity(unchecked) private var rxRequests: [RxRequest] = []
+    /// What the last pass found: 0 when work is left, the rate limit's wait, or `UInt64.max`.
+    @exclusivity(unchecked) private var next = UInt64.max
 
     /// The packet whose slots are in `slots`/`fragments`.
     private struct ParsedPacket {
@@ -148,54 +135,35 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
                                                  | VIREO_NETTXF_more_data | VIREO_NETTXF_extra_info)
 
     /// The connection to the frontend while Connected.
-    private final class Connection {
-        let txMapping: MappingBox
-        let rxMapping: MappingBox
-        @exclusivity(unchecked) var tx: BackRing<TxRequest, TxResponse>
-        @exclusivity(unchecked) var rx: BackRing<RxRequest, RxResponse>
-        let rxRegion: SharedRegion
+    public final class Connection {
+        let tx: MappedBackRing<TxRequest, TxResponse>
+        let rx: MappedBackRing<RxRequest, RxResponse>
         let port: EventPort
+        let link: FrontendLink
         let frontendSG: Bool
         let blankIPv4: Bool
         let blankIPv6: Bool
-        init(txMapping: MappingBox, rxMapping: MappingBox, tx: BackRing<TxRequest, TxResponse>,
-             rx: BackRing<RxRequest, RxResponse>, rxRegion: SharedRegion, port: EventPort,
-             frontendSG: Bool, blankIPv4: Bool, blankIPv6: Bool) {
-            self.txMapping = txMapping
-            self.rxMapping = rxMapping
+        init(tx: MappedBackRing<TxRequest, TxResponse>, rx: MappedBackRing<RxRequest, RxResponse>, port: EventPort,
+             link: FrontendLink, frontendSG: Bool, blankIPv4: Bool, blankIPv6: Bool) {
             self.tx = tx
             self.rx = rx
-            self.rxRegion = rxRegion
             self.port = port
+            self.link = link
             self.frontendSG = frontendSG
             self.blankIPv4 = blankIPv4
             self.blankIPv6 = blankIPv6
         }
     }
-    private final class MappingBox {
-        let mapping: GrantMapping
-        init(_ mapping: consuming GrantMapping) { self.mapping = mapping }
-    }
-    @exclusivity(unchecked) private var connection: Connection?
-    private var session: XenStoreConnection?
 
-    /// A vif `handle` (0 = the first, Linux's eth0) of domain `frontend`.
-    public init(frontend: DomainID, handle: UInt32 = 0, configuration: Configuration = Configuration(),
-                store: XenStore, grants: GrantTables, host: HostEventDomain) throws(BackendError) {
+    /// vif `handle` (0 = the first, Linux's eth0) of domain `frontend` (for its generated MAC).
+    public init(frontend: DomainID, handle: UInt32 = 0, configuration: Configuration = Configuration()) throws(BackendError) {
         guard configuration.queueFrames > 0, configuration.queueBytes >= Self.frameBytes else {
             throw BackendError("vif: the receive queue needs at least 1 frame and 64 KiB")
         }
         if let rate = configuration.rateBytesPerSecond, rate == 0 { throw BackendError("vif: rate 0 (give bytes per second > 0)") }
-        self.frontend = frontend
         self.handle = handle
         self.configuration = configuration
         mac = configuration.mac ?? .generated(domain: frontend.rawValue, handle: handle)
-        self.store = store
-        self.grants = grants
-        self.host = host
-        wake = try WakePipe(for: "network backend")
-        backendPath = "/local/domain/\(host.id.rawValue)/backend/vif/\(frontend.rawValue)/\(handle)"
-        frontendPath = "/local/domain/\(frontend.rawValue)/device/vif/\(handle)"
         queue = FrameQueue(maxFrames: configuration.queueFrames, capacityBytes: configuration.queueBytes)
         queueRegion = queue.region
         txBuffer = UnsafeMutableRawPointer.allocate(byteCount: Self.frameBytes, alignment: 4096)
@@ -212,153 +180,99 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     deinit { txBuffer.deallocate() }
 
     /// Connects the host side: where the guest's frames go (and, for a TAP, where the guest's
-    /// come from). Call before ``run()``; a later call replaces it.
+    /// come from). A later call replaces it.
     public func attach(_ attachment: any NetworkAttachment) {
         attachmentBox.withLock { $0 = attachment }
-        wake.kick()
+        waker?.kick()
     }
 
-    // MARK: XenStore
+    // MARK: XenbusDevice
 
-    private func storeRequest(_ type: XenStoreMessageType, _ payload: [UInt8]) throws(BackendError) -> [UInt8] {
-        guard let session else { throw BackendError("no XenStore session") }
-        let reply = store.request(XenStoreMessage(type: type, payload: payload), from: session)
-        guard let reply, reply.type == type else {
-            let text = reply.map { String(decoding: $0.payload.prefix { $0 != 0 }, as: UTF8.self) } ?? "no reply"
-            throw BackendError("XenStore \(type) \(String(decoding: payload.prefix { $0 != 0 }, as: UTF8.self)): \(text)")
-        }
-        return reply.payload
-    }
-
-    private func write(_ path: String, _ value: String) throws(BackendError) {
-        _ = try storeRequest(.write, Array(path.utf8) + [0] + Array(value.utf8))
-    }
-
-    private func setPermissions(_ path: String, _ permissions: [String]) throws(BackendError) {
-        var payload = Array(path.utf8) + [0]
-        for p in permissions { payload += Array(p.utf8) + [0] }
-        _ = try storeRequest(.setPermissions, payload)
-    }
-
-    private func read(_ path: String) -> String? {
-        guard let bytes = try? storeRequest(.read, Array(path.utf8) + [0]) else { return nil }
-        return String(decoding: bytes.prefix { $0 != 0 }, as: UTF8.self)
-    }
-
-    private func readNumber(_ path: String) -> UInt64? {
-        guard let text = read(path), !text.isEmpty, text.utf8.count <= 19,
-              text.utf8.allSatisfy({ $0 >= 48 && $0 <= 57 }) else { return nil }
-        return UInt64(text)
-    }
-
-    /// A frontend feature flag: "1" is on; missing, "0" or anything else is off.
-    private func readFlag(_ key: String) -> Bool { readNumber(frontendPath + "/" + key) == 1 }
-
-    private func publish(state: UInt32) throws(BackendError) {
-        try write(backendPath + "/state", "\(state)")
-        published.store(state, ordering: .releasing)
-    }
-
-    /// The backend's keys, as Linux's netback publishes them (see Docs/network.md for each).
-    var backendKeys: [(String, String)] {
-        [("frontend", frontendPath), ("frontend-id", "\(frontend.rawValue)"), ("online", "1"),
-         ("handle", "\(handle)"), ("mac", mac.description), ("type", "vif"),
+    /// The backend's keys beyond XenbusBackend's own, as Linux's netback publishes them (see
+    /// Docs/network.md for each).
+    public var backendNodes: [(key: String, value: String)] {
+        [("handle", "\(handle)"), ("mac", mac.description), ("type", "vif"),
          ("feature-sg", "1"), ("feature-gso-tcpv4", "0"), ("feature-gso-tcpv6", "0"),
          ("feature-no-csum-offload", "0"), ("feature-ipv6-csum-offload", "1"),
          ("feature-rx-copy", "1"), ("feature-rx-flip", "0"),
          ("feature-split-event-channels", "0"), ("feature-multicast-control", "0"),
-         ("feature-ctrl-ring", "0"), ("state", "\(XenbusBackendState.initialising)")]
+         ("feature-ctrl-ring", "0")]
     }
 
-    /// Writes the toolstack's nodes and the backend's features, and enters InitWait. Call
-    /// once, before the frontend starts looking (before the guest boots).
-    public func create() throws(BackendError) {
-        let wake = self.wake, storeChanged = self.storeChanged
-        session = store.connect(domain: host.id, wake: {
-            storeChanged.raised.store(true, ordering: .releasing)
-            wake.kick()
-        })
-        let front = frontend.rawValue, back = host.id.rawValue
-        let backendPermissions = ["n\(back)", "r\(front)"], frontendPermissions = ["n\(front)", "r\(back)"]
-        _ = try storeRequest(.mkdir, Array(backendPath.utf8) + [0])
-        try setPermissions(backendPath, backendPermissions)
-        for (key, value) in backendKeys {
-            try write(backendPath + "/" + key, value)
-            try setPermissions(backendPath + "/" + key, backendPermissions)
+    public var frontendNodes: [(key: String, value: String)] {
+        [("handle", "\(handle)"), ("mac", mac.description)]
+    }
+
+    public func connect(_ link: FrontendLink) throws(BackendError) -> Connection {
+        let node = link.path
+        if (try? link.number("multi-queue-num-queues")).map({ $0 > 1 }) ?? false {
+            throw BackendError("\(node)/multi-queue-num-queues: more than 1 (multi-queue-max-queues is not offered)")
         }
-        _ = try storeRequest(.mkdir, Array(frontendPath.utf8) + [0])
-        try setPermissions(frontendPath, frontendPermissions)
-        for (key, value) in [("backend", backendPath), ("backend-id", "\(back)"), ("handle", "\(handle)"),
-                             ("mac", mac.description), ("state", "\(XenbusBackendState.initialising)")] {
-            try write(frontendPath + "/" + key, value)
-            try setPermissions(frontendPath + "/" + key, frontendPermissions)
+        guard (try? link.number("tx-ring-ref")) != nil else {
+            throw BackendError("\(node)/tx-ring-ref: missing or not a grant reference")
         }
-        _ = try storeRequest(.watch, Array((frontendPath + "/state").utf8) + [0] + Array("vif-front".utf8) + [0])
-        try publish(state: XenbusBackendState.initWait)
-    }
-
-    // MARK: Running
-
-    /// Makes ``run()`` return soon.
-    public func stop() {
-        stopping.store(true, ordering: .releasing)
-        wake.kick()
-    }
-
-    /// Serves the vif until ``stop()``: follows the frontend's state and serves both rings and
-    /// the host side while connected. Call ``create()`` first. Runs on the caller's thread.
-    public func run() {
-        while !stopping.load(ordering: .acquiring) {
-            let next = poll()
-            if stopping.load(ordering: .acquiring) { break }
-            if next == 0 { continue }  // more work than one pass serves
-            var watched: Int32 = -1
-            if connection != nil, !queue.isFull, let fd = attachment?.pollDescriptor { watched = fd }
-            let milliseconds = next >= 100_000_000 ? 100 : Int32((next + 999_999) / 1_000_000)
-            wake.wait(milliseconds: milliseconds, alsoReadable: watched)
+        guard (try? link.number("rx-ring-ref")) != nil else {
+            throw BackendError("\(node)/rx-ring-ref: missing or not a grant reference")
         }
-        finish()
+        guard (try? link.number("event-channel")) != nil else {
+            if link.read("event-channel-tx") != nil || link.read("event-channel-rx") != nil {
+                throw BackendError("\(node)/event-channel-tx,-rx: split event channels are not offered (feature-split-event-channels=0)")
+            }
+            throw BackendError("\(node)/event-channel: missing or not a port")
+        }
+        guard link.flag("request-rx-copy") else {
+            throw BackendError("\(node)/request-rx-copy: must be 1 (only receive-copy is served; feature-rx-flip=0)")
+        }
+        guard link.flag("feature-rx-notify") else {
+            throw BackendError("\(node)/feature-rx-notify: must be 1 (the backend sleeps until told of new receive requests)")
+        }
+        let tx: MappedBackRing<TxRequest, TxResponse> = try link.mapRing("tx-ring-ref")
+        let rx: MappedBackRing<RxRequest, RxResponse> = try link.mapRing("rx-ring-ref")
+        let port = try link.bindEvent("event-channel")
+        held = false
+        accepting.store(true, ordering: .releasing)
+        return Connection(tx: tx, rx: rx, port: port, link: link, frontendSG: link.flag("feature-sg"),
+                          blankIPv4: !link.flag("feature-no-csum-offload"), blankIPv6: link.flag("feature-ipv6-csum-offload"))
     }
 
-    /// Ends the connection and the XenStore session (what ``run()`` does when it returns), for
-    /// callers that drive ``poll()`` themselves.
-    public func finish() {
-        disconnect()
-        if let session { store.disconnect(session) }
-        session = nil
-    }
-
-    /// One pass, for callers with a loop of their own (``run()`` is this in a loop): follows
-    /// the frontend's state, then serves the transmit ring, the host side's descriptor and the
-    /// receive queue. Returns the nanoseconds until there is a reason to look again without a
-    /// wake-up: 0 when work is left, the rate limit's wait, or `UInt64.max`.
-    @discardableResult
-    public func poll() -> UInt64 {
+    /// One pass: the transmit ring, the host side's descriptor, then the receive queue.
+    public func serve(_ c: Connection) throws(BackendError) {
         attachment = attachmentBox.withLock { $0 }
-        followFrontend()
-        guard let connection else { return .max }
-        var next = UInt64.max
+        next = .max
         var notify = false
         do {
-            let tx = try serveTransmit(connection, notify: &notify)
-            next = min(next, tx)
+            next = min(next, try serveTransmit(c, notify: &notify))
             if let attachment, attachment.pollDescriptor != nil {
                 attachment.pump(limit: Self.batch) { bytes, checksum in
                     enqueue(bytes, checksum: checksum, kick: false)
                 }
             }
-            if try serveReceive(connection, notify: &notify) { next = 0 }
+            if try serveReceive(c, notify: &notify) { next = 0 }
         } catch {
             flushStatistics()
-            fail("\(frontendPath): \(error)")
-            return .max
+            throw BackendError("\(error)")
         }
         if notify {
             pending.notifications += 1
-            try? host.send(connection.port)
+            try? c.link.host.send(c.port)
         }
         flushStatistics()
-        return next
+    }
+
+    /// At once when the last pass left work, after the rate limit's wait when it holds a
+    /// packet; and when the host side's descriptor (a TAP) is readable while the queue has room.
+    public func nextPass(_ c: Connection) -> NextPass {
+        var readable: Int32 = -1
+        if !queue.isFull, let fd = attachment?.pollDescriptor { readable = fd }
+        return NextPass(nanoseconds: next, readable: readable)
+    }
+
+    public func disconnect(_ c: Connection) {
+        accepting.store(false, ordering: .releasing)
+        let dropped = queue.removeAll()
+        if dropped > 0 { stats.withLock { $0.rxDropped += dropped } }
+        held = false
+        try? c.link.host.close(c.port)
     }
 
     private func flushStatistics() {
@@ -369,117 +283,7 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
             s.txDropped += add.txDropped; s.txRateDelays += add.txRateDelays
             s.rxPackets += add.rxPackets; s.rxBytes += add.rxBytes; s.rxDropped += add.rxDropped
             s.rxErrors += add.rxErrors; s.notifications += add.notifications
-            s.connections += add.connections; s.protocolErrors += add.protocolErrors
         }
-    }
-
-    /// Reacts to the frontend's state: read when the state watch fired, and at least every
-    /// 50 ms regardless (level-triggered, so a missed wake-up costs latency, never the state),
-    /// not on every pass: a busy vif would otherwise make a store request per batch.
-    private func followFrontend() {
-        guard session != nil else { return }
-        let now = configuration.clock()
-        guard storeChanged.raised.exchange(false, ordering: .acquiring) || now &- stateReadAt >= 50_000_000 else { return }
-        stateReadAt = now
-        let front = readNumber(frontendPath + "/state").map { UInt32(truncatingIfNeeded: $0) } ?? 0
-        let mine = state
-        switch front {
-        case XenbusBackendState.initialised, XenbusBackendState.connected:
-            if connection == nil && mine == XenbusBackendState.initWait { connect() }
-        case XenbusBackendState.closing:
-            if mine != XenbusBackendState.closing && mine != XenbusBackendState.closed {
-                disconnect()
-                try? publish(state: XenbusBackendState.closing)
-            }
-        case XenbusBackendState.closed:
-            if mine != XenbusBackendState.closed {
-                disconnect()
-                try? publish(state: XenbusBackendState.closed)
-            }
-        case XenbusBackendState.initialising:
-            // A frontend starting again after Closed: offer the device anew.
-            if mine == XenbusBackendState.closed { try? publish(state: XenbusBackendState.initWait) }
-        default: break
-        }
-    }
-
-    private func fail(_ text: String) {
-        failure.withLock { $0 = text }
-        if connection != nil { stats.withLock { $0.protocolErrors += 1 } }
-        disconnect()
-        try? publish(state: XenbusBackendState.closing)
-    }
-
-    private func connect() {
-        let node = frontendPath
-        if readNumber(node + "/multi-queue-num-queues").map({ $0 > 1 }) ?? false {
-            return fail("\(node)/multi-queue-num-queues: more than 1 (multi-queue-max-queues is not offered)")
-        }
-        guard let txRef = readNumber(node + "/tx-ring-ref"), txRef <= UInt64(UInt32.max) else {
-            return fail("\(node)/tx-ring-ref: missing or not a grant reference")
-        }
-        guard let rxRef = readNumber(node + "/rx-ring-ref"), rxRef <= UInt64(UInt32.max) else {
-            return fail("\(node)/rx-ring-ref: missing or not a grant reference")
-        }
-        guard let channel = readNumber(node + "/event-channel"), channel <= UInt64(UInt32.max) else {
-            if read(node + "/event-channel-tx") != nil || read(node + "/event-channel-rx") != nil {
-                return fail("\(node)/event-channel-tx,-rx: split event channels are not offered (feature-split-event-channels=0)")
-            }
-            return fail("\(node)/event-channel: missing or not a port")
-        }
-        guard readNumber(node + "/request-rx-copy") == 1 else {
-            return fail("\(node)/request-rx-copy: must be 1 (only receive-copy is served; feature-rx-flip=0)")
-        }
-        guard readFlag("feature-rx-notify") else {
-            return fail("\(node)/feature-rx-notify: must be 1 (the backend sleeps until told of new receive requests)")
-        }
-        guard let table = grants.table(for: frontend) else { return fail("domain \(frontend.rawValue) has no grant table") }
-        let txBox: MappingBox, rxBox: MappingBox
-        do {
-            txBox = MappingBox(try table.map(GrantRef(UInt32(txRef)), by: host.id, readOnly: false))
-        } catch {
-            return fail("\(node)/tx-ring-ref \(txRef): cannot map: \(error)")
-        }
-        do {
-            rxBox = MappingBox(try table.map(GrantRef(UInt32(rxRef)), by: host.id, readOnly: false))
-        } catch {
-            return fail("\(node)/rx-ring-ref \(rxRef): cannot map: \(error)")
-        }
-        let tx: BackRing<TxRequest, TxResponse>, rx: BackRing<RxRequest, RxResponse>, rxRegion: SharedRegion
-        do {
-            tx = try BackRing(attaching: try txBox.mapping.sharedRegion())
-            rxRegion = try rxBox.mapping.sharedRegion()
-            rx = try BackRing(attaching: rxRegion)
-        } catch {
-            return fail("\(node): the rings are not netif rings: \(error)")
-        }
-        let wake = self.wake
-        let port: EventPort
-        do {
-            port = try host.bindInterdomain(remoteDomain: frontend, remotePort: EventPort(UInt32(channel))) { _ in
-                wake.kick()
-            }
-        } catch {
-            return fail("\(node)/event-channel \(channel): cannot bind: \(error)")
-        }
-        connection = Connection(txMapping: txBox, rxMapping: rxBox, tx: tx, rx: rx, rxRegion: rxRegion, port: port,
-                                frontendSG: readFlag("feature-sg"), blankIPv4: !readFlag("feature-no-csum-offload"),
-                                blankIPv6: readFlag("feature-ipv6-csum-offload"))
-        held = false
-        stats.withLock { $0.connections += 1 }
-        failure.withLock { $0 = nil }
-        accepting.store(true, ordering: .releasing)
-        do { try publish(state: XenbusBackendState.connected) } catch { fail("\(error)") }
-    }
-
-    private func disconnect() {
-        accepting.store(false, ordering: .releasing)
-        let dropped = queue.removeAll()
-        if dropped > 0 { stats.withLock { $0.rxDropped += dropped } }
-        held = false
-        guard let connection else { return }
-        try? host.close(connection.port)
-        self.connection = nil  // the mappings end with the boxes
     }
 
     // MARK: Host side -> guest
@@ -500,7 +304,7 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
         }
         switch queue.push(frame, checksum: checksum) {
         case .queued(let wasEmpty):
-            if kick && wasEmpty { wake.kick() }
+            if kick && wasEmpty { waker?.kick() }
             return true
         case .full:
             stats.withLock { $0.rxDropped += 1 }
@@ -512,7 +316,8 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     /// the next pass can serve without waiting (the batch ran out, not the posted pages).
     private func serveReceive(_ c: Connection, notify: inout Bool) throws(RingError) -> Bool {
         var served = 0
-        defer { if served > 0 && c.rx.pushResponsesAndCheckNotify() { notify = true } }
+        defer { if served > 0 && c.rx.ring.pushResponsesAndCheckNotify() { notify = true } }
+        let grants = c.link.grants, frontend = c.link.domain, host = c.link.host
         while let frame = queue.oldest() {
             if served == Self.batch { return true }
             let length = frame.bytes.count
@@ -523,13 +328,13 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
                 pending.rxDropped += 1
                 continue
             }
-            var available = try c.rx.unconsumedRequests()
+            var available = try c.rx.ring.unconsumedRequests()
             if available < needed {
                 // Ask for an event once the frontend posts more (req_event past what is there),
                 // then look again: the frontend may have posted in between.
-                c.rxRegion.storeRelease32(c.rx.requestsConsumed &+ UInt32(available) &+ 1, at: RingLayout.requestEventOffset)
+                c.rx.region.storeRelease32(c.rx.ring.requestsConsumed &+ UInt32(available) &+ 1, at: RingLayout.requestEventOffset)
                 Barrier.full()
-                available = try c.rx.unconsumedRequests()
+                available = try c.rx.ring.unconsumedRequests()
                 if available < needed { return false }
             }
             var flags: UInt16 = 0
@@ -548,7 +353,7 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
             }
             rxRequests.removeAll(keepingCapacity: true)
             for _ in 0..<needed {
-                guard let request = try c.rx.consumeRequest() else { break }
+                guard let request = try c.rx.ring.consumeRequest() else { break }
                 rxRequests.append(request)
             }
             var copied = rxRequests.count == needed
@@ -565,7 +370,7 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
                 let chunk = min(4096, length - i * 4096)
                 var slotFlags: UInt16 = i == 0 ? flags : 0
                 if i + 1 < rxRequests.count { slotFlags |= UInt16(VIREO_NETRXF_more_data) }
-                try c.rx.produceResponse { slot in
+                try c.rx.ring.produceResponse { slot in
                     slot.set(\.id, to: request.id)
                     slot.set(\.offset, to: 0)
                     slot.set(\.flags, to: copied ? slotFlags : 0)
@@ -596,13 +401,13 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     /// nanoseconds when it holds a packet, or `UInt64.max` when the ring is empty.
     private func serveTransmit(_ c: Connection, notify: inout Bool) throws -> UInt64 {
         var served = 0
-        defer { if c.tx.pushResponsesAndCheckNotify() { notify = true } }
+        defer { if c.tx.ring.pushResponsesAndCheckNotify() { notify = true } }
         while true {
             if served == Self.batch { return 0 }
             if !held {
-                if try c.tx.unconsumedRequests() == 0 {
-                    if c.tx.pushResponsesAndCheckNotify() { notify = true }
-                    if try c.tx.finalCheckForRequests() { continue }
+                if try c.tx.ring.unconsumedRequests() == 0 {
+                    if c.tx.ring.pushResponsesAndCheckNotify() { notify = true }
+                    if try c.tx.ring.finalCheckForRequests() { continue }
                     return .max
                 }
                 try parsePacket(c)
@@ -617,9 +422,9 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
                 }
             }
             held = false
-            let status = transmitParsed()
+            let status = transmitParsed(c)
             for slot in slots {
-                try c.tx.produceResponse { response in
+                try c.tx.ring.produceResponse { response in
                     response.set(\.id, to: slot.extra ? 0 : slot.id)
                     response.set(\.status, to: slot.extra ? Int16(VIREO_NETIF_RSP_NULL) : status)
                 }
@@ -629,7 +434,7 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     }
 
     private func next(_ c: Connection, _ what: String) throws -> TxRequest {
-        guard let request = try c.tx.consumeRequest() else {
+        guard let request = try c.tx.ring.consumeRequest() else {
             throw ProtocolError(description: "\(what) runs past the producer index (an unfinished packet)")
         }
         return request
@@ -706,7 +511,8 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
     }
 
     /// Copies the parsed packet into the host buffer and hands it over; the status for its slots.
-    private func transmitParsed() -> Int16 {
+    private func transmitParsed(_ c: Connection) -> Int16 {
+        let grants = c.link.grants, frontend = c.link.domain, host = c.link.host
         if parsed.invalid != nil {
             pending.txErrors += 1
             return Int16(VIREO_NETIF_RSP_ERROR)
@@ -741,5 +547,32 @@ public final class NetBackend: @unchecked Sendable {  // run()/poll() own the mu
         pending.txPackets += 1
         pending.txBytes += parsed.size
         return Int16(VIREO_NETIF_RSP_OKAY)
+    }
+}
+
+/// netback: ``NetDevice`` hosted by ``XenbusBackend``.
+public typealias NetBackend = XenbusBackend<NetDevice>
+
+extension XenbusBackend where Device == NetDevice {
+    public typealias Configuration = NetDevice.Configuration
+
+    /// A vif `handle` (0 = the first, Linux's eth0) of domain `frontend`: see ``NetDevice``.
+    public convenience init(frontend: DomainID, handle: UInt32 = 0, configuration: NetDevice.Configuration = .init(),
+                            store: XenStore, grants: GrantTables, host: HostEventDomain) throws(BackendError) {
+        let vif = try NetDevice(frontend: frontend, handle: handle, configuration: configuration)
+        try self.init(vif, frontend: frontend, handle: handle, store: store, grants: grants, host: host)
+        vif.waker = wake
+    }
+
+    public var mac: EthernetAddress { device.mac }
+    public var configuration: NetDevice.Configuration { device.configuration }
+
+    /// Connects the host side (``NetDevice/attach(_:)``). Call before ``run()``; a later call replaces it.
+    public func attach(_ attachment: any NetworkAttachment) { device.attach(attachment) }
+
+    /// A frame for the guest (``NetDevice/receive(_:checksum:)``). Any thread.
+    @discardableResult
+    public func receive(_ frame: UnsafeRawBufferPointer, checksum: FrameChecksum = .unknown) -> Bool {
+        device.receive(frame, checksum: checksum)
     }
 }

@@ -117,20 +117,18 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
                                              sectorSize: disk.sectorSize, store: store, grants: grants, host: host))
         }
         // The TAPs next, for the same reason; a vif's backend needs the domain's ID only.
-        var vifs: [(backend: NetBackend, port: NetworkSwitch.Port?)] = []
+        var switchPorts: [NetworkSwitch.Port] = []
+        defer { for port in switchPorts { port.remove() } }
         for (handle, spec) in networks.enumerated() {
             let backend = try NetBackend(frontend: config.id, handle: UInt32(handle),
                                          configuration: .init(mac: spec.mac, rateBytesPerSecond: spec.rateBytesPerSecond),
                                          store: store, grants: grants, host: host)
             switch spec.hostSide {
-            case .tap(let name):
-                backend.attach(try TapDevice(name: name))
-                vifs.append((backend, nil))
-            case .networkSwitch(let name):
-                vifs.append((backend, networkSwitch(named: name).connect(backend)))
+            case .tap(let name): backend.attach(try TapDevice(name: name))
+            case .networkSwitch(let name): switchPorts.append(networkSwitch(named: name).connect(backend))
             }
+            backends.append(backend)
         }
-        defer { for vif in vifs { vif.port?.remove() } }
         let router = UpcallRouter()
         let built = try DomainBuilder.build(config: config, kernel: kernel, commandLine: commandLine, hub: hub,
                                             grantTables: grants, backend: host.id, console: console,
@@ -173,21 +171,12 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         var servers: [Thread] = []
         defer {
             for backend in backends { backend.stop() }
-            for vif in vifs { vif.backend.stop() }
             for thread in servers { while !thread.isFinished { usleep(1000) } }
         }
         for backend in backends {
             try backend.create()
             let thread = Thread { backend.run() }
             thread.name = "vireo-\(backend.name)"
-            thread.start()
-            servers.append(thread)
-        }
-        for vif in vifs {
-            try vif.backend.create()
-            let backend = vif.backend
-            let thread = Thread { backend.run() }
-            thread.name = "vireo-netback-\(backend.handle)"
             thread.start()
             servers.append(thread)
         }

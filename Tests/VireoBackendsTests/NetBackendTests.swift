@@ -57,7 +57,7 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
 
         try vif.connect()
         #expect(vif.backendState == connected)
-        #expect(vif.backend.statistics.connections == 1)
+        #expect(vif.backend.connections == 1)
         vif.setState(XenbusBackendState.closing)
         vif.backend.poll()
         #expect(vif.backendState == closing)
@@ -71,7 +71,7 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         #expect(vif.backendState == "\(XenbusBackendState.initWait)")
         try vif.connect()
         #expect(vif.backendState == connected)
-        #expect(vif.backend.statistics.connections == 2)
+        #expect(vif.backend.connections == 2)
         vif.backend.finish()
         #expect(vif.guest.endAccess(vif.txRef), "finish() unmaps the rings")
     }
@@ -315,7 +315,7 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         rig.pump()
         #expect(one.backendState == closing, "\(attack)")
         #expect(one.backend.lastFailure != nil)
-        #expect(one.backend.statistics.protocolErrors == 1)
+        #expect(one.backend.protocolErrors == 1)
         // The others carry on.
         try two.send(ethernetFrame(to: three.mac, from: two.mac, payload: 70), id: 1)
         rig.pump()

@@ -9,7 +9,7 @@
 //   count=N            power off after answering N requests (ARP, ICMP and UDP alike) and
 //                      printing a summary; without it, it runs until the domain is destroyed
 //   ping=A.B.C.D       first ask: resolve A.B.C.D by ARP and send it `pings=N` (default 3)
-//                      ICMP echo requests, resending every 200 ms (for up to 10 s); print
+//                      ICMP echo requests, resending every 200 ms (for up to 30 s); print
 //                      "netecho: ping A.B.C.D: N/N replies" and power off (a crash when
 //                      replies are missing). It answers requests meanwhile, as always.
 //
@@ -137,7 +137,7 @@ func run() throws(GuestError) {
 }
 
 /// The asking side: ARP for `peer`, then `count` echo requests, each resent every 200 ms until
-/// answered (at most 50 rounds); requests to us are answered meanwhile.
+/// answered (at most 150 rounds, 30 s); requests to us are answered meanwhile.
 func ping(_ peer: IPv4Address, count: Int, net: NetFrontend<PVHPlatform>, mac: MACAddress, ip: IPv4Address,
           port: UInt16?) throws(GuestError) {
     let identifier: UInt16 = 0x7669
@@ -148,7 +148,7 @@ func ping(_ peer: IPv4Address, count: Int, net: NetFrontend<PVHPlatform>, mac: M
     var answered = [Bool](repeating: false, count: count)
     var replies = 0, rounds = 0
     var outgoing: [[UInt8]] = []
-    while replies < count && rounds <= 50 {
+    while replies < count && rounds <= 150 {
         let got = try net.poll { packet in
             if peerMAC == nil, let learned = Packets.arpReplySender(packet.bytes, target: peer, ip: ip) {
                 peerMAC = learned
