@@ -8,6 +8,30 @@ import Testing
 /// rings and the TAP, all real. Needs /dev/kvm, root, /dev/net/tun and the netecho sample
 /// (it lands with GuestKit's network frontend); skipped with the reason printed otherwise.
 @Suite(.serialized) struct NetTapEchoTests {
+    /// A tool started in the background, stdout and stderr into one file, stopped by `stop()`.
+    final class Background {
+        let process = Process()
+        let directory: URL
+        let out: URL
+        init(_ tool: String, _ arguments: [String]) throws {
+            directory = GuestSupport.temporaryDirectory("background")
+            try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
+            out = directory.appendingPathComponent("out")
+            _ = FileManager.default.createFile(atPath: out.path, contents: nil)
+            process.executableURL = URL(fileURLWithPath: tool)
+            process.arguments = arguments
+            process.standardInput = FileHandle.nullDevice
+            process.standardOutput = try FileHandle(forWritingTo: out)
+            process.standardError = try FileHandle(forWritingTo: out)
+            try process.run()
+        }
+        var output: String { (try? String(contentsOf: out, encoding: .utf8)) ?? "" }
+        func stop() {
+            if process.isRunning { process.terminate() }
+            process.waitUntilExit()
+            try? FileManager.default.removeItem(at: directory)
+        }
+    }
     static func unavailable() -> String? {
         if !GuestSupport.kvmAvailable() { return "/dev/kvm is missing" }
         if getuid() != 0 { return "not root (a TAP needs CAP_NET_ADMIN)" }
@@ -25,23 +49,10 @@ import Testing
         let tap = "vireoecho\(getpid() % 10000)"
         let subnet = 100 + Int(getpid() % 100)  // 10.<subnet>.0.0/24, unlikely to be in use
         let kernel = try GuestSupport.image("netecho").path.path
-        let directory = GuestSupport.temporaryDirectory("netecho")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: directory) }
-        let out = directory.appendingPathComponent("out")
-        _ = FileManager.default.createFile(atPath: out.path, contents: nil)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: GuestSupport.vireo)
-        process.arguments = ["run", kernel, "--engine", "kvm", "--net", "tap:\(tap)",
-                             "--cmdline", "ip=10.\(subnet).0.2 count=3"]
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = try FileHandle(forWritingTo: out)
-        process.standardError = try FileHandle(forWritingTo: out)
-        try process.run()
-        defer {
-            if process.isRunning { process.terminate() }
-            process.waitUntilExit()
-        }
+        let guest = try Background(GuestSupport.vireo, ["run", kernel, "--engine", "kvm", "--net", "tap:\(tap)",
+                                                        "--cmdline", "ip=10.\(subnet).0.2 count=3"])
+        defer { guest.stop() }
+        let process = guest.process
         // The TAP appears once vireo has opened it; give it the host's address.
         let appear = Date().addingTimeInterval(30)
         while if_nametoindex(tap) == 0 && Date() < appear && process.isRunning { usleep(20_000) }
@@ -86,7 +97,7 @@ import Testing
         // count=3: the ARP answer and two echoes, then the guest powers off.
         let end = Date().addingTimeInterval(30)
         while process.isRunning && Date() < end { usleep(20_000) }
-        let output = (try? String(contentsOf: out, encoding: .utf8)) ?? ""
+        let output = guest.output
         #expect(!process.isRunning, "netecho did not power off: \(output)")
         if !process.isRunning { #expect(process.terminationStatus == 0, "\(output)") }
         #expect(output.contains("netecho: vif0 connected"), "\(output)")
@@ -120,29 +131,16 @@ import Testing
         _ = try ip(["netns", "exec", namespace, "ip", "link", "set", "lo", "up"])
 
         let kernel = try GuestSupport.image("netecho").path.path
-        let directory = GuestSupport.temporaryDirectory("netecho-ns")
-        try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: directory) }
-        let out = directory.appendingPathComponent("out")
-        _ = FileManager.default.createFile(atPath: out.path, contents: nil)
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/sbin/ip")
-        process.arguments = ["netns", "exec", namespace, GuestSupport.vireo, "run", kernel, "--engine", "kvm",
-                             "--net", "tap:\(tap)", "--cmdline", "ip=\(guestIP)"]
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = try FileHandle(forWritingTo: out)
-        process.standardError = try FileHandle(forWritingTo: out)
-        try process.run()
-        defer {
-            if process.isRunning { process.terminate() }
-            process.waitUntilExit()
-        }
+        let guest = try Background("/usr/sbin/ip", ["netns", "exec", namespace, GuestSupport.vireo, "run", kernel, "--engine", "kvm",
+                                                    "--net", "tap:\(tap)", "--cmdline", "ip=\(guestIP)"])
+        defer { guest.stop() }
+        let process = guest.process
         let appear = Date().addingTimeInterval(30)
         while try ip(["netns", "exec", namespace, "ip", "link", "show", tap]).status != 0 && Date() < appear && process.isRunning {
             usleep(50_000)
         }
         try #require(try ip(["netns", "exec", namespace, "ip", "addr", "add", "10.\(subnet).1.1/24", "dev", tap]).status == 0,
-                     "the TAP \(tap) never appeared in \(namespace): \((try? String(contentsOf: out, encoding: .utf8)) ?? "")")
+                     "the TAP \(tap) never appeared in \(namespace): \(guest.output)")
         _ = try ip(["netns", "exec", namespace, "ip", "link", "set", tap, "up"])
 
         let pinged = try ip(["netns", "exec", namespace, ping, "-c", "3", "-W", "10", guestIP])
@@ -162,7 +160,7 @@ import Testing
         let udp = try ip(["netns", "exec", namespace, python, "-c", client])
         #expect(udp.out == "vireo in a namespace\n", "udp: \(udp.out)\(udp.err)")
 
-        let output = (try? String(contentsOf: out, encoding: .utf8)) ?? ""
+        let output = guest.output
         #expect(output.contains("netecho: vif0 connected, mac "), "\(output)")
         #expect(process.isRunning, "netecho stopped early: \(output)")
     }
