@@ -140,6 +140,7 @@ public final class GrantTable: @unchecked Sendable {
     /// Validates the entry and sets GTF_reading (and GTF_writing) atomically together with a
     /// check of the flags and domid, as Xen's v1 code does. A guest that keeps changing the
     /// entry under us gets an error after a few tries instead of holding the host in a loop.
+    @inline(__always)
     private func setStatus(_ region: SharedRegion, _ offset: Int, grantee: DomainID, writable: Bool) throws(GrantStatus) {
         var seen = region.loadAcquire32(at: offset + GrantTableLayout.flagsOffset)
         for _ in 0..<4 {

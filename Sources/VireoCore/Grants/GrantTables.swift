@@ -95,7 +95,6 @@ public final class GrantTables: Sendable {
         var cache = TableCache()
         var held = HeldPins()
         defer { held.release() }
-        statuses.reserveCapacity(statuses.count + count)
         for i in 0..<count {
             statuses.append(copy(segments[i], by: grantee, cache: &cache, held: &held))
         }
