@@ -80,6 +80,32 @@ public struct GrantBenchmark: Benchmark {
             }
             return (Measure.median(grantRates), Measure.median(copyRates))
         }
+        // One segment per call, as netback copies each fragment: the fixed cost of a call (table
+        // lookup, pin, unpin) over 64 bytes, beside memcpy of the same 64 bytes.
+        func singlePhase(segmentBytes: Int) -> (grant: Measure.Rate, memcpy: Measure.Rate) {
+            let segments = refs.enumerated().map { i, ref in
+                GrantCopySegment(source: .grant(guestID, ref, offset: 0), dest: .local(local, offset: i * 4096), length: segmentBytes)
+            }
+            var grantRates: [Measure.Rate] = [], copyRates: [Measure.Rate] = []
+            var failures = 0
+            for _ in 0..<rounds {
+                grantRates.append(Measure.rate(seconds: seconds) {
+                    for segment in segments where tables.copy(segment, by: .zero) != .okay { failures += 1 }
+                    return UInt64(segments.count)
+                })
+                copyRates.append(Measure.rate(seconds: seconds) {
+                    for (i, source) in sources.enumerated() {
+                        local.copyBytes(from: source, offset: 0, to: i * 4096, count: segmentBytes)
+                    }
+                    return UInt64(sources.count)
+                })
+            }
+            precondition(failures == 0, "single-segment grant copies failed")
+            return (Measure.median(grantRates), Measure.median(copyRates))
+        }
+        options.log("grant: one 64-byte segment per call")
+        let single = singlePhase(segmentBytes: 64)
+
         options.log("grant: copy 4096-byte segments")
         let page = try copyPhase(segmentBytes: 4096)
         options.log("grant: copy 1500-byte segments")
@@ -96,6 +122,8 @@ public struct GrantBenchmark: Benchmark {
                 ("copy_1500B_GBps", .number(packet.grant.perSecond / gb)),
                 ("memcpy_1500B_GBps", .number(packet.memcpy.perSecond / gb)),
                 ("copy_1500B_ratio", .number(packet.grant.perSecond / packet.memcpy.perSecond)),
+                ("copy_64B_single_ns", .number((single.grant.nanosecondsPerOperation * 10).rounded() / 10)),
+                ("memcpy_64B_ns", .number((single.memcpy.nanosecondsPerOperation * 10).rounded() / 10)),
                 ("grants", .integer(Int64(pages))),
             ])
     }

@@ -1,3 +1,4 @@
+import Glibc
 import Synchronization
 import VireoABI
 import VireoHypercalls
@@ -12,6 +13,14 @@ import VireoHypercalls
 /// sees the grant in use and cannot revoke it. The frame is read once, at the first pin, and
 /// kept: a guest that rewrites `frame` while the grant is in use changes nothing. The flags
 /// are cleared when the last writable (GTF_writing) or last (GTF_reading) use ends.
+///
+/// Pins are counted in a host-side array with one 16-byte record per grant reference (Xen's
+/// active entries), not under the table lock: a pin that joins existing users of the grant is
+/// one compare-exchange on the record's count word; a pin or unpin that changes the guest's
+/// flags (first use, first writer, last writer, last use) owns the record for that moment
+/// through a busy bit in the same word, so no other pin can see "in use" before the flags say
+/// so, and no flag is cleared while another pin holds the grant. The table lock guards only the
+/// mapping handles and growth.
 public final class GrantTable: @unchecked Sendable {
     public let domain: DomainID
     public let memory: GuestMemory
@@ -21,12 +30,6 @@ public final class GrantTable: @unchecked Sendable {
     /// Live mappings the table tracks at most (handles); past it, maps fail with no_space.
     public let maxMappings: Int
 
-    struct Active {
-        var readers: UInt32
-        var writers: UInt32
-        var frame: UInt32
-        var grantee: DomainID
-    }
     struct Mapping {
         var ref: UInt32
         var grantee: DomainID
@@ -35,13 +38,30 @@ public final class GrantTable: @unchecked Sendable {
     }
     struct State {
         var frames: Int
-        var active: [UInt32: Active] = [:]
         var mappings: [Mapping?] = []
         var freeHandles: [UInt32] = []
         var generation: UInt32 = 0
-        var dead = false
     }
     let state: Mutex<State>
+
+    /// Frames in use, readable without the lock (it only grows, under the lock).
+    private let frameCount: Atomic<Int>
+    /// Set once, under the lock, when the granting domain dies: new pins are refused.
+    private let dead = Atomic<Bool>(false)
+
+    /// The active records, one per reference up to `maxFrames * entriesPerFrame`, in zeroed
+    /// memory from calloc (pages of references never used are never touched).
+    /// Record layout: the count word (UInt64) at 0, the pinned frame (UInt32) at 8, the grantee
+    /// (UInt16) at 12. Frame and grantee are written only by the owner of the busy bit while the
+    /// count is zero, and read only by a pin that holds a count, so they are stable when read.
+    private let activeStorage: UnsafeMutableRawPointer
+    private let active: SharedRegion
+    static let recordSize = 16
+    /// Count word: readers in bits 0..<28, writers in bits 28..<56, busy in bit 63.
+    static let readerUnit: UInt64 = 1
+    static let writerUnit: UInt64 = 1 << 28
+    static let countMask: UInt64 = (1 << 28) - 1
+    static let busy: UInt64 = 1 << 63
 
     /// A table of `initialFrames` frames that may grow to `maxFrames`, in special frames
     /// [firstSpecialFrame, firstSpecialFrame + maxFrames) of `memory`.
@@ -49,29 +69,37 @@ public final class GrantTable: @unchecked Sendable {
                 initialFrames: Int = 1, maxMappings: Int = 1 << 16) throws(XenError) {
         guard maxFrames >= 1, initialFrames >= 0, initialFrames <= maxFrames, firstSpecialFrame >= 0,
               firstSpecialFrame + maxFrames <= memory.specialFrameCount else { throw .EINVAL }
+        let records = maxFrames * GrantTableLayout.entriesPerFrame
+        guard let storage = calloc(records, Self.recordSize) else { throw .ENOMEM }
         self.domain = domain
         self.memory = memory
         self.firstSpecialFrame = firstSpecialFrame
         self.maxFrames = maxFrames
         self.maxMappings = maxMappings
         self.state = Mutex(State(frames: initialFrames))
+        self.frameCount = Atomic(initialFrames)
+        self.activeStorage = storage
+        self.active = SharedRegion(base: storage, count: records * Self.recordSize)
     }
+
+    deinit { free(activeStorage) }
 
     // MARK: Size (GNTTABOP_setup_table, GNTTABOP_query_size, XENMAPSPACE_grant_table)
 
     /// Frames in use and the maximum (GNTTABOP_query_size).
-    public var size: (frames: Int, maxFrames: Int) { state.withLock { ($0.frames, maxFrames) } }
+    public var size: (frames: Int, maxFrames: Int) { (frameCount.load(ordering: .acquiring), maxFrames) }
 
     /// Entries the table holds now.
-    public var entryCount: Int { state.withLock { $0.frames } * GrantTableLayout.entriesPerFrame }
+    public var entryCount: Int { frameCount.load(ordering: .acquiring) * GrantTableLayout.entriesPerFrame }
 
     /// Grows the table to at least `frames` frames (GNTTABOP_setup_table). Returns where each
     /// frame appears in the guest's physical address space, nil where it is not placed.
     public func setUp(frames: Int) throws(XenError) -> [GuestFrame?] {
         guard frames >= 0, frames <= maxFrames else { throw .EINVAL }
         try state.withLock { (s: inout State) throws(XenError) in
-            guard !s.dead else { throw .ESRCH }
+            guard !dead.load(ordering: .relaxed) else { throw .ESRCH }
             s.frames = max(s.frames, frames)
+            frameCount.store(s.frames, ordering: .releasing)
         }
         return (0..<frames).map { memory.placement(ofSpecialFrame: firstSpecialFrame + $0) }
     }
@@ -81,8 +109,9 @@ public final class GrantTable: @unchecked Sendable {
     public func place(frame index: Int, at frame: GuestFrame) throws(XenError) {
         guard index >= 0, index < maxFrames else { throw .EINVAL }
         try state.withLock { (s: inout State) throws(XenError) in
-            guard !s.dead else { throw .ESRCH }
+            guard !dead.load(ordering: .relaxed) else { throw .ESRCH }
             s.frames = max(s.frames, index + 1)
+            frameCount.store(s.frames, ordering: .releasing)
         }
         do {
             try memory.placeSpecialFrame(firstSpecialFrame + index, at: frame)
@@ -102,14 +131,16 @@ public final class GrantTable: @unchecked Sendable {
     @inline(__always)
     private func entry(_ ref: UInt32) -> (SharedRegion, Int) {
         let index = Int(ref) / GrantTableLayout.entriesPerFrame
-        // The caller checked ref < frames * entriesPerFrame <= maxFrames * entriesPerFrame.
-        let region = try! memory.specialRegion(firstSpecialFrame + index)
+        // The caller checked ref < frames * entriesPerFrame <= maxFrames * entriesPerFrame, and
+        // init checked the table's frames are special frames of `memory`.
+        let region = memory.specialPage(firstSpecialFrame + index)
         return (region, (Int(ref) % GrantTableLayout.entriesPerFrame) * GrantTableLayout.entrySize)
     }
 
     /// Validates the entry and sets GTF_reading (and GTF_writing) atomically together with a
     /// check of the flags and domid, as Xen's v1 code does. A guest that keeps changing the
     /// entry under us gets an error after a few tries instead of holding the host in a loop.
+    @inline(__always)
     private func setStatus(_ region: SharedRegion, _ offset: Int, grantee: DomainID, writable: Bool) throws(GrantStatus) {
         var seen = region.loadAcquire32(at: offset + GrantTableLayout.flagsOffset)
         for _ in 0..<4 {
@@ -128,95 +159,152 @@ public final class GrantTable: @unchecked Sendable {
         throw .generalError
     }
 
-    /// Pins `ref` for `grantee` and returns the granted frame. Called with the lock held.
-    private func pin(_ s: inout State, _ ref: UInt32, grantee: DomainID, writable: Bool) throws(GrantStatus) -> UInt32 {
-        guard !s.dead else { throw .badDomain }
-        guard Int(ref) < s.frames * GrantTableLayout.entriesPerFrame else { throw .badGntref }
-        let (region, offset) = entry(ref)
-        if var act = s.active[ref] {
-            guard act.grantee == grantee else { throw .permissionDenied }
-            if writable && act.writers == 0 {
-                try setStatus(region, offset, grantee: grantee, writable: true)
-            }
-            if writable { act.writers += 1 } else { act.readers += 1 }
-            s.active[ref] = act
-            return act.frame
-        }
-        try setStatus(region, offset, grantee: grantee, writable: writable)
-        // Read the frame after the flags say "in use": from here on the granter may not change
-        // the entry, and we keep this copy whatever it does.
-        let frame = region.load(UInt32.self, at: offset + GrantTableLayout.frameOffset)
-        guard memory.isRAM(GuestFrame(UInt64(frame))) else {
-            clearFlags(region, offset, GrantTableLayout.reading | (writable ? GrantTableLayout.writing : 0))
-            throw .badPage
-        }
-        s.active[ref] = Active(readers: writable ? 0 : 1, writers: writable ? 1 : 0, frame: frame, grantee: grantee)
-        return frame
-    }
-
     private func clearFlags(_ region: SharedRegion, _ offset: Int, _ bits: UInt16) {
         _ = region.fetchAnd16(~bits, at: offset + GrantTableLayout.flagsOffset)
     }
 
-    /// Drops one pin. Called with the lock held.
-    private func unpin(_ s: inout State, _ ref: UInt32, writable: Bool) {
-        guard var act = s.active[ref] else { return }
-        let (region, offset) = entry(ref)
-        if writable {
-            act.writers -= 1
-            if act.writers == 0 { clearFlags(region, offset, GrantTableLayout.writing) }
-        } else {
-            act.readers -= 1
+    /// Waits while another host thread owns a record's transition: the owner runs a bounded
+    /// number of steps (at most four compare-exchanges on the guest's entry), so this ends.
+    @inline(never)
+    private func waitForRecord(_ spins: inout Int) {
+        spins += 1
+        if spins & 63 == 0 { sched_yield() } else { Barrier.relax() }
+    }
+
+    /// Pins `ref` for `grantee` and returns the granted frame.
+    ///
+    /// Joining users that already set the flags this pin needs is one compare-exchange of the
+    /// count word. Otherwise the pin takes the record's busy bit, sets the guest's flags (and,
+    /// for the first use, reads and checks the frame), then publishes the new count and drops
+    /// the bit in one release store.
+    private func pin(_ ref: UInt32, grantee: DomainID, writable: Bool) throws(GrantStatus) -> UInt32 {
+        guard !dead.load(ordering: .acquiring) else { throw .badDomain }
+        guard Int(ref) < frameCount.load(ordering: .acquiring) * GrantTableLayout.entriesPerFrame else { throw .badGntref }
+        let at = Int(ref) * Self.recordSize
+        let unit = writable ? Self.writerUnit : Self.readerUnit
+        var spins = 0
+        while true {
+            let word = active.loadAcquire64(at: at)
+            if word & Self.busy != 0 { waitForRecord(&spins); continue }
+            let readers = word & Self.countMask, writers = (word >> 28) & Self.countMask
+            guard (writable ? writers : readers) < Self.countMask else { throw .noSpace }
+            let inUse = readers + writers != 0
+            if inUse && (!writable || writers != 0) {
+                // The flags this pin needs are set and stay set while we hold a count.
+                guard active.compareExchange64(at: at, expected: word, desired: word + unit) == word else { continue }
+                guard active.load(UInt16.self, at: at + 12) == grantee.rawValue else {
+                    unpin(ref, writable: writable)
+                    throw .permissionDenied
+                }
+                return active.load(UInt32.self, at: at + 8)
+            }
+            guard active.compareExchange64(at: at, expected: word, desired: word | Self.busy) == word else { continue }
+            // This thread owns the record until the store below.
+            let (region, offset) = entry(ref)
+            let frame: UInt32
+            if inUse {
+                // A writer joins readers: the grantee must match and the entry must allow writes.
+                guard active.load(UInt16.self, at: at + 12) == grantee.rawValue else {
+                    active.storeRelease64(word, at: at)
+                    throw .permissionDenied
+                }
+                do throws(GrantStatus) {
+                    try setStatus(region, offset, grantee: grantee, writable: true)
+                } catch {
+                    active.storeRelease64(word, at: at)
+                    throw error
+                }
+                frame = active.load(UInt32.self, at: at + 8)
+            } else {
+                do throws(GrantStatus) {
+                    try setStatus(region, offset, grantee: grantee, writable: writable)
+                } catch {
+                    active.storeRelease64(word, at: at)
+                    throw error
+                }
+                // Read the frame after the flags say "in use": from here on the granter may not
+                // change the entry, and we keep this copy whatever it does.
+                frame = region.load(UInt32.self, at: offset + GrantTableLayout.frameOffset)
+                guard memory.isRAM(GuestFrame(UInt64(frame))) else {
+                    clearFlags(region, offset, GrantTableLayout.reading | (writable ? GrantTableLayout.writing : 0))
+                    active.storeRelease64(word, at: at)
+                    throw .badPage
+                }
+                active.store(frame, at: at + 8)
+                active.store(grantee.rawValue, at: at + 12)
+            }
+            active.storeRelease64(word + unit, at: at)
+            return frame
         }
-        if act.readers == 0 && act.writers == 0 {
-            clearFlags(region, offset, GrantTableLayout.reading)
-            s.active[ref] = nil
-        } else {
-            s.active[ref] = act
+    }
+
+    /// Drops one pin taken by `pin`. The last writer clears GTF_writing and the last user
+    /// GTF_reading, owning the record (busy) meanwhile so no new pin can slip in between the
+    /// count reaching zero and the flags being cleared.
+    private func unpin(_ ref: UInt32, writable: Bool) {
+        let at = Int(ref) * Self.recordSize
+        let unit = writable ? Self.writerUnit : Self.readerUnit
+        var spins = 0
+        while true {
+            let word = active.loadAcquire64(at: at)
+            if word & Self.busy != 0 { waitForRecord(&spins); continue }
+            precondition((writable ? (word >> 28) & Self.countMask : word & Self.countMask) != 0,
+                         "grant unpinned more often than pinned")
+            let left = word - unit
+            let readers = left & Self.countMask, writers = (left >> 28) & Self.countMask
+            let dropWriting = writable && writers == 0
+            let dropReading = readers + writers == 0
+            if !dropWriting && !dropReading {
+                if active.compareExchange64(at: at, expected: word, desired: left) == word { return }
+                continue
+            }
+            guard active.compareExchange64(at: at, expected: word, desired: word | Self.busy) == word else { continue }
+            let (region, offset) = entry(ref)
+            clearFlags(region, offset, (dropWriting ? GrantTableLayout.writing : 0) | (dropReading ? GrantTableLayout.reading : 0))
+            active.storeRelease64(left, at: at)
+            return
         }
+    }
+
+    /// The host's view of a pinned RAM frame (`pin` checked it is the granter's RAM).
+    @inline(__always)
+    private func page(_ frame: UInt32) -> SharedRegion {
+        memory.ramPage(UInt64(frame))
     }
 
     /// Pins for the duration of a copy; returns the frame's page.
     func pinForCopy(_ ref: GrantRef, grantee: DomainID, writable: Bool) throws(GrantStatus) -> SharedRegion {
-        let frame = try state.withLock { (s: inout State) throws(GrantStatus) -> UInt32 in
-            try pin(&s, ref.rawValue, grantee: grantee, writable: writable)
-        }
-        return try! memory.region(frame: GuestFrame(UInt64(frame)))
+        page(try pin(ref.rawValue, grantee: grantee, writable: writable))
     }
 
     func unpinAfterCopy(_ ref: GrantRef, writable: Bool) {
-        state.withLock { unpin(&$0, ref.rawValue, writable: writable) }
+        unpin(ref.rawValue, writable: writable)
     }
 
     // MARK: Mapping for one I/O (a batch of grants, held while the I/O runs)
 
     /// Maps `refs` for `grantee` for the duration of `body` only, as a backend maps a
     /// request's data pages, does its I/O straight between them and the disk, and unmaps them
-    /// (Xen's blkback). Every grant is pinned under one lock acquisition (all or none: the
-    /// first refused grant's status is thrown and nothing stays pinned), so the granting guest
-    /// sees each page in use (GTF_reading, GTF_writing when `writable`) until `body` returns.
-    /// `pages[i]` receives the page of `refs[i]`; `body` gets `pages` with the first
-    /// `refs.count` filled and must not keep a region past its return.
+    /// (Xen's blkback). All or none: the first refused grant's status is thrown and nothing
+    /// stays pinned, so the granting guest sees each page in use (GTF_reading, GTF_writing when
+    /// `writable`) until `body` returns. `pages[i]` receives the page of `refs[i]`; `body` gets
+    /// `pages` with the first `refs.count` filled and must not keep a region past its return.
     public func withMappedPages<R>(_ refs: UnsafeBufferPointer<GrantRef>, by grantee: DomainID, writable: Bool,
                                    pages: UnsafeMutableBufferPointer<SharedRegion>,
                                    _ body: (UnsafeMutableBufferPointer<SharedRegion>) -> R) throws(GrantStatus) -> R {
         precondition(refs.count <= pages.count, "more grants than pages to hold them")
-        try state.withLock { (s: inout State) throws(GrantStatus) in
-            for i in 0..<refs.count {
-                let frame: UInt32
-                do throws(GrantStatus) {
-                    frame = try pin(&s, refs[i].rawValue, grantee: grantee, writable: writable)
-                } catch {
-                    for j in 0..<i { unpin(&s, refs[j].rawValue, writable: writable) }
-                    throw error
-                }
-                pages[i] = try! memory.region(frame: GuestFrame(UInt64(frame)))
+        for i in 0..<refs.count {
+            let frame: UInt32
+            do throws(GrantStatus) {
+                frame = try pin(refs[i].rawValue, grantee: grantee, writable: writable)
+            } catch {
+                for j in 0..<i { unpin(refs[j].rawValue, writable: writable) }
+                throw error
             }
+            pages[i] = page(frame)
         }
         defer {
-            state.withLock { s in
-                for ref in refs { unpin(&s, ref.rawValue, writable: writable) }
-            }
+            for ref in refs { unpin(ref.rawValue, writable: writable) }
         }
         return body(UnsafeMutableBufferPointer(rebasing: pages[0..<refs.count]))
     }
@@ -238,7 +326,7 @@ public final class GrantTable: @unchecked Sendable {
             }
             let frame: UInt32
             do throws(GrantStatus) {
-                frame = try pin(&s, ref.rawValue, grantee: grantee, writable: !readOnly)
+                frame = try pin(ref.rawValue, grantee: grantee, writable: !readOnly)
             } catch {
                 s.freeHandles.append(handle)
                 throw error
@@ -247,9 +335,8 @@ public final class GrantTable: @unchecked Sendable {
             s.mappings[Int(handle)] = Mapping(ref: ref.rawValue, grantee: grantee, writable: !readOnly, generation: s.generation)
             return (handle, s.generation, frame)
         }
-        let page = try! memory.region(frame: GuestFrame(UInt64(frame)))
         return GrantMapping(table: self, handle: GrantHandle(handle), generation: generation,
-                            granter: domain, ref: ref, readOnly: readOnly, page: page)
+                            granter: domain, ref: ref, readOnly: readOnly, page: page(frame))
     }
 
     /// Ends a mapping by handle (GNTTABOP_unmap_grant_ref). A handle that is unknown, already
@@ -262,7 +349,7 @@ public final class GrantTable: @unchecked Sendable {
                   generation == nil || m.generation == generation else { return .badHandle }
             s.mappings[index] = nil
             s.freeHandles.append(handle.rawValue)
-            unpin(&s, m.ref, writable: m.writable)
+            unpin(m.ref, writable: m.writable)
             return .okay
         }
     }
@@ -277,7 +364,9 @@ public final class GrantTable: @unchecked Sendable {
 
     /// Pins currently held on `ref` (readers, writers), for tests and diagnostics.
     public func pins(_ ref: GrantRef) -> (readers: UInt32, writers: UInt32) {
-        state.withLock { s in s.active[ref.rawValue].map { ($0.readers, $0.writers) } ?? (0, 0) }
+        guard Int(ref.rawValue) < maxFrames * GrantTableLayout.entriesPerFrame else { return (0, 0) }
+        let word = active.loadAcquire64(at: Int(ref.rawValue) * Self.recordSize) & ~Self.busy
+        return (UInt32(word & Self.countMask), UInt32((word >> 28) & Self.countMask))
     }
 
     /// Live mappings.
@@ -292,7 +381,7 @@ public final class GrantTable: @unchecked Sendable {
                 guard let m = s.mappings[index], m.grantee == grantee else { continue }
                 s.mappings[index] = nil
                 s.freeHandles.append(UInt32(index))
-                unpin(&s, m.ref, writable: m.writable)
+                unpin(m.ref, writable: m.writable)
             }
         }
     }
@@ -302,17 +391,18 @@ public final class GrantTable: @unchecked Sendable {
     /// touches dead memory, never someone else's.
     public func destroy() {
         state.withLock { s in
+            // Refuse new pins first; copies already past the check finish and unpin as usual.
+            dead.store(true, ordering: .releasing)
             for index in s.mappings.indices where s.mappings[index] != nil {
                 let m = s.mappings[index]!
                 s.mappings[index] = nil
                 s.freeHandles.append(UInt32(index))
-                unpin(&s, m.ref, writable: m.writable)
+                unpin(m.ref, writable: m.writable)
             }
-            s.dead = true
         }
     }
 
-    public var isDestroyed: Bool { state.withLock { $0.dead } }
+    public var isDestroyed: Bool { dead.load(ordering: .acquiring) }
 }
 
 /// One live grant mapping: the grantee's view of a granted page. Dropping it unmaps.

@@ -24,8 +24,11 @@ public struct GrantCopySegment: Sendable {
 }
 
 /// Every domain's grant table, by domain: the lookup grant copy and domain teardown need.
+///
+/// Tables sit in a fixed array indexed by domain ID (65 536 slots: no hashing, no growth); the
+/// lock is held for the index and the reference count only.
 public final class GrantTables: Sendable {
-    private let tables = Mutex<[DomainID: GrantTable]>([:])
+    private let tables = Mutex<ContiguousArray<GrantTable?>>(ContiguousArray(repeating: nil, count: 1 << 16))
 
     /// Segments one `copy` call processes at most; a longer request is continued by the caller
     /// (the hypercall layer re-enters, as Xen's preemptible continuation does).
@@ -34,43 +37,76 @@ public final class GrantTables: Sendable {
     public init() {}
 
     public func add(_ table: GrantTable) throws(XenError) {
-        try tables.withLock { (t: inout [DomainID: GrantTable]) throws(XenError) in
-            guard t[table.domain] == nil else { throw .EEXIST }
-            t[table.domain] = table
+        try tables.withLock { (t: inout ContiguousArray<GrantTable?>) throws(XenError) in
+            let slot = Int(table.domain.rawValue)
+            guard t[slot] == nil else { throw .EEXIST }
+            t[slot] = table
         }
     }
 
     public func table(for domain: DomainID) -> GrantTable? {
-        tables.withLock { $0[domain] }
+        tables.withLock { $0[Int(domain.rawValue)] }
     }
 
     /// `domain` died: its table is destroyed (mappings of its grants end) and every mapping it
     /// held of other domains' grants ends. Its ID may then be reused by a new table.
     public func remove(_ domain: DomainID) {
-        let (own, others) = tables.withLock { t in (t.removeValue(forKey: domain), Array(t.values)) }
+        let (own, others) = tables.withLock { t in
+            let slot = Int(domain.rawValue)
+            let own = t[slot]
+            t[slot] = nil
+            return (own, t.compactMap { $0 })
+        }
         own?.destroy()
         for table in others { table.releaseMappings(of: domain) }
     }
 
     /// Copies each segment on behalf of `grantee`, writing one status per segment processed.
     /// Processes at most ``copyBatchLimit`` segments and returns how many it processed.
-    /// Each grant is pinned (GTF_reading / GTF_writing set) only while its bytes move.
+    ///
+    /// Each grant is pinned (GTF_reading / GTF_writing set) while its bytes move. As Xen's
+    /// `gnttab_copy` keeps the last source and destination buffers claimed, consecutive segments
+    /// on the same grant (the same table, reference and direction) share one pin, released when
+    /// a segment names another grant, at the first failure, and before this call returns: a
+    /// grant is never held past the call, and never more than one batch long.
     public func copy<C: Collection<GrantCopySegment>>(
         _ segments: C, by grantee: DomainID, statuses: inout [GrantStatus]
     ) -> Int {
+        // Arrays and slices (the usual callers) take the concrete loop, without generic
+        // iteration per segment.
+        if let done = segments.withContiguousStorageIfAvailable({ copy($0, by: grantee, statuses: &statuses) }) {
+            return done
+        }
         var processed = 0
         var cache = TableCache()
+        var held = HeldPins()
+        defer { held.release() }
         for segment in segments.prefix(Self.copyBatchLimit) {
-            statuses.append(copy(segment, by: grantee, cache: &cache))
+            statuses.append(copy(segment, by: grantee, cache: &cache, held: &held))
             processed += 1
         }
         return processed
     }
 
+    /// The batch over contiguous segments.
+    private func copy(_ segments: UnsafeBufferPointer<GrantCopySegment>, by grantee: DomainID,
+                      statuses: inout [GrantStatus]) -> Int {
+        let count = min(segments.count, Self.copyBatchLimit)
+        var cache = TableCache()
+        var held = HeldPins()
+        defer { held.release() }
+        for i in 0..<count {
+            statuses.append(copy(segments[i], by: grantee, cache: &cache, held: &held))
+        }
+        return count
+    }
+
     /// Copies one segment; returns its status.
     public func copy(_ segment: GrantCopySegment, by grantee: DomainID) -> GrantStatus {
         var cache = TableCache()
-        return copy(segment, by: grantee, cache: &cache)
+        var held = HeldPins()
+        defer { held.release() }
+        return copy(segment, by: grantee, cache: &cache, held: &held)
     }
 
     /// The table last looked up in a batch: consecutive segments usually name the same domain,
@@ -81,28 +117,43 @@ public final class GrantTables: Sendable {
         var table: GrantTable?
     }
 
-    private func copy(_ segment: GrantCopySegment, by grantee: DomainID, cache: inout TableCache) -> GrantStatus {
-        guard segment.length >= 0, segment.length <= guestPageSize else { return .badCopyArg }
-        guard Self.fits(segment.source, segment.length), Self.fits(segment.dest, segment.length) else { return .badCopyArg }
-        do throws(GrantStatus) {
-            let source = try resolve(segment.source, grantee: grantee, writable: false, cache: &cache)
-            defer { source.table?.unpinAfterCopy(source.ref, writable: false) }
-            let dest = try resolve(segment.dest, grantee: grantee, writable: true, cache: &cache)
-            defer { dest.table?.unpinAfterCopy(dest.ref, writable: true) }
-            dest.region.copyBytes(from: source.region, offset: source.offset, to: dest.offset, count: segment.length)
-            return .okay
-        } catch {
-            return error
+    /// One pin kept across consecutive segments of a batch.
+    private struct HeldPin {
+        var table: GrantTable
+        var ref: GrantRef
+        var writable: Bool
+        var region: SharedRegion
+
+        func release() { table.unpinAfterCopy(ref, writable: writable) }
+    }
+
+    /// The source and destination pins a batch holds (Xen's `src` and `dest` copy buffers).
+    private struct HeldPins {
+        var source: HeldPin?
+        var dest: HeldPin?
+
+        mutating func release() {
+            source?.release()
+            dest?.release()
+            source = nil
+            dest = nil
         }
     }
 
-    /// A resolved endpoint; `table` is set when a pin must be released (on the very table that
-    /// was pinned, even if the domain's ID is reused meanwhile).
-    private struct Resolved {
-        var region: SharedRegion
-        var offset: Int
-        var table: GrantTable?
-        var ref: GrantRef
+    private func copy(_ segment: GrantCopySegment, by grantee: DomainID, cache: inout TableCache,
+                      held: inout HeldPins) -> GrantStatus {
+        guard segment.length >= 0, segment.length <= guestPageSize else { return .badCopyArg }
+        guard Self.fits(segment.source, segment.length), Self.fits(segment.dest, segment.length) else { return .badCopyArg }
+        do throws(GrantStatus) {
+            let source = try resolve(segment.source, grantee: grantee, writable: false, cache: &cache, held: &held.source)
+            let dest = try resolve(segment.dest, grantee: grantee, writable: true, cache: &cache, held: &held.dest)
+            dest.region.copyBytes(from: source.region, offset: source.offset, to: dest.offset, count: segment.length)
+            return .okay
+        } catch {
+            // Whatever this segment pinned is released now, not at the end of the batch.
+            held.release()
+            return error
+        }
     }
 
     private static func fits(_ endpoint: GrantCopyEndpoint, _ length: Int) -> Bool {
@@ -112,19 +163,28 @@ public final class GrantTables: Sendable {
         }
     }
 
+    /// The page and offset of one endpoint. A grant endpoint reuses `held` when it is the same
+    /// grant of the same table and the granter is alive, and otherwise releases it and pins
+    /// anew into it (so once a domain dies, no later segment of the batch touches its memory).
     private func resolve(
-        _ endpoint: GrantCopyEndpoint, grantee: DomainID, writable: Bool, cache: inout TableCache
-    ) throws(GrantStatus) -> Resolved {
+        _ endpoint: GrantCopyEndpoint, grantee: DomainID, writable: Bool, cache: inout TableCache, held: inout HeldPin?
+    ) throws(GrantStatus) -> (region: SharedRegion, offset: Int) {
         switch endpoint {
         case .grant(let domain, let ref, let offset):
             if cache.domain != domain {
                 cache = TableCache(domain: domain, table: table(for: domain))
             }
             guard let table = cache.table else { throw .badDomain }
+            if let pin = held, pin.table === table, pin.ref == ref, !table.isDestroyed {
+                return (pin.region, offset)
+            }
+            held?.release()
+            held = nil
             let region = try table.pinForCopy(ref, grantee: grantee, writable: writable)
-            return Resolved(region: region, offset: offset, table: table, ref: ref)
+            held = HeldPin(table: table, ref: ref, writable: writable, region: region)
+            return (region, offset)
         case .local(let region, let offset):
-            return Resolved(region: region, offset: offset, table: nil, ref: GrantRef(0))
+            return (region, offset)
         }
     }
 }

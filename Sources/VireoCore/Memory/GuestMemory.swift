@@ -181,8 +181,18 @@ public final class GuestMemory: @unchecked Sendable {
 
     /// Whether `frame` is a RAM page the guest owns (not hidden by a placed special frame):
     /// the only pages a guest may grant.
+    @inline(__always)
     public func isRAM(_ frame: GuestFrame) -> Bool {
         frame.rawValue < ramFrames && !isHidden(frame.rawValue)
+    }
+
+    /// The RAM page `frame` itself, whatever the guest has placed over it since: the page a
+    /// grant pinned after ``isRAM(_:)`` said it was the guest's own (Xen keeps a reference on
+    /// the page, not on the address).
+    @inline(__always)
+    func ramPage(_ frame: UInt64) -> SharedRegion {
+        precondition(frame < ramFrames, "RAM frame beyond RAM")
+        return SharedRegion(base: base + Int(frame) * Self.pageSize, count: Self.pageSize)
     }
 
     /// Whether `frame` is guest memory (RAM or a placed special frame).
@@ -303,6 +313,13 @@ public final class GuestMemory: @unchecked Sendable {
         guard index >= 0, index < specialFrameCount else {
             throw .invalidLayout("special frame \(index) of \(specialFrameCount)")
         }
+        return SharedRegion(base: base + Int(ramSize) + index * Self.pageSize, count: Self.pageSize)
+    }
+
+    /// ``specialRegion(_:)`` for an index the caller has checked (a grant table's own frames).
+    @inline(__always)
+    func specialPage(_ index: Int) -> SharedRegion {
+        precondition(index >= 0 && index < specialFrameCount, "special frame beyond the pool")
         return SharedRegion(base: base + Int(ramSize) + index * Self.pageSize, count: Self.pageSize)
     }
 
