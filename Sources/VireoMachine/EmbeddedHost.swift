@@ -85,10 +85,13 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     /// `devices` are further backends for the domain (built on this host's ``store``,
     /// ``grants`` and ``host`` for frontend `config.id`): created with the disks' and served
     /// the same way, each on its own thread.
+    ///
+    /// `handle`, when given, controls the running domain from other threads (pause, unpause,
+    /// destroy) and reports its exits and CPU time: what the daemon holds for each domain.
     public func run(config: DomainConfig, kernel: [UInt8], commandLine: String, disks: [Disk] = [],
                     devices: [any BackendService] = [],
                     consoleLog: String? = nil, consoleRate: ConsoleBackend.RateLimit = .standard,
-                    consoleInput: Int32? = nil,
+                    consoleInput: Int32? = nil, handle: DomainHandle? = nil,
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
         // Open the images first: a missing file fails before any domain exists.
         var backends: [any BackendService] = []
@@ -148,6 +151,8 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
             servers.append(thread)
         }
         let runner = try KVMDomainRunner(built: built, router: router)
+        handle?.attach(runner)
+        defer { handle?.detach() }
         let reason = runner.run()
         return Outcome(reason: reason, failure: runner.failureDescription)
     }

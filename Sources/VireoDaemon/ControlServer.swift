@@ -1,0 +1,124 @@
+import Foundation
+import Glibc
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// The control API served over HTTP/1.1 on a Unix domain socket (mode 0600: the socket's
+/// owner is the operator). One request per connection is typical; keep-alive is honoured.
+/// Handlers run off the event loop (a destroy waits for the domain's threads).
+public final class ControlServer: Sendable {
+    public let socketPath: String
+    private let group: MultiThreadedEventLoopGroup
+    private let channel: Channel
+
+    public enum Failure: Error, CustomStringConvertible {
+        case inUse(String)
+        case bind(String, String)
+        public var description: String {
+            switch self {
+            case .inUse(let path): "another vireod answers on \(path)"
+            case .bind(let path, let why): "cannot listen on \(path): \(why)"
+            }
+        }
+    }
+
+    public init(api: ControlAPI, socketPath: String) throws {
+        self.socketPath = socketPath
+        // A socket file left by a daemon that died is removed; a live one is not taken over.
+        if FileManager.default.fileExists(atPath: socketPath) {
+            if (try? DaemonClient(socketPath: socketPath).request("GET", "/v1/version")) != nil { throw Failure.inUse(socketPath) }
+            unlink(socketPath)
+        }
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+                    try channel.pipeline.syncOperations.addHandler(HTTPHandler(api: api))
+                }
+            }
+        do {
+            let previous = umask(0o077)
+            defer { umask(previous) }
+            channel = try bootstrap.bind(unixDomainSocketPath: socketPath).wait()
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw Failure.bind(socketPath, "\(error)")
+        }
+        self.group = group
+    }
+
+    /// Stops listening and removes the socket file.
+    public func close() {
+        try? channel.close().wait()
+        try? group.syncShutdownGracefully()
+        unlink(socketPath)
+    }
+}
+
+/// Collects one request (head, body up to ``ControlAPI/maxBody``), answers it from a
+/// global queue, writes the response on the channel's loop.
+final class HTTPHandler: ChannelInboundHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let api: ControlAPI
+    private var head: HTTPRequestHead?
+    private var body: [UInt8] = []
+    private var tooLarge = false
+
+    init(api: ControlAPI) { self.api = api }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+            body = []
+            tooLarge = false
+        case .body(var buffer):
+            if body.count + buffer.readableBytes > ControlAPI.maxBody {
+                tooLarge = true
+                body = []
+            } else if !tooLarge, let bytes = buffer.readBytes(length: buffer.readableBytes) {
+                body += bytes
+            }
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            let keepAlive = head.isKeepAlive
+            let eventLoop = context.eventLoop
+            let bound = NIOLoopBound(context, eventLoop: eventLoop)
+            if tooLarge {
+                let response = ControlAPI.error(APIError(413, "the body is larger than \(ControlAPI.maxBody) bytes", field: "body"))
+                Self.respond(response, keepAlive: false, context: context)
+                return
+            }
+            let request = APIRequest(method: head.method.rawValue, target: head.uri, body: body)
+            body = []
+            let api = self.api
+            DispatchQueue.global().async {
+                let response = api.handle(request)
+                eventLoop.execute { Self.respond(response, keepAlive: keepAlive, context: bound.value) }
+            }
+        }
+    }
+
+    static func respond(_ response: APIResponse, keepAlive: Bool, context: ChannelHandlerContext) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: response.contentType)
+        headers.add(name: "Content-Length", value: "\(response.body.count)")
+        headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
+        for (name, value) in response.headers { headers.add(name: name, value: value) }
+        let head = HTTPResponseHead(version: .http1_1, status: HTTPResponseStatus(statusCode: response.status), headers: headers)
+        context.write(NIOAny(HTTPServerResponsePart.head(head)), promise: nil)
+        context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(context.channel.allocator.buffer(bytes: response.body)))), promise: nil)
+        let done = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil)), promise: done)
+        if !keepAlive {
+            let channel = context.channel
+            done.futureResult.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}
