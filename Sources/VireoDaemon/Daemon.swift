@@ -55,6 +55,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     private var domains: [UInt16: Managed] = [:]
     private var nextID: UInt16 = 1
     private var stopping = false
+    /// The consoles of domains just forgotten: (id, name, output, when), newest last, at most 32.
+    private var recentlyGone: [(id: UInt16, name: String, console: ConsoleBuffer, at: Date)] = []
     private let toolstack: XenStoreConnection
     public let started = Date()
 
@@ -407,9 +409,18 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         lock.withLock {
             managed.threadDone = true
             if domains[id] === managed { domains[id] = nil }
+            keepConsole(locked: managed)
         }
         unpersist(id)
         logger.info("domain gone", metadata: ["id": "\(id)", "domain": "\(managed.record.spec.name)"])
+    }
+
+    /// Keeps a forgotten domain's console readable for a minute. Under the lock.
+    private func keepConsole(locked managed: Managed) {
+        let now = Date()
+        recentlyGone.removeAll { now.timeIntervalSince($0.at) > 60 || $0.id == managed.record.id }
+        recentlyGone.append((managed.record.id, managed.record.spec.name, managed.console, now))
+        if recentlyGone.count > 32 { recentlyGone.removeFirst(recentlyGone.count - 32) }
     }
 
     private func openConsoleLog(name: String) -> Int32 {
@@ -520,7 +531,10 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             while !lock.withLock({ managed.threadDone }) && Date() < deadline { usleep(1000) }
             guard lock.withLock({ managed.threadDone }) else { throw APIError(500, "domain \(snapshot.id) did not stop within 20 s") }
         }
-        lock.withLock { if domains[managed.record.id] === managed { domains[managed.record.id] = nil } }
+        lock.withLock {
+            if domains[managed.record.id] === managed { domains[managed.record.id] = nil }
+            keepConsole(locked: managed)
+        }
         unpersist(managed.record.id)
         logger.info("domain destroyed", metadata: ["id": "\(snapshot.id)", "domain": "\(snapshot.name)"])
         var gone = snapshot
@@ -530,9 +544,20 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     /// Recent console output from `offset` on (nil: all that is kept).
     public func console(_ key: String, offset: UInt64?) throws(APIError) -> ConsoleChunk {
-        let managed = try find(key)
-        let (bytes, next, missed) = managed.console.read(from: offset)
-        let state = lock.withLock { managed.record.state }
+        let buffer: ConsoleBuffer, state: DomainState
+        do {
+            let managed = try find(key)
+            buffer = managed.console
+            state = lock.withLock { managed.record.state }
+        } catch {
+            let now = Date()
+            guard let gone = lock.withLock({
+                recentlyGone.last { now.timeIntervalSince($0.at) <= 60 && ("\($0.id)" == key || $0.name == key) }
+            }) else { throw error }
+            buffer = gone.console
+            state = .destroyed
+        }
+        let (bytes, next, missed) = buffer.read(from: offset)
         return ConsoleChunk(data: String(decoding: bytes, as: UTF8.self), next: next, missed: missed, state: state)
     }
 
@@ -581,7 +606,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
         func labels(_ d: DomainInfo) -> String { "{id=\"\(d.id)\",domain=\"\(Self.escapeLabel(d.name))\"}" }
         family("vireo_domains", "gauge", "Domains vireod holds, by state.",
-               DomainState.allCases.map { state in ("{state=\"\(state.rawValue)\"}", "\(all.filter { $0.state == state }.count)") })
+               DomainState.allCases.filter { $0 != .destroyed }.map { state in ("{state=\"\(state.rawValue)\"}", "\(all.filter { $0.state == state }.count)") })
         family("vireo_domain_cpu_seconds_total", "counter", "Host CPU time of the domain's vCPU threads.",
                all.map { (labels($0), String(format: "%.6f", $0.cpuSeconds)) })
         family("vireo_domain_exits_total", "counter", "KVM exits taken by the domain's vCPUs.", all.map { (labels($0), "\($0.exits)") })

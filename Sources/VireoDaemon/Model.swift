@@ -13,6 +13,9 @@ public enum DomainState: String, Codable, Sendable, CaseIterable {
     case crashed
     /// Recorded as running by a daemon that is gone: the process that ran it no longer exists.
     case lost
+    /// Only in a console answer: the domain has just been destroyed (its last output stays
+    /// readable for a minute, so a console follower sees the end).
+    case destroyed
 }
 
 /// A domain as the daemon keeps it on disk: one JSON file per domain in the state directory.

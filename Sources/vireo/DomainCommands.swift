@@ -205,7 +205,7 @@ struct ConsoleCommand: DaemonVerb {
         defer { if terminal { tcsetattr(STDIN_FILENO, TCSANOW, &saved) } }
         while true {
             if terminal && detachPressed() { return }
-            if [.shutdown, .crashed, .lost].contains(chunk.state) { return }
+            if [.shutdown, .crashed, .lost, .destroyed].contains(chunk.state) { return }
             let response: DaemonClient.Response
             do { response = try client.request("GET", "\(target)?offset=\(chunk.next)") } catch { throw RunError("\(error)") }
             if response.status == 404 { return }  // destroyed: nothing more will come

@@ -173,6 +173,10 @@ import Testing
         #expect(try f.client.request("DELETE", "/v1/domains").status == 405)
         #expect(try f.client.request("GET", "/v1/domains/old/frobnicate").status == 404)
         try f.expect("POST", "/v1/domains/old/destroy", route: "/v1/domains/{domain}/destroy", status: 200)
+        // Gone, but its console stays readable for a minute (a follower sees the end).
+        try f.expect("GET", "/v1/domains/old", route: "/v1/domains/{domain}", status: 404, field: "domain")
+        let last = try f.expect("GET", "/v1/domains/old/console", route: console, status: 200)
+        #expect(try JSONDecoder.api.decode(ConsoleChunk.self, from: Data(last.body)).state == .destroyed)
     }
 
     /// With no daemon the client names the socket and why.
