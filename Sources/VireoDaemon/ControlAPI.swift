@@ -61,7 +61,9 @@ public final class ControlAPI: Sendable {
     }
 
     static func error(_ error: APIError) -> APIResponse {
-        json(error.status, ErrorBody(error: error.message, field: error.field))
+        var response = json(error.status, ErrorBody(error: error.message, field: error.field))
+        if !error.allow.isEmpty { response.headers.append(("Allow", error.allow.joined(separator: ", "))) }
+        return response
     }
 
     static func json<T: Encodable>(_ status: Int, _ value: T) -> APIResponse {
@@ -97,7 +99,7 @@ public final class ControlAPI: Sendable {
         let method = request.method
         func allow(_ methods: String...) throws(APIError) {
             guard methods.contains(method) else {
-                throw APIError(405, "\(method) is not allowed on \(request.path); use \(methods.joined(separator: " or "))")
+                throw APIError(405, "\(method) is not allowed on \(request.path); use \(methods.joined(separator: " or "))", allow: methods)
             }
         }
         switch tail.count {

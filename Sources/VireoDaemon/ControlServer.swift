@@ -11,19 +11,25 @@ public final class ControlServer: Sendable {
     public let socketPath: String
     private let group: MultiThreadedEventLoopGroup
     private let channel: Channel
+    private let tcpChannel: Channel?
 
     public enum Failure: Error, CustomStringConvertible {
         case inUse(String)
         case bind(String, String)
+        case notLoopback(String)
         public var description: String {
             switch self {
             case .inUse(let path): "another vireod answers on \(path)"
             case .bind(let path, let why): "cannot listen on \(path): \(why)"
+            case .notLoopback(let host): "--listen-tcp \(host): only loopback addresses (127.0.0.0/8, ::1) are served over TCP"
             }
         }
     }
 
-    public init(api: ControlAPI, socketPath: String) throws {
+    /// Serves on `socketPath`, and also on `tcp` (a loopback host and port) when given: the
+    /// TCP listener exists for HTTP tools that cannot use a Unix socket (API fuzzers); it has no
+    /// authentication, so only loopback addresses are accepted.
+    public init(api: ControlAPI, socketPath: String, tcp: (host: String, port: Int)? = nil) throws {
         self.socketPath = socketPath
         // A socket file left by a daemon that died is removed; a live one is not taken over.
         if FileManager.default.fileExists(atPath: socketPath) {
@@ -47,11 +53,42 @@ public final class ControlServer: Sendable {
             try? group.syncShutdownGracefully()
             throw Failure.bind(socketPath, "\(error)")
         }
+        if let tcp {
+            guard let address = try? SocketAddress.makeAddressResolvingHost(tcp.host, port: tcp.port),
+                  Self.isLoopback(address) else {
+                try? channel.close().wait()
+                try? group.syncShutdownGracefully()
+                unlink(socketPath)
+                throw Failure.notLoopback(tcp.host)
+            }
+            do {
+                tcpChannel = try bootstrap.bind(to: address).wait()
+            } catch {
+                try? channel.close().wait()
+                try? group.syncShutdownGracefully()
+                unlink(socketPath)
+                throw Failure.bind("\(tcp.host):\(tcp.port)", "\(error)")
+            }
+        } else {
+            tcpChannel = nil
+        }
         self.group = group
     }
 
+    static func isLoopback(_ address: SocketAddress) -> Bool {
+        switch address {
+        case .v4(let v4): return (UInt32(bigEndian: v4.address.sin_addr.s_addr) >> 24) == 127
+        case .v6: return address.ipAddress == "::1"
+        default: return false
+        }
+    }
+
+    /// The TCP port actually bound (when asked for port 0).
+    public var tcpPort: Int? { tcpChannel?.localAddress?.port }
+
     /// Stops listening and removes the socket file.
     public func close() {
+        try? tcpChannel?.close().wait()
         try? channel.close().wait()
         try? group.syncShutdownGracefully()
         unlink(socketPath)

@@ -13,6 +13,8 @@ public struct DaemonClient: Sendable {
     public struct Response: Sendable {
         public var status: Int
         public var body: [UInt8]
+        /// Header fields, names in lower case.
+        public var headers: [String: String] = [:]
         public var text: String { String(decoding: body, as: UTF8.self) }
         /// The error body's message, or the text.
         public var errorMessage: String {
@@ -83,14 +85,17 @@ public struct DaemonClient: Sendable {
             throw Failure(description: "vireod at \(path) sent a bad status line")
         }
         var body = Array(bytes[(end + 4)...])
+        var headers: [String: String] = [:]
         for line in headLines.dropFirst() {
             let pair = line.split(separator: ":", maxSplits: 1)
-            if pair.count == 2, pair[0].lowercased() == "content-length",
-               let length = Int(pair[1].trimmingCharacters(in: .whitespaces)), length <= body.count {
+            guard pair.count == 2 else { continue }
+            let name = pair[0].lowercased(), value = pair[1].trimmingCharacters(in: .whitespaces)
+            headers[name] = value
+            if name == "content-length", let length = Int(value), length <= body.count {
                 body = Array(body[..<length])
             }
         }
-        return Response(status: status, body: body)
+        return Response(status: status, body: body, headers: headers)
     }
 
     static func errnoText() -> String { String(cString: strerror(errno)) }

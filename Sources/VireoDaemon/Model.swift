@@ -115,10 +115,13 @@ public struct APIError: Error, Sendable, CustomStringConvertible {
     public var status: Int
     public var message: String
     public var field: String?
-    public init(_ status: Int, _ message: String, field: String? = nil) {
+    /// For 405: the methods the path takes (the `Allow` header).
+    public var allow: [String] = []
+    public init(_ status: Int, _ message: String, field: String? = nil, allow: [String] = []) {
         self.status = status
         self.message = message
         self.field = field
+        self.allow = allow
     }
     public var description: String { message }
 

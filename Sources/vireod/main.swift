@@ -28,10 +28,23 @@ struct VireoD: ParsableCommand {
     @Option(help: "Seconds a guest has to power off after a shutdown request before it is destroyed.")
     var shutdownTimeout: Double = 30
 
+    @Option(help: "Also serve the API on this loopback TCP address (HOST:PORT, 127.0.0.1 or ::1 only; no authentication: for API tools such as fuzzers).")
+    var listenTcp: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    /// --listen-tcp's host and port.
+    var tcpAddress: (host: String, port: Int)? {
+        guard let listenTcp, let colon = listenTcp.lastIndex(of: ":"), let port = Int(listenTcp[listenTcp.index(after: colon)...]),
+              (0...65535).contains(port) else { return nil }
+        var host = String(listenTcp[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        return (host, port)
+    }
+
     func validate() throws {
+        if listenTcp != nil && tcpAddress == nil { throw ValidationError("--listen-tcp \(listenTcp!): give HOST:PORT, e.g. 127.0.0.1:8080") }
         guard shutdownTimeout >= 0 && shutdownTimeout <= 86400 else { throw ValidationError("--shutdown-timeout: give 0 to 86400 seconds") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level \(logLevel): give trace, debug, info, notice, warning, error or critical") }
     }
@@ -57,10 +70,11 @@ struct VireoD: ParsableCommand {
         try? FileManager.default.createDirectory(atPath: URL(fileURLWithPath: socketPath).deletingLastPathComponent().path,
                                                  withIntermediateDirectories: true)
         let server: ControlServer
-        do { server = try ControlServer(api: ControlAPI(daemon: daemon), socketPath: socketPath) } catch {
+        do { server = try ControlServer(api: ControlAPI(daemon: daemon), socketPath: socketPath, tcp: tcpAddress) } catch {
             throw ValidationError("\(error)")
         }
-        logger.info("listening", metadata: ["socket": "\(socketPath)", "state_dir": "\(state)", "domains": "\(daemon.list().count)"])
+        logger.info("listening", metadata: ["socket": "\(socketPath)", "state_dir": "\(state)", "domains": "\(daemon.list().count)",
+                                            "tcp": "\(server.tcpPort.map { "\(tcpAddress!.host):\($0)" } ?? "none")"])
         var sources: [DispatchSourceSignal] = []
         let stopOnce = DispatchQueue(label: "vireod-stop")
         for number in [SIGTERM, SIGINT] {
