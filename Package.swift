@@ -57,7 +57,8 @@ let package = Package(
         .target(
             name: "VireoBenchmarks",
             dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM",
-                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder", "VireoStore", "VireoBackends"]
+                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder", "VireoStore", "VireoBackends", "VireoDaemon",
+                           .product(name: "Logging", package: "swift-log")]
         ),
         // GuestKit: paravirtual frontends for guests (hypercalls, events, grants, XenStore, XenBus,
         // console, a cooperative loop), generic over a platform. The same sources build in

@@ -14,6 +14,7 @@ struct BenchCommand: AsyncParsableCommand {
     /// Every benchmark the CLI knows. Later layers add theirs here.
     static let registry = BenchmarkRegistry([
         RingBenchmark(), GrantBenchmark(), StoreBenchmark(), RawExitBenchmark(), HypercallBenchmark(), BootBenchmark(), BlockBenchmark(),
+        DensityBenchmark(),
     ])
 
     @Argument(help: "The benchmark to run (see --list).")

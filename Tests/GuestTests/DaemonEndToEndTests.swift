@@ -3,7 +3,7 @@ import Glibc
 import Testing
 
 /// vireod as an operator runs it: a subprocess on a temporary socket and state directory,
-/// driven by `vireo`'s verbs, running the `idle` fixture (it waits on control/shutdown in
+/// driven by `vireo`'s verbs, running the `idle` sample (it waits on control/shutdown in
 /// the XenStore, as a Xen guest does) on the KVM engine.
 @Suite(.serialized) struct DaemonEndToEndTests {
     final class Daemon {
@@ -76,7 +76,7 @@ import Testing
             let kernel = try GuestSupport.image("idle").path.path
             let path = directory.appendingPathComponent("\(name).cfg")
             try Data("""
-                # \(name): the idle fixture
+                # \(name): the idle sample
                 name = "\(name)"
                 memory = 16
                 kernel = "\(kernel)"

@@ -23,7 +23,7 @@ enum GuestSupport {
         let output = temporaryDirectory("guests")
         let guestBuilder = builder()
         var images = try guestBuilder.buildSamples(into: output)
-        for fixture in ["trap", "heap", "hostile", "xenstore", "timer", "upcall", "smp", "console-echo", "idle"] {
+        for fixture in ["trap", "heap", "hostile", "xenstore", "timer", "upcall", "smp", "console-echo"] {
             images.append(try guestBuilder.build(directory: fixtures.appendingPathComponent(fixture),
                                                  output: output.appendingPathComponent("\(fixture).elf")))
         }

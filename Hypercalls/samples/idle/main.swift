@@ -1,6 +1,6 @@
-// A guest that idles until the toolstack asks it to stop, the Xen way: it watches
+// Sample: a guest that idles until the toolstack asks it to stop, the Xen way: it watches
 // control/shutdown in its XenStore home, sleeps in the guest loop (halted, woken by upcalls)
-// and on "poweroff" or "reboot" shuts down with that reason. vireod's end-to-end tests run it.
+// and on "poweroff" or "reboot" shuts down with that reason. vireod's end-to-end tests and `vireo bench density` run it.
 import GuestKit
 import VireoABI
 import VireoHypercalls
