@@ -123,6 +123,10 @@ import Testing
 
         // The console: the guest's line, from its XenStore name.
         _ = try d.wait(["console", "e2e-idle", "--no-follow"]) { $0.contains("idle: e2e-idle ready\n") }
+        // top: two refreshes, the second with rates.
+        let top = try d.vireo(["top", "--batch", "--iterations", "2", "--delay", "0.2"])
+        #expect(top.status == 0 && top.out.components(separatedBy: "NAME").count == 3, "\(top.out)\(top.err)")
+        #expect(top.out.split(separator: "\n").last.map { $0.hasPrefix("e2e-idle") && $0.contains(" running ") } == true, "\(top.out)")
         // The XenStore the guest uses, through the daemon; its disk's backend is there.
         #expect(try d.vireo(["store", "read", "/local/domain/1/name"]).out == "e2e-idle\n")
         let backend = try d.vireo(["store", "ls", "/local/domain/0/backend/vbd/1/51712"])
