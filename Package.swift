@@ -77,7 +77,7 @@ let package = Package(
         .target(
             name: "VireoDaemon",
             dependencies: [
-                "VireoToolstack", "VireoMachine", "VireoHypervisor", "VireoStore", "VireoABI",
+                "VireoToolstack", "VireoMachine", "VireoHypervisor", "VireoStore", "VireoBackends", "VireoABI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),

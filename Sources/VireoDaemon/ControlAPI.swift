@@ -44,6 +44,7 @@ public final class ControlAPI: Sendable {
         ("POST", "/v1/domains/{domain}/shutdown"), ("POST", "/v1/domains/{domain}/reboot"),
         ("POST", "/v1/domains/{domain}/destroy"), ("POST", "/v1/domains/{domain}/pause"),
         ("POST", "/v1/domains/{domain}/unpause"), ("GET", "/v1/domains/{domain}/console"),
+        ("POST", "/v1/domains/{domain}/block-attach"), ("POST", "/v1/domains/{domain}/block-detach"),
         ("GET", "/v1/store"), ("PUT", "/v1/store"), ("GET", "/v1/version"), ("GET", "/metrics"),
     ]
 
@@ -160,6 +161,14 @@ public final class ControlAPI: Sendable {
             case "unpause":
                 try allow("POST")
                 return Self.json(200, try daemon.unpause(domain))
+            case "block-attach":
+                try allow("POST")
+                let body = try decode(BlockAttachRequest.self, request.body)
+                return Self.json(200, try daemon.blockAttach(domain, disk: body.disk))
+            case "block-detach":
+                try allow("POST")
+                let body = try decode(BlockDetachRequest.self, request.body)
+                return Self.json(200, try daemon.blockDetach(domain, vdev: body.vdev))
             default:
                 throw .notFound("no route \(method) \(request.path)")
             }

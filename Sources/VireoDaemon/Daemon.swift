@@ -2,6 +2,7 @@ import Foundation
 import Glibc
 import Logging
 import VireoABI
+import VireoBackends
 import VireoHypervisor
 import VireoMachine
 import VireoStore
@@ -41,6 +42,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         var pastCPUNanoseconds: UInt64 = 0
         /// Bumped on each run: a shutdown timeout only destroys the run it was set for.
         var generation = 0
+        /// Disks attached to the running domain (`block-attach`), by device number.
+        var hotplugged: [UInt32: (backend: BlockBackend, thread: Thread)] = [:]
         var threadDone = true
         init(record: DomainRecord, consoleBytes: Int) {
             self.record = record
@@ -165,7 +168,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                           cpuSeconds: Double(cpu) / 1e9, exits: managed.pastExits + (managed.handle?.exits ?? 0),
                           consoleBytes: managed.console.endOffset, restarts: record.restarts,
                           lastShutdown: record.lastShutdown, failure: record.failure,
-                          onPoweroff: spec.onPoweroff.rawValue, onReboot: spec.onReboot.rawValue, onCrash: spec.onCrash.rawValue)
+                          onPoweroff: spec.onPoweroff.rawValue, onReboot: spec.onReboot.rawValue, onCrash: spec.onCrash.rawValue,
+                          disks: spec.disks.map { .init(vdev: $0.vdev, target: $0.target, access: $0.readOnly ? "ro" : "rw") })
     }
 
     // MARK: Creating
@@ -339,7 +343,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             while !watcher.isFinished { usleep(500) }
             first = false
             firstRun.report(nil)
-            flushDisks(spec)
+            stopHotplugged(managed)
+            flushDisks(lock.withLock { managed.record.spec })
             let destroyed = handle.destroyRequested
             let (stopping, generation) = lock.withLock { () -> (Bool, Int) in
                 managed.pastExits += handle.exits
@@ -559,6 +564,99 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
         let (bytes, next, missed) = buffer.read(from: offset)
         return ConsoleChunk(data: String(decoding: bytes, as: UTF8.self), next: next, missed: missed, state: state)
+    }
+
+    // MARK: Disks attached while running
+
+    /// `xl block-attach`: serves one more disk to the running domain. The backend publishes
+    /// its nodes and the frontend's (`device/vbd/DEV`), as at create; a guest that watches
+    /// its `device/vbd` sees the new disk. The disk joins the domain's spec, so a restart has it.
+    /// - Throws: 400 (bad disk string or image, field `disk`), 404, 409 (not running, or the
+    ///   device is in use).
+    public func blockAttach(_ key: String, disk text: String) throws(APIError) -> DomainInfo {
+        let managed = try find(key)
+        _ = try requireRunning(managed, for: "block-attach")
+        let parsed: DomainSpec.Disk
+        do { parsed = try DomainSpec.Disk.parse(text, source: "disk").disk } catch { throw .badRequest("\(error)", field: "disk") }
+        guard parsed.target.hasPrefix("/") else {
+            throw .badRequest("disk '\(text)': give the image's absolute path", field: "disk")
+        }
+        var status = stat()
+        guard stat(parsed.target, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
+            throw .badRequest("disk '\(text)': '\(parsed.target)' is not an image file", field: "disk")
+        }
+        let id = DomainID(managed.record.id)
+        let backend: BlockBackend = try locked { () throws(APIError) -> BlockBackend in
+            guard managed.handle != nil else { throw .conflict("domain '\(managed.record.spec.name)' stopped") }
+            if let other = managed.record.spec.disks.first(where: { $0.device == parsed.device }) {
+                throw .conflict("domain '\(managed.record.spec.name)' has a disk on \(other.vdev) already (\(other.target))")
+            }
+            do {
+                return try BlockBackend(path: parsed.target, readOnly: parsed.readOnly, frontend: id, device: parsed.device,
+                                        store: host.store, grants: host.grants, host: host.host)
+            } catch {
+                throw .badRequest("disk '\(text)': \(error)", field: "disk")
+            }
+        }
+        do { try backend.create() } catch { throw APIError(500, "disk '\(text)': cannot publish its XenStore nodes: \(error)") }
+        let thread = Thread { backend.run() }
+        thread.name = "vireod-vbd\(id.rawValue)-\(parsed.device)"
+        thread.start()
+        logger.info("disk attached", metadata: ["id": "\(id.rawValue)", "vdev": "\(parsed.vdev)", "target": "\(parsed.target)"])
+        return lock.withLock {
+            managed.hotplugged[parsed.device] = (backend, thread)
+            managed.record.spec.disks.append(parsed)
+            persist(managed.record)
+            return info(locked: managed)
+        }
+    }
+
+    /// `xl block-detach` (forced): stops the disk's backend, syncs the image and removes the
+    /// backend's and the frontend's nodes. Only disks attached with ``blockAttach`` can go.
+    public func blockDetach(_ key: String, vdev: String) throws(APIError) -> DomainInfo {
+        let managed = try find(key)
+        _ = try requireRunning(managed, for: "block-detach")
+        guard let device = DomainSpec.Disk.deviceNumber(vdev) else {
+            throw .badRequest("vdev '\(vdev)' is not a Xen disk name (xvda, xvdb, ... or a number)", field: "vdev")
+        }
+        let (attached, disk) = try locked { () throws(APIError) -> ((backend: BlockBackend, thread: Thread), DomainSpec.Disk) in
+            guard let disk = managed.record.spec.disks.first(where: { $0.device == device }) else {
+                throw .notFound("domain '\(managed.record.spec.name)' has no disk \(vdev)", field: "vdev")
+            }
+            guard let attached = managed.hotplugged.removeValue(forKey: device) else {
+                throw .conflict("\(vdev) was attached at create; only disks attached with block-attach can be detached yet")
+            }
+            return (attached, disk)
+        }
+        attached.backend.stop()
+        while !attached.thread.isFinished { usleep(1000) }
+        flushDisks(DomainSpec(name: "", kernel: "", disks: [disk]))
+        removeDeviceNodes(domain: managed.record.id, device: device)
+        logger.info("disk detached", metadata: ["id": "\(managed.record.id)", "vdev": "\(vdev)"])
+        return lock.withLock {
+            managed.record.spec.disks.removeAll { $0.device == device }
+            persist(managed.record)
+            return info(locked: managed)
+        }
+    }
+
+    /// After a run: the disks attached while it ran stop with it (they stay in the spec).
+    private func stopHotplugged(_ managed: Managed) {
+        let attached = lock.withLock { () -> [UInt32: (backend: BlockBackend, thread: Thread)] in
+            defer { managed.hotplugged = [:] }
+            return managed.hotplugged
+        }
+        for (_, entry) in attached { entry.backend.stop() }
+        for (device, entry) in attached {
+            while !entry.thread.isFinished { usleep(1000) }
+            removeDeviceNodes(domain: managed.record.id, device: device)
+        }
+    }
+
+    private func removeDeviceNodes(domain: UInt16, device: UInt32) {
+        for path in ["/local/domain/\(host.host.id.rawValue)/backend/vbd/\(domain)/\(device)", "/local/domain/\(domain)/device/vbd/\(device)"] {
+            _ = host.store.request(XenStoreMessage(.rm, path), from: toolstack)
+        }
     }
 
     // MARK: The XenStore

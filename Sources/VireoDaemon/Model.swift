@@ -54,9 +54,17 @@ public struct DomainInfo: Codable, Sendable, Equatable {
     public var onPoweroff: String
     public var onReboot: String
     public var onCrash: String
+    /// Its disks: at create and attached since.
+    public var disks: [DiskInfo]
+
+    public struct DiskInfo: Codable, Sendable, Equatable {
+        public var vdev: String
+        public var target: String
+        public var access: String
+    }
 
     enum CodingKeys: String, CodingKey {
-        case id, name, state, vcpus, kernel, cmdline, created, exits, restarts, failure
+        case id, name, state, vcpus, kernel, cmdline, created, exits, restarts, failure, disks
         case memoryMiB = "memory_mib", configFile = "config_file", cpuSeconds = "cpu_seconds"
         case consoleBytes = "console_bytes", lastShutdown = "last_shutdown"
         case onPoweroff = "on_poweroff", onReboot = "on_reboot", onCrash = "on_crash"
@@ -78,6 +86,18 @@ public struct CreateRequest: Codable, Sendable {
 public struct CreateResponse: Codable, Sendable {
     public var domain: DomainInfo
     public var warnings: [String]
+}
+
+/// `POST /v1/domains/{domain}/block-attach`: one disk, as xl writes it.
+public struct BlockAttachRequest: Codable, Sendable {
+    public var disk: String
+    public init(disk: String) { self.disk = disk }
+}
+
+/// `POST /v1/domains/{domain}/block-detach`.
+public struct BlockDetachRequest: Codable, Sendable {
+    public var vdev: String
+    public init(vdev: String) { self.vdev = vdev }
 }
 
 /// `GET /v1/domains/{domain}/console`.

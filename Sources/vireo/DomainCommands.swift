@@ -230,3 +230,42 @@ struct ConsoleCommand: DaemonVerb {
         return byte == 0x1d
     }
 }
+
+/// `vireo block-attach DOMAIN DISK`: one more disk for a running domain, in xl's disk syntax.
+struct BlockAttachCommand: DaemonVerb {
+    static let configuration = CommandConfiguration(
+        commandName: "block-attach",
+        abstract: "Attach a disk to a running domain ('format=raw, vdev=xvdb, access=rw, target=/img' or 'IMG,raw,xvdb,rw').")
+    @ParentCommand var root: Vireo
+    var rootSocket: String? { root.socket }
+    @OptionGroup var daemon: DaemonOptions
+    @Argument(help: "The domain: ID or name.") var domain: String
+    @Argument(help: "The disk, as in xl.cfg's disk list (a relative target is made absolute here).") var disk: String
+
+    func run() throws {
+        // A relative image path means the caller's directory, as the shell would.
+        var spec = disk
+        if let parsed = try? DomainSpec.Disk.parse(disk, source: "disk").disk, !parsed.target.hasPrefix("/") {
+            let absolute = URL(fileURLWithPath: parsed.target).standardizedFileURL.path
+            spec = "format=raw, vdev=\(parsed.vdev), access=\(parsed.readOnly ? "ro" : "rw"), target=\(absolute)"
+        }
+        let body = try JSONEncoder().encode(BlockAttachRequest(disk: spec))
+        _ = try call("POST", "/v1/domains/\(Self.escape(domain))/block-attach", body: Array(body))
+    }
+}
+
+/// `vireo block-detach DOMAIN VDEV`: removes a disk attached with block-attach.
+struct BlockDetachCommand: DaemonVerb {
+    static let configuration = CommandConfiguration(
+        commandName: "block-detach", abstract: "Detach a disk attached with block-attach (forced: its backend stops, its nodes go).")
+    @ParentCommand var root: Vireo
+    var rootSocket: String? { root.socket }
+    @OptionGroup var daemon: DaemonOptions
+    @Argument(help: "The domain: ID or name.") var domain: String
+    @Argument(help: "The disk's vdev (xvdb...).") var vdev: String
+
+    func run() throws {
+        let body = try JSONEncoder().encode(BlockDetachRequest(vdev: vdev))
+        _ = try call("POST", "/v1/domains/\(Self.escape(domain))/block-detach", body: Array(body))
+    }
+}

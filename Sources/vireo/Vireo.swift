@@ -11,7 +11,7 @@ struct Vireo: AsyncParsableCommand {
         abstract: "A paravirtualized microhypervisor toolkit with Xen's guest ABI.",
         version: "vireo \(version) (guest ABI \(vireoABIVersion), Xen interface 4.14)",
         subcommands: [RunCommand.self, CreateCommand.self, ListCommand.self, ShutdownCommand.self, RebootCommand.self,
-                      DestroyCommand.self, PauseCommand.self, UnpauseCommand.self, ConsoleCommand.self, TopCommand.self,
+                      DestroyCommand.self, PauseCommand.self, UnpauseCommand.self, ConsoleCommand.self, TopCommand.self, BlockAttachCommand.self, BlockDetachCommand.self,
                       GuestCommand.self, StoreCommand.self, ABICommand.self, BenchCommand.self]
     )
 

@@ -132,6 +132,24 @@ import Testing
         let backend = try d.vireo(["store", "ls", "/local/domain/0/backend/vbd/1/51712"])
         #expect(backend.out.contains("state = \"2\""), "blkback waits for the frontend (InitWait): \(backend.out)\(backend.err)")
 
+        // block-attach: a second image as xvdb (51728); its backend and frontend nodes appear,
+        // and go again with block-detach. The disk given at create cannot be detached yet.
+        let second = d.directory.appendingPathComponent("second.img")
+        #expect(FileManager.default.createFile(atPath: second.path, contents: Data(count: 1 << 20)))
+        let attach = try d.vireo(["block-attach", "e2e-idle", "format=raw, vdev=xvdb, access=ro, target=\(second.path)"])
+        #expect(attach.status == 0, "\(attach.err)")
+        let attached = try d.vireo(["store", "ls", "/local/domain/0/backend/vbd/1/51728"]).out
+        #expect(attached.contains("state = \"2\"") && attached.contains("mode = \"r\""), "\(attached)")
+        #expect(try d.vireo(["store", "read", "/local/domain/1/device/vbd/51728/backend-id"]).out == "0\n")
+        #expect(try d.vireo(["list", "--json", "e2e-idle"]).out.contains("\"vdev\":\"xvdb\""))
+        #expect(try d.vireo(["block-attach", "e2e-idle", "\(second.path),raw,xvdb,ro"]).err.contains("has a disk on xvdb already"))
+        #expect(try d.vireo(["block-attach", "e2e-idle", "/nonexistent.img,raw,xvdc,ro"]).err.contains("is not an image file"))
+        #expect(try d.vireo(["block-detach", "e2e-idle", "xvdb"]).status == 0)
+        #expect(try d.vireo(["store", "read", "/local/domain/0/backend/vbd/1/51728/state"]).err.contains("no node"))
+        #expect(try d.vireo(["store", "read", "/local/domain/1/device/vbd/51728/state"]).err.contains("no node"))
+        #expect(try d.vireo(["block-detach", "e2e-idle", "xvdb"]).err.contains("has no disk xvdb"))
+        #expect(try d.vireo(["block-detach", "e2e-idle", "xvda"]).err.contains("was attached at create"))
+
         // pause: the vCPU stops. A poweroff request written now waits until unpause.
         #expect(try d.vireo(["pause", "e2e-idle"]).status == 0)
         #expect(Self.row(try d.vireo(["list"]).out, "e2e-idle")?[4] == "paused")

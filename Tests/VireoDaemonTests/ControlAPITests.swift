@@ -148,6 +148,15 @@ import Testing
             try f.expect("POST", "/v1/domains/old/\(verb)", route: route, status: 409)
             try f.expect("POST", "/v1/domains/nosuch/\(verb)", route: route, status: 404, field: "domain")
         }
+        for verb in ["block-attach", "block-detach"] {
+            let route = "/v1/domains/{domain}/\(verb)"
+            let body = verb == "block-attach" ? #"{"disk": "/tmp/x.img,raw,xvdb,rw"}"# : #"{"vdev": "xvdb"}"#
+            try f.expect("POST", "/v1/domains/old/\(verb)", route: route, body: body, status: 409)
+            try f.expect("POST", "/v1/domains/nosuch/\(verb)", route: route, body: body, status: 404, field: "domain")
+            try f.expect("POST", "/v1/domains/old/\(verb)", route: route, body: "", status: 400, field: "body")
+            try f.expect("POST", "/v1/domains/old/\(verb)", route: route, body: "{}", status: 400,
+                         field: verb == "block-attach" ? "disk" : "vdev")
+        }
         try f.expect("POST", "/v1/domains/old/shutdown?timeout=soon", route: "/v1/domains/{domain}/shutdown", status: 400, field: "timeout")
         try f.expect("POST", "/v1/domains/nosuch/destroy", route: "/v1/domains/{domain}/destroy", status: 404, field: "domain")
         let console = "/v1/domains/{domain}/console"
