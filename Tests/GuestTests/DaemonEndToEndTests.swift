@@ -192,6 +192,32 @@ import Testing
         let followed = (try? String(contentsOf: followerOut, encoding: .utf8)) ?? ""
         #expect(followed == "idle: e2e-two ready\nidle: rebooting\nidle: e2e-two ready\nidle: powering off\n", "\(followed)")
 
+        // A guest that spins and never looks at control/shutdown (cpubench, a long loop): pause
+        // stops its CPU time; shutdown destroys it once its timeout passes.
+        let spinKernel = try GuestSupport.image("cpubench").path.path
+        let spinConfig = d.directory.appendingPathComponent("spin.cfg")
+        try Data("name = \"e2e-spin\"\nmemory = 8\nkernel = \"\(spinKernel)\"\ncmdline = \"100000000000\"\n".utf8).write(to: spinConfig)
+        #expect(try d.vireo(["create", spinConfig.path]).status == 0)
+        func cpu() throws -> Double {
+            let text = try d.vireo(["list", "--json", "e2e-spin"]).out
+            let object = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [[String: Any]]
+            return object?.first?["cpu_seconds"] as? Double ?? -1
+        }
+        usleep(500_000)
+        #expect(try d.vireo(["pause", "e2e-spin"]).status == 0)
+        usleep(300_000)
+        let pausedAt = try cpu()
+        usleep(1_000_000)
+        let pausedGrowth = try cpu() - pausedAt
+        #expect(pausedAt > 0 && pausedGrowth < 0.1, "a paused vCPU uses no CPU: \(pausedAt) then +\(pausedGrowth) s")
+        #expect(try d.vireo(["unpause", "e2e-spin"]).status == 0)
+        usleep(1_000_000)
+        #expect(try cpu() - pausedAt > 0.2, "it runs again")
+        let started = Date()
+        let forced = try d.vireo(["shutdown", "-w", "--timeout", "1", "e2e-spin"], timeout: 30)
+        #expect(forced.status == 0 && Date().timeIntervalSince(started) >= 1, "\(forced.err)")
+        #expect(Self.row(try d.vireo(["list"]).out, "e2e-spin") == nil, "destroyed after the timeout")
+
         // destroy ends a running domain at once.
         #expect(try d.vireo(["create", try d.config("e2e-three")]).status == 0)
         #expect(try d.vireo(["destroy", "e2e-three"]).status == 0)
