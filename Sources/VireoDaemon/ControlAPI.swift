@@ -44,6 +44,7 @@ public final class ControlAPI: Sendable {
         ("POST", "/v1/domains/{domain}/shutdown"), ("POST", "/v1/domains/{domain}/reboot"),
         ("POST", "/v1/domains/{domain}/destroy"), ("POST", "/v1/domains/{domain}/pause"),
         ("POST", "/v1/domains/{domain}/unpause"), ("GET", "/v1/domains/{domain}/console"),
+        ("POST", "/v1/domains/{domain}/console"),
         ("POST", "/v1/domains/{domain}/block-attach"), ("POST", "/v1/domains/{domain}/block-detach"),
         ("GET", "/v1/store"), ("PUT", "/v1/store"), ("GET", "/v1/version"), ("GET", "/metrics"),
     ]
@@ -132,7 +133,11 @@ public final class ControlAPI: Sendable {
             let domain = tail[2]
             switch tail[3] {
             case "console":
-                try allow("GET")
+                try allow("GET", "POST")
+                if method == "POST" {
+                    let body = try decode(ConsoleInput.self, request.body)
+                    return Self.json(200, ConsoleInputAccepted(accepted: try daemon.consoleWrite(domain, Array(body.input.utf8))))
+                }
                 var offset: UInt64?
                 if let text = request.query["offset"] {
                     guard let value = UInt64(text) else { throw .badRequest("offset '\(text)': give a byte offset (0 or more)", field: "offset") }

@@ -42,6 +42,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         var pastCPUNanoseconds: UInt64 = 0
         /// Bumped on each run: a shutdown timeout only destroys the run it was set for.
         var generation = 0
+        /// The write end of the pipe whose read end feeds the console ring's input (this run).
+        var consoleInput: Int32 = -1
         /// Disks attached to the running domain (`block-attach`), by device number.
         var hotplugged: [UInt32: (backend: BlockBackend, thread: Thread)] = [:]
         var threadDone = true
@@ -292,6 +294,14 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             }
             let console = managed.console
             let logLock = NSLock()
+            // Console input: what the API is given goes down this pipe into the ring's `in`
+            // side; non-blocking, so a guest that does not read cannot hold a request.
+            var input: [Int32] = [-1, -1]
+            if pipe(&input) == 0 {
+                for fd in input { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
+                _ = fcntl(input[1], F_SETFL, fcntl(input[1], F_GETFL) | O_NONBLOCK)
+                lock.withLock { managed.consoleInput = input[1] }
+            }
             let watcher = Thread { [self] in
                 // The run is "started" once its vCPUs exist; tell create, then record it.
                 while !handle.isRunning {
@@ -312,7 +322,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     config: DomainConfig(id: DomainID(id), name: spec.name, memoryBytes: UInt64(spec.memoryMiB) << 20, vcpus: spec.vcpus),
                     kernel: kernel, commandLine: spec.cmdline,
                     disks: spec.disks.map { EmbeddedHost.Disk(path: $0.target, readOnly: $0.readOnly, device: $0.device) },
-                    handle: handle,
+                    consoleInput: input[0] >= 0 ? input[0] : nil, handle: handle,
                     console: { bytes in
                         console.append(bytes)
                         guard logFD >= 0 else { return }
@@ -325,6 +335,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     })
             } catch {
                 let failure = "\(error)"
+                closeInput(managed, input)
                 lock.withLock { managed.handle = nil }
                 while !watcher.isFinished { usleep(500) }
                 if first {
@@ -341,6 +352,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                 return
             }
             while !watcher.isFinished { usleep(500) }
+            closeInput(managed, input)
             first = false
             firstRun.report(nil)
             stopHotplugged(managed)
@@ -397,6 +409,12 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                 logger.info("restarting domain", metadata: ["id": "\(id)", "reason": "\(reason)"])
             }
         }
+    }
+
+    /// After a run (its input thread has ended): both ends of its console-input pipe closed.
+    private func closeInput(_ managed: Managed, _ input: [Int32]) {
+        lock.withLock { managed.consoleInput = -1 }
+        for fd in input where fd >= 0 { close(fd) }
     }
 
     private func finish(_ managed: Managed, state: DomainState, reason: String, failure: String?) {
@@ -656,6 +674,23 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     private func removeDeviceNodes(domain: UInt16, device: UInt32) {
         for path in ["/local/domain/\(host.host.id.rawValue)/backend/vbd/\(domain)/\(device)", "/local/domain/\(domain)/device/vbd/\(device)"] {
             _ = host.store.request(XenStoreMessage(.rm, path), from: toolstack)
+        }
+    }
+
+    /// Sends bytes to the guest's console input (the ring's `in` side, as `vireo run` forwards
+    /// stdin). Returns how many were taken: the pipe holds 64 KiB until the guest reads.
+    /// - Throws: 409 unless running; 400 for more than 64 KiB at once.
+    public func consoleWrite(_ key: String, _ bytes: [UInt8]) throws(APIError) -> Int {
+        guard bytes.count <= 65536 else { throw .badRequest("input: at most 65536 bytes at once", field: "input") }
+        let managed = try find(key)
+        _ = try requireRunning(managed, for: "console input")
+        return try locked { () throws(APIError) -> Int in
+            guard managed.consoleInput >= 0 else { throw .conflict("domain '\(managed.record.spec.name)' has no console input") }
+            if bytes.isEmpty { return 0 }
+            let n = bytes.withUnsafeBytes { write(managed.consoleInput, $0.baseAddress, $0.count) }
+            if n < 0 && errno == EAGAIN { return 0 }
+            guard n >= 0 else { throw APIError(500, "console input: \(String(cString: strerror(errno)))") }
+            return n
         }
     }
 

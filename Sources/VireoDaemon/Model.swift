@@ -100,6 +100,17 @@ public struct BlockDetachRequest: Codable, Sendable {
     public init(vdev: String) { self.vdev = vdev }
 }
 
+/// `POST /v1/domains/{domain}/console`: bytes for the guest's console input, and how many
+/// were taken.
+public struct ConsoleInput: Codable, Sendable {
+    public var input: String
+    public init(input: String) { self.input = input }
+}
+
+public struct ConsoleInputAccepted: Codable, Sendable {
+    public var accepted: Int
+}
+
 /// `GET /v1/domains/{domain}/console`.
 public struct ConsoleChunk: Codable, Sendable {
     /// The output, as UTF-8 text (invalid sequences replaced).

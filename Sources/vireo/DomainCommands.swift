@@ -203,8 +203,18 @@ struct ConsoleCommand: DaemonVerb {
             tcsetattr(STDIN_FILENO, TCSANOW, &raw)
         }
         defer { if terminal { tcsetattr(STDIN_FILENO, TCSANOW, &saved) } }
+        var inputOpen = true
         while true {
-            if terminal && detachPressed() { return }
+            // What is typed (or piped in) goes to the guest's console; Ctrl-] detaches.
+            if inputOpen {
+                switch readInput() {
+                case .detach: if terminal { return }
+                case .end: inputOpen = false
+                case .bytes(let bytes):
+                    try send(bytes, to: target)
+                case .none: break
+                }
+            }
             if [.shutdown, .crashed, .lost, .destroyed].contains(chunk.state) { return }
             let response: DaemonClient.Response
             do { response = try client.request("GET", "\(target)?offset=\(chunk.next)") } catch { throw RunError("\(error)") }
@@ -221,13 +231,30 @@ struct ConsoleCommand: DaemonVerb {
         if !chunk.data.isEmpty { FileHandle.standardOutput.write(Data(chunk.data.utf8)) }
     }
 
-    /// Reads what was typed (without waiting): Ctrl-] (0x1d) detaches, as in xl console.
-    private func detachPressed() -> Bool {
+    enum Input { case none, end, detach, bytes([UInt8]) }
+
+    /// What stdin has now (without waiting): Ctrl-] (0x1d) detaches, as in xl console.
+    private func readInput() -> Input {
         var poller = pollfd(fd: STDIN_FILENO, events: Int16(POLLIN), revents: 0)
-        guard poll(&poller, 1, 0) > 0 else { return false }
-        var byte: UInt8 = 0
-        guard read(STDIN_FILENO, &byte, 1) == 1 else { return false }
-        return byte == 0x1d
+        guard poll(&poller, 1, 0) > 0 else { return .none }
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let n = read(STDIN_FILENO, &buffer, buffer.count)
+        guard n > 0 else { return .end }
+        let bytes = Array(buffer[..<n])
+        if let stop = bytes.firstIndex(of: 0x1d) { return stop == 0 ? .detach : .bytes(Array(bytes[..<stop])) }
+        return .bytes(bytes)
+    }
+
+    /// Sends input to the guest, retrying while its ring and the daemon's pipe are full.
+    private func send(_ bytes: [UInt8], to target: String) throws {
+        var pending = bytes
+        var attempts = 0
+        while !pending.isEmpty && attempts < 100 {
+            let body = try JSONEncoder().encode(ConsoleInput(input: String(decoding: pending, as: UTF8.self)))
+            let response = try decode(ConsoleInputAccepted.self, try call("POST", target, body: Array(body)))
+            pending.removeFirst(min(response.accepted, pending.count))
+            if !pending.isEmpty { attempts += 1; usleep(20_000) }
+        }
     }
 }
 

@@ -218,6 +218,17 @@ import Testing
         #expect(forced.status == 0 && Date().timeIntervalSince(started) >= 1, "\(forced.err)")
         #expect(Self.row(try d.vireo(["list"]).out, "e2e-spin") == nil, "destroyed after the timeout")
 
+        // Console input: what `vireo console` reads from its stdin reaches the guest's console
+        // ring (console-echo reads a line and echoes it, then powers off).
+        let echoConfig = d.directory.appendingPathComponent("echo.cfg")
+        try Data("name = \"e2e-echo\"\nmemory = 8\nkernel = \"\(try GuestSupport.image("console-echo").path.path)\"\non_poweroff = \"preserve\"\n".utf8)
+            .write(to: echoConfig)
+        #expect(try d.vireo(["create", echoConfig.path]).status == 0)
+        _ = try d.wait(["console", "e2e-echo", "--no-follow"]) { $0.contains("console-echo: ready") }
+        let echoed = try GuestSupport.run(GuestSupport.vireo, ["--socket", d.socket, "console", "e2e-echo"], timeout: 60, input: "through vireod\n")
+        #expect(echoed.status == 0 && echoed.out.contains("console-echo: got 'through vireod'"), "\(echoed.out)\(echoed.err)")
+        #expect(try d.vireo(["destroy", "e2e-echo"]).status == 0)
+
         // destroy ends a running domain at once.
         #expect(try d.vireo(["create", try d.config("e2e-three")]).status == 0)
         #expect(try d.vireo(["destroy", "e2e-three"]).status == 0)

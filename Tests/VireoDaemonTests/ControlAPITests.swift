@@ -163,6 +163,11 @@ import Testing
         try f.expect("GET", "/v1/domains/old/console", route: console, status: 200)
         try f.expect("GET", "/v1/domains/old/console?offset=-1", route: console, status: 400, field: "offset")
         try f.expect("GET", "/v1/domains/nosuch/console", route: console, status: 404, field: "domain")
+        try f.expect("POST", "/v1/domains/old/console", route: console, body: #"{"input": "x"}"#, status: 409)
+        try f.expect("POST", "/v1/domains/nosuch/console", route: console, body: #"{"input": "x"}"#, status: 404, field: "domain")
+        try f.expect("POST", "/v1/domains/old/console", route: console, body: "{}", status: 400, field: "input")
+        try f.expect("POST", "/v1/domains/old/console", route: console,
+                     body: "{\"input\": \"" + String(repeating: "a", count: 65537) + "\"}", status: 400, field: "input")
 
         // The XenStore, as dom0.
         try f.expect("GET", "/v1/store", route: "/v1/store", status: 400, field: "path")
