@@ -32,8 +32,11 @@ public final class ControlServer: Sendable {
     public init(api: ControlAPI, socketPath: String, tcp: (host: String, port: Int)? = nil) throws {
         self.socketPath = socketPath
         // A socket file left by a daemon that died is removed; a live one is not taken over.
-        if FileManager.default.fileExists(atPath: socketPath) {
-            if (try? DaemonClient(socketPath: socketPath).request("GET", "/v1/version")) != nil { throw Failure.inUse(socketPath) }
+        var existing = stat()
+        if lstat(socketPath, &existing) == 0 {
+            // Only a socket is ever removed: any other file at the path is the operator's.
+            guard (existing.st_mode & S_IFMT) == S_IFSOCK else { throw Failure.bind(socketPath, "a file that is not a socket is there") }
+            if (try? DaemonClient(socketPath: socketPath).request("GET", "/v1/version", timeout: 5)) != nil { throw Failure.inUse(socketPath) }
             unlink(socketPath)
         }
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)

@@ -303,8 +303,9 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                 lock.withLock { managed.consoleInput = input[1] }
             }
             let watcher = Thread { [self] in
-                // The run is "started" once its vCPUs exist; tell create, then record it.
-                while !handle.isRunning {
+                // The run is "started" once its vCPUs exist (however briefly: a guest may die at
+                // once); tell create, then record it.
+                while !handle.hasStarted {
                     if lock.withLock({ managed.handle !== handle }) { return }
                     usleep(500)
                 }

@@ -10,6 +10,7 @@ public final class DomainHandle: Sendable {
         var runner: KVMDomainRunner?
         var paused = false
         var destroyed = false
+        var started = false
         var finishedExits = 0
         var finishedCPUNanoseconds: UInt64 = 0
     }
@@ -21,6 +22,7 @@ public final class DomainHandle: Sendable {
     func attach(_ runner: KVMDomainRunner) {
         let (paused, destroyed) = state.withLock { state in
             state.runner = runner
+            state.started = true
             return (state.paused, state.destroyed)
         }
         if paused { runner.pause() }
@@ -39,6 +41,9 @@ public final class DomainHandle: Sendable {
 
     /// Whether the domain's vCPUs exist (between the attach and the detach).
     public var isRunning: Bool { state.withLock { $0.runner != nil } }
+
+    /// Whether the vCPUs were ever created in this run (stays true after they stop).
+    public var hasStarted: Bool { state.withLock { $0.started } }
 
     /// Stops the vCPUs between exits; they stay parked until ``unpause()``.
     public func pause() {

@@ -4,7 +4,8 @@ import Glibc
 import VireoDaemon
 import VireoToolstack
 
-/// Where vireod listens: `--socket` (before or after the verb), else VIREO_SOCKET.
+/// Where vireod listens: `--socket` after the verb, else VIREO_SOCKET (which `vireo --socket
+/// PATH VERB` sets: see ``Vireo/main()``).
 struct DaemonOptions: ParsableArguments {
     @Option(help: "vireod's control socket (else VIREO_SOCKET, else /run/vireo/vireod.sock).")
     var socket: String?
@@ -13,12 +14,10 @@ struct DaemonOptions: ParsableArguments {
 /// What the domain verbs share: the client, JSON decoding, errors printed as xl prints them.
 protocol DaemonVerb: ParsableCommand {
     var daemon: DaemonOptions { get }
-    /// `vireo --socket PATH VERB`: the root command's option, for verbs directly under it.
-    var rootSocket: String? { get }
 }
 
 extension DaemonVerb {
-    var client: DaemonClient { DaemonClient(socketPath: DaemonClient.defaultSocket(daemon.socket ?? rootSocket)) }
+    var client: DaemonClient { DaemonClient(socketPath: DaemonClient.defaultSocket(daemon.socket)) }
 
     /// Sends a request; a non-2xx answer becomes an error carrying the daemon's message.
     func call(_ method: String, _ target: String, body: [UInt8]? = nil) throws -> DaemonClient.Response {
@@ -47,8 +46,6 @@ struct CreateCommand: DaemonVerb {
         commandName: "create",
         abstract: "Create a domain from an xl.cfg file (xl's syntax; Docs/toolstack.md lists the keys)."
     )
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain's configuration file.", completion: .file(extensions: ["cfg"]))
     var config: String
@@ -72,8 +69,6 @@ struct CreateCommand: DaemonVerb {
 /// `vireo list [DOMAIN...]`: the table `xl list` prints.
 struct ListCommand: DaemonVerb {
     static let configuration = CommandConfiguration(commandName: "list", abstract: "List domains (like xl list).")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Flag(help: "Print the domains as JSON, as the API returns them.")
     var json = false
@@ -118,8 +113,6 @@ struct ShutdownCommand: DaemonVerb {
     static let configuration = CommandConfiguration(
         commandName: "shutdown",
         abstract: "Ask a domain to power off (control/shutdown = poweroff); destroyed if it has not after the timeout.")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain: ID or name.") var domain: String
     @Flag(name: .shortAndLong, help: "Wait until the domain has stopped.") var wait = false
@@ -142,8 +135,6 @@ struct ShutdownCommand: DaemonVerb {
 
 struct RebootCommand: DaemonVerb {
     static let configuration = CommandConfiguration(commandName: "reboot", abstract: "Ask a domain to reboot (control/shutdown = reboot).")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain: ID or name.") var domain: String
     func run() throws { _ = try call("POST", "/v1/domains/\(Self.escape(domain))/reboot") }
@@ -152,8 +143,6 @@ struct RebootCommand: DaemonVerb {
 struct DestroyCommand: DaemonVerb {
     static let configuration = CommandConfiguration(
         commandName: "destroy", abstract: "End a domain at once and forget it (also removes a lost or stopped record).")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain: ID or name.") var domain: String
     func run() throws { _ = try call("POST", "/v1/domains/\(Self.escape(domain))/destroy") }
@@ -161,8 +150,6 @@ struct DestroyCommand: DaemonVerb {
 
 struct PauseCommand: DaemonVerb {
     static let configuration = CommandConfiguration(commandName: "pause", abstract: "Stop a domain's vCPUs until unpause.")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain: ID or name.") var domain: String
     func run() throws { _ = try call("POST", "/v1/domains/\(Self.escape(domain))/pause") }
@@ -170,8 +157,6 @@ struct PauseCommand: DaemonVerb {
 
 struct UnpauseCommand: DaemonVerb {
     static let configuration = CommandConfiguration(commandName: "unpause", abstract: "Let a paused domain's vCPUs run again.")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain: ID or name.") var domain: String
     func run() throws { _ = try call("POST", "/v1/domains/\(Self.escape(domain))/unpause") }
@@ -182,8 +167,6 @@ struct ConsoleCommand: DaemonVerb {
     static let configuration = CommandConfiguration(
         commandName: "console",
         abstract: "Print a domain's console output and follow it; Ctrl-] detaches (on a terminal).")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain: ID or name.") var domain: String
     @Flag(help: "Print what is kept and return, without following.") var noFollow = false
@@ -263,8 +246,6 @@ struct BlockAttachCommand: DaemonVerb {
     static let configuration = CommandConfiguration(
         commandName: "block-attach",
         abstract: "Attach a disk to a running domain ('format=raw, vdev=xvdb, access=rw, target=/img' or 'IMG,raw,xvdb,rw').")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain: ID or name.") var domain: String
     @Argument(help: "The disk, as in xl.cfg's disk list (a relative target is made absolute here).") var disk: String
@@ -285,8 +266,6 @@ struct BlockAttachCommand: DaemonVerb {
 struct BlockDetachCommand: DaemonVerb {
     static let configuration = CommandConfiguration(
         commandName: "block-detach", abstract: "Detach a disk attached with block-attach (forced: its backend stops, its nodes go).")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Argument(help: "The domain: ID or name.") var domain: String
     @Argument(help: "The disk's vdev (xvdb...).") var vdev: String

@@ -6,8 +6,6 @@ import VireoDaemon
 struct StoreListCommand: DaemonVerb {
     static let configuration = CommandConfiguration(commandName: "ls", abstract: "List a node of vireod's XenStore (children and values).")
     @OptionGroup var daemon: DaemonOptions
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @Argument(help: "An absolute XenStore path.") var path: String = "/"
 
     func run() throws {
@@ -28,8 +26,6 @@ struct StoreListCommand: DaemonVerb {
 struct StoreReadCommand: DaemonVerb {
     static let configuration = CommandConfiguration(commandName: "read", abstract: "Print a value from vireod's XenStore.")
     @OptionGroup var daemon: DaemonOptions
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @Argument(help: "An absolute XenStore path.") var path: String
 
     func run() throws {
@@ -41,8 +37,6 @@ struct StoreReadCommand: DaemonVerb {
 struct StoreWriteCommand: DaemonVerb {
     static let configuration = CommandConfiguration(commandName: "write", abstract: "Write a value into vireod's XenStore (as dom0).")
     @OptionGroup var daemon: DaemonOptions
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @Argument(help: "An absolute XenStore path.") var path: String
     @Argument(help: "The value.") var value: String
 

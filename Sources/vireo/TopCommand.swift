@@ -9,8 +9,6 @@ struct TopCommand: DaemonVerb {
     static let configuration = CommandConfiguration(
         commandName: "top",
         abstract: "A live per-domain view (like xentop): CPU, exits, console bytes; Ctrl-C quits.")
-    @ParentCommand var root: Vireo
-    var rootSocket: String? { root.socket }
     @OptionGroup var daemon: DaemonOptions
     @Option(name: .shortAndLong, help: "Seconds between refreshes.") var delay: Double = 1
     @Option(name: .shortAndLong, help: "Stop after this many refreshes (0: never).") var iterations: Int = 0

@@ -231,6 +231,33 @@ import Testing
         #expect(text.contains("passed") || text.contains("generated"), "it ran: \(text.suffix(2000))")
     }
 
+    /// A second daemon on a live socket is refused; a file that is not a socket is left alone;
+    /// a stale socket (its daemon gone) is replaced.
+    @Test func theSocketPathIsTakenCarefully() throws {
+        let f = try Fixture()
+        #expect { try ControlServer(api: ControlAPI(daemon: f.daemon), socketPath: f.client.socketPath) } throws: { error in
+            "\(error)".contains("another vireod answers")
+        }
+        let plain = f.directory.appendingPathComponent("plain").path
+        #expect(FileManager.default.createFile(atPath: plain, contents: Data("keep".utf8)))
+        #expect { try ControlServer(api: ControlAPI(daemon: f.daemon), socketPath: plain) } throws: { error in
+            "\(error)".contains("not a socket")
+        }
+        #expect(FileManager.default.contents(atPath: plain) == Data("keep".utf8))
+        // A stale socket: bound, then its listener gone without removing the file.
+        let stale = f.directory.appendingPathComponent("stale").path
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, b) in stale.utf8.enumerated() { raw[i] = b } }
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        #expect(bound == 0)
+        close(fd)
+        let server = try ControlServer(api: ControlAPI(daemon: f.daemon), socketPath: stale)
+        #expect(try DaemonClient(socketPath: stale).request("GET", "/v1/version").status == 200)
+        server.close()
+    }
+
     /// With no daemon the client names the socket and why.
     @Test func anAbsentDaemonIsNamed() {
         let client = DaemonClient(socketPath: "/nonexistent/vireod.sock")
