@@ -39,6 +39,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         var handle: DomainHandle?
         /// Counters of earlier runs (restarts) in this daemon.
         var pastExits = 0
+        var pastHypercalls = 0
         var pastCPUNanoseconds: UInt64 = 0
         /// Bumped on each run: a shutdown timeout only destroys the run it was set for.
         var generation = 0
@@ -168,6 +169,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         return DomainInfo(id: record.id, name: spec.name, state: record.state, memoryMiB: spec.memoryMiB, vcpus: spec.vcpus,
                           kernel: spec.kernel, cmdline: spec.cmdline, configFile: record.configFile, created: record.created,
                           cpuSeconds: Double(cpu) / 1e9, exits: managed.pastExits + (managed.handle?.exits ?? 0),
+                          hypercalls: managed.pastHypercalls + (managed.handle?.hypercalls ?? 0),
                           consoleBytes: managed.console.endOffset, restarts: record.restarts,
                           lastShutdown: record.lastShutdown, failure: record.failure,
                           onPoweroff: spec.onPoweroff.rawValue, onReboot: spec.onReboot.rawValue, onCrash: spec.onCrash.rawValue,
@@ -361,6 +363,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             let destroyed = handle.destroyRequested
             let (stopping, generation) = lock.withLock { () -> (Bool, Int) in
                 managed.pastExits += handle.exits
+                managed.pastHypercalls += handle.hypercalls
                 managed.pastCPUNanoseconds &+= handle.cpuTimeNanoseconds
                 managed.handle = nil
                 return (self.stopping, managed.generation)
@@ -744,6 +747,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         family("vireo_domain_cpu_seconds_total", "counter", "Host CPU time of the domain's vCPU threads.",
                all.map { (labels($0), String(format: "%.6f", $0.cpuSeconds)) })
         family("vireo_domain_exits_total", "counter", "KVM exits taken by the domain's vCPUs.", all.map { (labels($0), "\($0.exits)") })
+        family("vireo_domain_hypercalls_total", "counter", "Hypercalls the domain made.", all.map { (labels($0), "\($0.hypercalls)") })
         family("vireo_domain_console_bytes_total", "counter", "Console bytes the domain wrote.", all.map { (labels($0), "\($0.consoleBytes)") })
         family("vireo_domain_restarts_total", "counter", "Times the domain was restarted by its on_* actions.",
                all.map { (labels($0), "\($0.restarts)") })

@@ -47,6 +47,7 @@ public struct DomainInfo: Codable, Sendable, Equatable {
     /// Host CPU time of the domain's vCPU threads, over all its runs in this daemon.
     public var cpuSeconds: Double
     public var exits: Int
+    public var hypercalls: Int
     public var consoleBytes: UInt64
     public var restarts: Int
     public var lastShutdown: String?
@@ -64,7 +65,7 @@ public struct DomainInfo: Codable, Sendable, Equatable {
     }
 
     enum CodingKeys: String, CodingKey {
-        case id, name, state, vcpus, kernel, cmdline, created, exits, restarts, failure, disks
+        case id, name, state, vcpus, kernel, cmdline, created, exits, hypercalls, restarts, failure, disks
         case memoryMiB = "memory_mib", configFile = "config_file", cpuSeconds = "cpu_seconds"
         case consoleBytes = "console_bytes", lastShutdown = "last_shutdown"
         case onPoweroff = "on_poweroff", onReboot = "on_reboot", onCrash = "on_crash"

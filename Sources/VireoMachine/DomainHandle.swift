@@ -12,6 +12,7 @@ public final class DomainHandle: Sendable {
         var destroyed = false
         var started = false
         var finishedExits = 0
+        var finishedHypercalls = 0
         var finishedCPUNanoseconds: UInt64 = 0
     }
 
@@ -33,6 +34,7 @@ public final class DomainHandle: Sendable {
         state.withLock { state in
             if let runner = state.runner {
                 state.finishedExits += runner.exits
+                state.finishedHypercalls += runner.hypercalls
                 state.finishedCPUNanoseconds &+= runner.cpuTimeNanoseconds
             }
             state.runner = nil
@@ -73,6 +75,11 @@ public final class DomainHandle: Sendable {
     /// KVM exits taken so far in this run.
     public var exits: Int {
         state.withLock { $0.finishedExits + ($0.runner?.exits ?? 0) }
+    }
+
+    /// Hypercalls made so far in this run.
+    public var hypercalls: Int {
+        state.withLock { $0.finishedHypercalls + ($0.runner?.hypercalls ?? 0) }
     }
 
     /// Host CPU time of the vCPU threads so far in this run.

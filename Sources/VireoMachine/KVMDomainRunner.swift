@@ -76,6 +76,9 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     /// engine cannot handle, an error from KVM).
     public var failureDescription: String? { failure.withLock { $0 } }
     public var exits: Int { exitCount.load(ordering: .relaxed) }
+    private let hypercallCount = Atomic<Int>(0)
+    /// Hypercalls the guest made (through the hypercall page).
+    public var hypercalls: Int { hypercallCount.load(ordering: .relaxed) }
 
     // MARK: Pause and CPU time (for the daemon)
 
@@ -334,6 +337,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     }
 
     private func hypercall(cpu: KVMVirtualCPU, vcpu: Int) {
+        hypercallCount.add(1, ordering: .relaxed)
         var regs = cpu.registers
         let sregs = cpu.syncedSpecialRegisters  // from the run area: no ioctl per hypercall
         let longMode = sregs.efer & (1 << 10) != 0

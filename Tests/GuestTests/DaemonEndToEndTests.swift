@@ -123,6 +123,9 @@ import Testing
 
         // The console: the guest's line, from its XenStore name.
         _ = try d.wait(["console", "e2e-idle", "--no-follow"]) { $0.contains("idle: e2e-idle ready\n") }
+        // Its counters: the guest's hypercalls (XenStore, console, events) and exits.
+        let counters = try JSONSerialization.jsonObject(with: Data(try d.vireo(["list", "--json", "e2e-idle"]).out.utf8)) as? [[String: Any]]
+        #expect((counters?.first?["hypercalls"] as? Int ?? 0) > 0 && (counters?.first?["exits"] as? Int ?? 0) > 0, "\(String(describing: counters))")
         // top: two refreshes, the second with rates.
         let top = try d.vireo(["top", "--batch", "--iterations", "2", "--delay", "0.2"])
         #expect(top.status == 0 && top.out.components(separatedBy: "NAME").count == 3, "\(top.out)\(top.err)")

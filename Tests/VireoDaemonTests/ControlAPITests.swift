@@ -110,6 +110,7 @@ import Testing
         let metrics = try f.expect("GET", "/metrics", route: "/metrics", status: 200).text
         #expect(metrics.contains("vireo_domains{state=\"lost\"} 1"))
         #expect(metrics.contains("vireo_domain_memory_bytes{id=\"1\",domain=\"old\"} 16777216"))
+        #expect(metrics.contains("# TYPE vireo_domain_hypercalls_total counter\nvireo_domain_hypercalls_total{id=\"1\",domain=\"old\"} 0\n"))
         try f.expect("GET", "/v1/domains", route: "/v1/domains", status: 200)
         try f.expect("GET", "/v1/domains/old", route: "/v1/domains/{domain}", status: 200)
         try f.expect("GET", "/v1/domains/1", route: "/v1/domains/{domain}", status: 200)
