@@ -8,11 +8,14 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "vireo", targets: ["vireo"]),
+        .executable(name: "vireod", targets: ["vireod"]),
         .library(name: "VireoABI", targets: ["VireoABI"]),
         .library(name: "VireoStore", targets: ["VireoStore"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.81.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         // The guest ABI in C (Hypercalls/): imported by Swift, included by C and Embedded Swift guests.
@@ -62,7 +65,8 @@ let package = Package(
         .target(
             name: "VireoBenchmarks",
             dependencies: ["VireoCore", "VireoABI", "VireoHypercalls", "VireoBench", "VireoLinux", "VireoKVM",
-                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder", "VireoStore", "VireoBackends"]
+                           "VireoHypervisor", "VireoMachine", "VireoGuestBuilder", "VireoStore", "VireoBackends", "VireoDaemon",
+                           .product(name: "Logging", package: "swift-log")]
         ),
         // GuestKit: paravirtual frontends for guests (hypercalls, events, grants, XenStore, XenBus,
         // console, a cooperative loop), generic over a platform. The same sources build in
@@ -77,6 +81,23 @@ let package = Package(
         .target(name: "VireoGuestBuilder"),
         // The toolstack: xl.cfg domain configurations (and, next, the daemon's state and API).
         .target(name: "VireoToolstack"),
+        // The daemon: a registry of domains run on one embedded host, their lifecycle, the state
+        // directory, and the control API (HTTP/1.1 + JSON over a Unix socket) with its client.
+        .target(
+            name: "VireoDaemon",
+            dependencies: [
+                "VireoToolstack", "VireoMachine", "VireoHypervisor", "VireoStore", "VireoBackends", "VireoABI",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .executableTarget(
+            name: "vireod",
+            dependencies: ["VireoDaemon", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                           .product(name: "Logging", package: "swift-log")]
+        ),
         .executableTarget(
             name: "vireo",
             dependencies: [
@@ -89,6 +110,8 @@ let package = Package(
                 "VireoHypervisor",
                 "VireoCore",
                 "VireoStore",
+                "VireoDaemon",
+                "VireoToolstack",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -104,10 +127,11 @@ let package = Package(
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "VireoToolstackTests", dependencies: ["VireoToolstack"]),
         .testTarget(name: "VireoMachineTests", dependencies: ["VireoMachine", "VireoBackends", "VireoGuestBuilder", "VireoHypervisor", "VireoABI"]),
+        .testTarget(name: "VireoDaemonTests", dependencies: ["VireoDaemon", "VireoToolstack", "VireoStore"]),
         .testTarget(name: "TutorialTests", dependencies: ["VireoBackends", "VireoMachine", "VireoGuestBuilder", "VireoHypervisor", "VireoCore", "VireoABI"]),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.
-        .testTarget(name: "GuestTests", dependencies: ["VireoGuestBuilder", "vireo"], exclude: ["Fixtures"]),
+        .testTarget(name: "GuestTests", dependencies: ["VireoGuestBuilder", "vireo", "vireod"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v6]
 )

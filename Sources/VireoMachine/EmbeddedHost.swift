@@ -103,12 +103,15 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     /// `devices` are further backends for the domain (built on this host's ``store``,
     /// ``grants`` and ``host`` for frontend `config.id`): created with the disks' and served
     /// the same way, each on its own thread.
+    ///
+    /// `handle`, when given, controls the running domain from other threads (pause, unpause,
+    /// destroy) and reports its exits and CPU time: what the daemon holds for each domain.
     /// - Throws: ``BackendError`` naming the image when a disk cannot be opened, the console
     ///   log when it cannot be opened, or the TAP when it cannot be opened.
     public func run(config: DomainConfig, kernel: [UInt8], commandLine: String, disks: [Disk] = [],
                     networks: [NetworkSpec] = [], devices: [any BackendService] = [],
                     consoleLog: String? = nil, consoleRate: ConsoleBackend.RateLimit = .standard,
-                    consoleInput: Int32? = nil, engine: ExecutionEngine = .kvm,
+                    consoleInput: Int32? = nil, engine: ExecutionEngine = .kvm, handle: DomainHandle? = nil,
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
         // Open the images first: a missing file fails before any domain exists.
         var backends: [any BackendService] = []
@@ -183,9 +186,12 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         switch engine {
         case .kvm:
             let runner = try KVMDomainRunner(built: built, router: router)
+            handle?.attach(runner)
+            defer { handle?.detach() }
             let reason = runner.run()
             return Outcome(reason: reason, failure: runner.failureDescription)
         case .soft:
+            // A handle controls KVM runs only so far (the daemon runs its domains on KVM).
             let runner = SoftDomainRunner(built: built, router: router)
             let reason = runner.run()
             return Outcome(reason: reason, failure: runner.failureDescription)

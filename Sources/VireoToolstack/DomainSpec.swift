@@ -240,6 +240,14 @@ extension DomainSpec {
 }
 
 extension DomainSpec.Disk {
+    /// One disk as `xl block-attach` takes it (the same string as an entry of `disk = [...]`);
+    /// errors and warnings are placed at `source`, column 1.
+    public static func parse(_ text: String, source: String) throws(ConfigError) -> (disk: Self, warnings: [ConfigWarning]) {
+        var warnings: [ConfigWarning] = []
+        let disk = try parse(text, at: SourceLocation(file: source, line: 1, column: 1), warnings: &warnings)
+        return (disk, warnings)
+    }
+
     /// An xl disk string: `target=PATH, vdev=xvda, access=rw, format=raw` or positional
     /// `PATH,raw,xvda,rw` / `PATH,xvda,rw` (a legacy `file:`/`phy:`/`aio:` prefix on the
     /// target is accepted).

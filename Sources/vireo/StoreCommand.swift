@@ -10,8 +10,8 @@ private let stopSignalFD = Atomic<Int32>(-1)
 struct StoreCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "store",
-        abstract: "Run the XenStore on its own (Xen's xenstore-* tools reach it with XENSTORED_PATH).",
-        subcommands: [Serve.self]
+        abstract: "The XenStore: serve one on its own (Xen's tools reach it with XENSTORED_PATH), or read and write vireod's.",
+        subcommands: [Serve.self, StoreListCommand.self, StoreReadCommand.self, StoreWriteCommand.self]
     )
 
     /// `vireo store serve --socket PATH`: serves until SIGINT or SIGTERM, then removes the socket.

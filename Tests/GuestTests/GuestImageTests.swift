@@ -9,7 +9,7 @@ import VireoGuestBuilder
     static let phys32Entry: UInt32 = 18  // XEN_ELFNOTE_PHYS32_ENTRY
 
     @Test func theSamplesAreEveryDirectoryUnderSamples() throws {
-        #expect(try GuestSupport.repository.sampleNames() == ["blkcheck", "cpubench", "hello", "hello-c", "hello-kit", "hypercalls", "netecho"])
+        #expect(try GuestSupport.repository.sampleNames() == ["blkcheck", "cpubench", "hello", "hello-c", "hello-kit", "hypercalls", "idle", "netecho"])
     }
 
     @Test(arguments: guests) func imageIsAnELF64PVHGuest(name: String) throws {

@@ -1,0 +1,140 @@
+import Foundation
+import Glibc
+import Logging
+import VireoBench
+import VireoCore
+import VireoDaemon
+import VireoKVM
+
+/// `vireo bench density`: N idle domains (the `idle` sample) created through vireod's control
+/// API on its Unix socket, all live at once: creates per second (and per CPU second), and the
+/// host memory each domain costs beyond its guest RAM (the process's resident set, less the
+/// resident guest-memory mappings). The baseline, in the same run: creating (and closing) a bare
+/// KVM VM with one vCPU and the same RAM, the floor under any domain create.
+public struct DensityBenchmark: Benchmark {
+    public let name = "density"
+    public let summary = "idle domains created through vireod per second, and host memory per domain beyond guest RAM, beside bare KVM VM creates"
+
+    public init() {}
+
+    static let guestMiB = 4
+
+    public func run(_ options: BenchmarkOptions) async throws -> BenchmarkResult {
+        if let reason = KVMSystem.unavailableReason() {
+            throw BenchmarkError.unavailable(name: name, reason: reason)
+        }
+        _ = try BenchmarkGuests.image("idle", benchmark: name, log: options.log)
+        let kernel = FileManager.default.currentDirectoryPath + "/.build/guests/idle.elf"
+        let count = options.quick ? 10 : 200
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-density-\(getpid())")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        var logger = Logger(label: "vireod")
+        logger.logLevel = .warning
+        let daemon = try Daemon(options: .init(stateDirectory: directory.appendingPathComponent("state"), shutdownTimeout: 5,
+                                               maxDomains: count + 8), logger: logger)
+        let socket = directory.appendingPathComponent("vireod.sock").path
+        let server = try ControlServer(api: ControlAPI(daemon: daemon), socketPath: socket)
+        defer {
+            server.close()
+            daemon.stop()
+        }
+        let client = DaemonClient(socketPath: socket)
+
+        // The baseline: bare VMs of the same size, created and closed.
+        let bareRuns = options.quick ? 10 : 100
+        let bareStart = Measure.now()
+        for _ in 0..<bareRuns {
+            let memory = try GuestMemory(ramBytes: UInt64(Self.guestMiB) << 20)
+            let kvm = try KVMSystem()
+            let vm = try kvm.makeVirtualMachine(memory: memory)
+            _ = try vm.makeVirtualCPU(id: 0)
+        }
+        let bareRate = Double(bareRuns) / (Double(Measure.now() - bareStart) / 1e9)
+
+        let before = Self.residentKiB()
+        let cpuBefore = Self.processCPUSeconds()
+        options.log("density: creating \(count) idle domains through vireod")
+        let start = Measure.now()
+        for i in 0..<count {
+            let config = "name = \"density-\(i)\"\nmemory = \(Self.guestMiB)\nkernel = \"\(kernel)\"\n"
+            let body = try JSONEncoder().encode(CreateRequest(config: config, file: "density.cfg"))
+            let response = try client.request("POST", "/v1/domains", body: Array(body))
+            guard response.status == 201 else {
+                throw BenchmarkError.unavailable(name: name, reason: "create \(i): \(response.status) \(response.errorMessage)")
+            }
+        }
+        let createSeconds = Double(Measure.now() - start) / 1e9
+        let cpuSeconds = Self.processCPUSeconds() - cpuBefore
+        // Idle: every guest has booted and waits on its XenStore watch.
+        let deadline = Date().addingTimeInterval(Double(count) * 2 + 30)
+        var ready = 0
+        while Date() < deadline {
+            ready = (0..<count).filter { (try? daemon.console("density-\($0)", offset: nil).data.contains("ready")) == true }.count
+            if ready == count { break }
+            usleep(100_000)
+        }
+        let allReadySeconds = Double(Measure.now() - start) / 1e9
+        guard ready == count else {
+            throw BenchmarkError.unavailable(name: name, reason: "only \(ready) of \(count) guests became idle")
+        }
+        usleep(200_000)
+        let after = Self.residentKiB()
+        let live = daemon.list().filter { $0.state == .running }.count
+        let overheadKiB = Double((after.total - before.total) - (after.guest - before.guest)) / Double(count)
+        let guestKiB = Double(after.guest - before.guest) / Double(count)
+        options.log("density: \(live) live; destroying them")
+        let destroyStart = Measure.now()
+        for i in 0..<count { _ = try client.request("POST", "/v1/domains/density-\(i)/destroy") }
+        let destroySeconds = Double(Measure.now() - destroyStart) / 1e9
+        let rate = Double(count) / createSeconds
+        return BenchmarkResult(
+            bench: name, value: rate, unit: "creates/s", baseline: bareRate,
+            baselineName: "bare KVM VM + 1 vCPU + \(Self.guestMiB) MiB created and closed per second, same process",
+            goal: ">= 200 creates/s per core; <= 512 KiB host memory per domain beyond guest RAM; 1000 live domains",
+            extra: [
+                ("domains", .integer(Int64(count))),
+                ("live_domains", .integer(Int64(live))),
+                ("overhead_kib_per_domain", .number(overheadKiB)),
+                ("guest_resident_kib_per_domain", .number(guestKiB)),
+                ("creates_per_cpu_second", .number(cpuSeconds > 0 ? Double(count) / cpuSeconds : 0)),
+                ("all_idle_seconds", .number(allReadySeconds)),
+                ("destroys_per_second", .number(Double(count) / destroySeconds)),
+                ("guest_mib", .integer(Int64(Self.guestMiB))),
+            ])
+    }
+
+    /// This process's resident KiB, and the part of it that is guest memory (the memfd
+    /// mappings of the benchmark's domains), from /proc/self/smaps.
+    static func residentKiB() -> (total: Int, guest: Int) {
+        // procfs files report size 0: read to the end in chunks.
+        guard let file = fopen("/proc/self/smaps", "r") else { return (0, 0) }
+        defer { fclose(file) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, file) }
+            if n == 0 { break }
+            bytes += chunk[..<n]
+        }
+        let text = String(decoding: bytes, as: UTF8.self)
+        var total = 0, guest = 0, inGuest = false
+        for line in text.split(separator: "\n") {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard let first = fields.first else { continue }
+            if first == "Rss:" {
+                let kib = fields.count > 1 ? Int(fields[1]) ?? 0 : 0
+                total += kib
+                if inGuest { guest += kib }
+            } else if !first.hasSuffix(":"), first.contains("-") {
+                inGuest = line.contains("memfd:vireo-density-")  // a mapping's header line (Domain names the memfd)
+            }
+        }
+        return (total, guest)
+    }
+
+    static func processCPUSeconds() -> Double {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return Double(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) + Double(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec) / 1e6
+    }
+}

@@ -1,0 +1,89 @@
+import Synchronization
+import VireoHypervisor
+
+/// Controls one run of a domain from other threads: given to ``EmbeddedHost/run(config:kernel:commandLine:disks:devices:consoleLog:consoleRate:consoleInput:handle:console:)``,
+/// it is attached once the domain's vCPUs exist and detached when they have stopped. A request
+/// made before the attach (a destroy or pause while the domain is being built) takes effect
+/// at the attach. One handle per run: a restarted domain gets a new one.
+public final class DomainHandle: Sendable {
+    private struct State {
+        var runner: KVMDomainRunner?
+        var paused = false
+        var destroyed = false
+        var started = false
+        var finishedExits = 0
+        var finishedHypercalls = 0
+        var finishedCPUNanoseconds: UInt64 = 0
+    }
+
+    private let state = Mutex(State())
+
+    public init() {}
+
+    func attach(_ runner: KVMDomainRunner) {
+        let (paused, destroyed) = state.withLock { state in
+            state.runner = runner
+            state.started = true
+            return (state.paused, state.destroyed)
+        }
+        if paused { runner.pause() }
+        if destroyed { runner.stop(.poweroff) }
+    }
+
+    func detach() {
+        state.withLock { state in
+            if let runner = state.runner {
+                state.finishedExits += runner.exits
+                state.finishedHypercalls += runner.hypercalls
+                state.finishedCPUNanoseconds &+= runner.cpuTimeNanoseconds
+            }
+            state.runner = nil
+        }
+    }
+
+    /// Whether the domain's vCPUs exist (between the attach and the detach).
+    public var isRunning: Bool { state.withLock { $0.runner != nil } }
+
+    /// Whether the vCPUs were ever created in this run (stays true after they stop).
+    public var hasStarted: Bool { state.withLock { $0.started } }
+
+    /// Stops the vCPUs between exits; they stay parked until ``unpause()``.
+    public func pause() {
+        state.withLock { state -> KVMDomainRunner? in
+            state.paused = true
+            return state.runner
+        }?.pause()
+    }
+
+    public func unpause() {
+        state.withLock { state -> KVMDomainRunner? in
+            state.paused = false
+            return state.runner
+        }?.unpause()
+    }
+
+    /// Ends the domain now (xl destroy): its vCPUs stop at their next exit, a paused one too.
+    public func destroy() {
+        state.withLock { state -> KVMDomainRunner? in
+            state.destroyed = true
+            return state.runner
+        }?.stop(.poweroff)
+    }
+
+    public var destroyRequested: Bool { state.withLock { $0.destroyed } }
+
+    /// KVM exits taken so far in this run.
+    public var exits: Int {
+        state.withLock { $0.finishedExits + ($0.runner?.exits ?? 0) }
+    }
+
+    /// Hypercalls made so far in this run.
+    public var hypercalls: Int {
+        state.withLock { $0.finishedHypercalls + ($0.runner?.hypercalls ?? 0) }
+    }
+
+    /// Host CPU time of the vCPU threads so far in this run.
+    public var cpuTimeNanoseconds: UInt64 {
+        state.withLock { $0.finishedCPUNanoseconds &+ ($0.runner?.cpuTimeNanoseconds ?? 0) }
+    }
+}
