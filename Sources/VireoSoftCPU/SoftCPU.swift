@@ -273,16 +273,24 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
             // Decoded instructions back to back. None of them exits, opens an interrupt shadow
             // or changes RIP before its last access that can fault, so a fault needs no
             // restart bookkeeping here.
+            // RIP stays in a register (`pc`) meanwhile.
             if !interruptShadow {
-                while left > 0, let instruction = cachedInstruction() {
+                var pc = rip
+                while left > 0, let instruction = cachedInstruction(at: pc) {
                     do {
-                        try executeDecoded(instruction)
+                        pc = try executeDecoded(instruction, at: pc)
                     } catch {
+                        rip = pc
                         if let stop = raise(error) { return stop }
+                        pc = rip
                     }
                     left -= 1
-                    if left & 0x3FF == 0, kicked.load(ordering: .relaxed) { break running }
+                    if left & 0x3FF == 0, kicked.load(ordering: .relaxed) {
+                        rip = pc
+                        break running
+                    }
                 }
+                rip = pc
                 if left <= 0 { break }
             }
             let start = rip

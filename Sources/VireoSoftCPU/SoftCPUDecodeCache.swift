@@ -35,6 +35,26 @@ enum DecodedKind: UInt8 {
     case movRR, aluRR, aluRI, shiftRI, incDec, imulRR, imulRRI, movRI
     case load, store, aluRM, aluMR, aluMI, lea, imulRM, imulRMI, storeImm
     case jcc, jmp, call, ret, push, pop
+    // The commonest ALU operations and shifts on registers, each its own case so that one
+    // dispatch does the whole instruction.
+    case addRR, subRR, cmpRR, andRR, orRR, xorRR, testRR
+    case addRI, subRI, cmpRI, andRI, orRI, xorRI
+    case shlRI, shrRI, sarRI
+
+    /// The specialised kind of a register-register (`immediate` false) or register-immediate
+    /// ALU operation `op` (0-7, 8 = TEST), if there is one.
+    static func alu(_ op: UInt8, immediate: Bool) -> DecodedKind? {
+        switch op {
+        case 0: return immediate ? .addRI : .addRR
+        case 1: return immediate ? .orRI : .orRR
+        case 4: return immediate ? .andRI : .andRR
+        case 5: return immediate ? .subRI : .subRR
+        case 6: return immediate ? .xorRI : .xorRR
+        case 7: return immediate ? .cmpRI : .cmpRR
+        case 8: return immediate ? nil : .testRR
+        default: return nil
+        }
+    }
 }
 
 /// The decode cache: per vCPU, direct-mapped by guest-physical address (8 pages' worth of
@@ -131,13 +151,13 @@ extension SoftCPU {
 
     // MARK: The cached loop
 
-    /// The decoded instruction at RIP, decoding it now if the cache lacks it; nil when RIP is
+    /// The decoded instruction at `pc` (RIP), decoding it now if the cache lacks it; nil when RIP is
     /// not on the current code page (the full decoder finds the page), the page is not RAM or
     /// not 64-bit code, the instruction's 16-byte window leaves the page, or the instruction is
     /// not one the cache decodes: the caller runs ``step()`` then.
-    @inline(__always) func cachedInstruction() -> UnsafeMutablePointer<DecodedInstruction>? {
-        let offset = rip & 0xFFF
-        guard rip & ~0xFFF == codePage, codeFrameAddress != DecodeCache.invalid, offset <= 4096 - 16 else {
+    @inline(__always) func cachedInstruction(at pc: UInt64) -> UnsafeMutablePointer<DecodedInstruction>? {
+        let offset = pc & 0xFFF
+        guard pc & ~0xFFF == codePage, codeFrameAddress != DecodeCache.invalid, offset <= 4096 - 16 else {
             return nil
         }
         let gpa = codeFrameAddress | offset
@@ -156,29 +176,59 @@ extension SoftCPU {
     }
 
     /// The effective address of a decoded memory operand (64-bit addressing, flat segments).
-    @inline(__always) func address(_ e: UnsafeMutablePointer<DecodedInstruction>) -> UInt64 {
+    @inline(__always) func address(_ e: UnsafeMutablePointer<DecodedInstruction>, _ pc: UInt64) -> UInt64 {
         let d = e.pointee
         var a = d.disp
         if d.base != DecodedInstruction.noRegister {
-            a &+= d.base == DecodedInstruction.ripBase ? rip &+ UInt64(d.length) : regs[Int(d.base)]
+            a &+= d.base == DecodedInstruction.ripBase ? pc &+ UInt64(d.length) : regs[Int(d.base)]
         }
         if d.index != DecodedInstruction.noRegister { a &+= regs[Int(d.index)] << UInt64(d.scale) }
         return a
     }
 
-    /// Executes a decoded instruction. As in the decoder, nothing changes before the last
-    /// access that can fault, so a fault restarts the instruction.
-    @inline(__always) func executeDecoded(_ e: UnsafeMutablePointer<DecodedInstruction>) throws(CPUFault) {
+    /// Executes the decoded instruction at `pc` and returns the next RIP. The caller keeps RIP
+    /// in a register meanwhile and stores it in ``rip`` when it leaves the cached loop or on a
+    /// fault: as in the decoder, nothing changes before the last access that can fault, so a
+    /// fault restarts the instruction at `pc`.
+    @inline(__always) func executeDecoded(_ e: UnsafeMutablePointer<DecodedInstruction>, at pc: UInt64) throws(CPUFault) -> UInt64 {
         let d = e.pointee
         let size = Int(d.size)
         let mask: UInt64 = size == 8 ? ~0 : 0xFFFF_FFFF
-        let next = rip &+ UInt64(d.length)
+        let next = pc &+ UInt64(d.length)
         // ALU operation 8 is TEST: AND's flags, no result written (nor for CMP, 7).
         let kind = d.op == 8 ? 4 : Int(d.op)
         let writes = d.op < 7
         switch d.kind {
         case .movRR:
             regs[Int(d.reg)] = regs[Int(d.src)] & mask
+        case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR:
+            let r = Int(d.reg)
+            let a = regs[r] & mask, b = regs[Int(d.src)] & mask
+            arithmetic(d.kind, r, a, b, size)
+        case .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI:
+            let r = Int(d.reg)
+            arithmetic(d.kind, r, regs[r] & mask, d.imm & mask, size)
+        case .shlRI:
+            let r = Int(d.reg), v = regs[r] & mask
+            if d.imm != 0 {
+                let res = (v << d.imm) & mask
+                setLazy(.shl, v, d.imm, res, size)
+                regs[r] = res
+            } else {
+                regs[r] = v
+            }
+        case .shrRI:
+            let r = Int(d.reg), v = regs[r] & mask
+            if d.imm != 0 {
+                let res = v >> d.imm
+                setLazy(.shr, v, d.imm, res, size)
+                regs[r] = res
+            } else {
+                regs[r] = v
+            }
+        case .sarRI:
+            let r = Int(d.reg), v = regs[r] & mask
+            regs[r] = d.imm != 0 ? shift(7, v, d.imm, size) : v
         case .aluRR:
             let r = alu(kind, regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
             if writes { regs[Int(d.reg)] = r }
@@ -197,48 +247,76 @@ extension SoftCPU {
         case .movRI:
             regs[Int(d.reg)] = d.imm & mask
         case .load:
-            regs[Int(d.reg)] = try read(address(e), size)
+            regs[Int(d.reg)] = try read(address(e, pc), size)
         case .store:
-            try write(address(e), size, regs[Int(d.reg)])
+            try write(address(e, pc), size, regs[Int(d.reg)])
         case .storeImm:
-            try write(address(e), size, d.imm)
+            try write(address(e, pc), size, d.imm)
         case .aluRM:
-            let s = try read(address(e), size)
+            let s = try read(address(e, pc), size)
             let r = alu(kind, regs[Int(d.reg)] & mask, s, size)
             if writes { regs[Int(d.reg)] = r }
         case .aluMR, .aluMI:
-            let a = address(e)
+            let a = address(e, pc)
             let s = d.kind == .aluMR ? regs[Int(d.reg)] & mask : d.imm & mask
             let r = alu(kind, try read(a, size), s, size)
             if writes { try write(a, size, r) }
         case .imulRMI:
-            regs[Int(d.reg)] = imulTruncated(try read(address(e), size), d.imm & mask, size)
+            regs[Int(d.reg)] = imulTruncated(try read(address(e, pc), size), d.imm & mask, size)
         case .lea:
-            regs[Int(d.reg)] = address(e) & mask
+            regs[Int(d.reg)] = address(e, pc) & mask
         case .imulRM:
-            regs[Int(d.reg)] = imulTruncated(regs[Int(d.reg)] & mask, try read(address(e), size), size)
+            regs[Int(d.reg)] = imulTruncated(regs[Int(d.reg)] & mask, try read(address(e, pc), size), size)
         case .jcc:
-            rip = condition(d.op) ? next &+ d.disp : next
-            return
+            return condition(d.op) ? next &+ d.disp : next
         case .jmp:
-            rip = next &+ d.disp
-            return
+            return next &+ d.disp
         case .call:
             try push(next, 8)
-            rip = next &+ d.disp
-            return
+            return next &+ d.disp
         case .ret:
-            rip = try pop(8)
-            return
+            return try pop(8)
         case .push:
             try push(regs[Int(d.reg)], 8)
         case .pop:
             let v = try pop(8)
             regs[Int(d.reg)] = v
-        case .general:
-            return try step()
+        case .general:  // never handed out by cachedInstruction(at:)
+            rip = pc
+            try step()
+            return rip
         }
-        rip = next
+        return next
+    }
+
+    /// The specialised ALU kinds: the result (kept for all but CMP and TEST) and lazy flags.
+    @inline(__always) func arithmetic(_ kind: DecodedKind, _ r: Int, _ a: UInt64, _ b: UInt64, _ size: Int) {
+        switch kind {
+        case .addRR, .addRI:
+            let res = a &+ b
+            setLazy(.add, a, b, res, size)
+            regs[r] = res & sizeMask(size)
+        case .subRR, .subRI:
+            let res = a &- b
+            setLazy(.sub, a, b, res, size)
+            regs[r] = res & sizeMask(size)
+        case .cmpRR, .cmpRI:
+            setLazy(.sub, a, b, a &- b, size)
+        case .andRR, .andRI:
+            let res = a & b
+            setLazy(.logic, a, b, res, size)
+            regs[r] = res
+        case .orRR, .orRI:
+            let res = a | b
+            setLazy(.logic, a, b, res, size)
+            regs[r] = res
+        case .xorRR, .xorRI:
+            let res = a ^ b
+            setLazy(.logic, a, b, res, size)
+            regs[r] = res
+        default:  // TEST
+            setLazy(.logic, a, b, a & b, size)
+        }
     }
 
     // MARK: The decoder for the cache
@@ -297,7 +375,7 @@ extension SoftCPU {
             d.op = op == 0x85 ? 8 : op >> 3
             if modrm() {
                 if op & 2 == 0 { (d.reg, d.src) = (d.src, d.reg) }  // r/m is the destination
-                d.kind = .aluRR
+                d.kind = DecodedKind.alu(d.op, immediate: false) ?? .aluRR
             } else if op == 0x85 {
                 d.kind = .aluRM  // TEST is symmetric: the register against memory, nothing written
             } else {
@@ -318,7 +396,7 @@ extension SoftCPU {
             d.imm = op == 0x83 ? s8() : s32()
             if register {
                 d.reg = d.src
-                d.kind = .aluRI
+                d.kind = DecodedKind.alu(d.op, immediate: true) ?? .aluRI
             } else {
                 d.kind = .aluMI
             }
@@ -332,7 +410,7 @@ extension SoftCPU {
             guard d.op >= 4 else { break }  // rotates: the general path
             d.imm = UInt64(byte()) & (d.size == 8 ? 63 : 31)
             d.reg = d.src
-            d.kind = .shiftRI
+            d.kind = d.op == 5 ? .shrRI : d.op == 7 ? .sarRI : .shlRI
         case 0xFF:
             guard modrm(), d.reg & 7 < 2 else { break }
             d.op = d.reg & 7

@@ -20,7 +20,7 @@ import VireoCore
         #expect(m.run() == .halt)
         #expect(m.cpu[.rax] == 120 && m.cpu[.rcx] == 0)
         // Read before the next run's flush: the loop's three instructions are decoded entries.
-        #expect(Self.cached(m.cpu, TestMachine.code + 5)?.kind == .aluRI)
+        #expect(Self.cached(m.cpu, TestMachine.code + 5)?.kind == .addRI)
         #expect(Self.cached(m.cpu, TestMachine.code + 8)?.kind == .incDec)
         #expect(Self.cached(m.cpu, TestMachine.code + 10)?.kind == .jcc)
     }
