@@ -284,8 +284,8 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
                         if let stop = raise(error) { return stop }
                         pc = rip
                     }
-                    left -= 1
-                    if left & 0x3FF == 0, kicked.load(ordering: .relaxed) {
+                    left -= Int(instruction.pointee.retired)
+                    if left & 0x3FF <= 1, kicked.load(ordering: .relaxed) {
                         rip = pc
                         break running
                     }

@@ -25,6 +25,17 @@ struct DecodedInstruction {
     var base: UInt8
     var index: UInt8
     var scale: UInt8
+    /// A register MOV fused with the register-only operation after it (`mov %rcx, %rdi;
+    /// shl $13, %rdi`, the two-operand idiom): that operation's kind (`.general` for none),
+    /// registers, size, length and immediate (a shift count or a sign-extended imm32).
+    var second: DecodedKind = .general
+    var secondReg: UInt8 = 0
+    var secondSrc: UInt8 = 0
+    var secondSize: UInt8 = 0
+    var secondLength: UInt8 = 0
+    var secondImm: Int32 = 0
+    /// Instructions this entry retires: 1, or 2 when fused.
+    var retired: UInt8 = 1
 
     static let noRegister: UInt8 = 0xFF
     static let ripBase: UInt8 = 16
@@ -40,6 +51,18 @@ enum DecodedKind: UInt8 {
     case addRR, subRR, cmpRR, andRR, orRR, xorRR, testRR
     case addRI, subRI, cmpRI, andRI, orRI, xorRI
     case shlRI, shrRI, sarRI
+
+    /// Kinds a fused MOV may carry as its second operation: register-only, so they never
+    /// fault (a fault between the two would need RIP between them).
+    var registerOnly: Bool {
+        switch self {
+        case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR, .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI,
+             .shlRI, .shrRI, .sarRI:
+            return true
+        default:
+            return false
+        }
+    }
 
     /// The specialised kind of a register-register (`immediate` false) or register-immediate
     /// ALU operation `op` (0-7, 8 = TEST), if there is one.
@@ -170,7 +193,22 @@ extension SoftCPU {
             case DecodeCache.noCode: markCode(frame: frame)
             default: break
             }
-            entry.pointee = Self.decode(UnsafeRawPointer(codeHost + Int(offset)), tag: tag)
+            let code = UnsafeRawPointer(codeHost + Int(offset))
+            entry.pointee = Self.decode(code, tag: tag)
+            let length = Int(entry.pointee.length)
+            if entry.pointee.kind == .movRR, Int(offset) + length <= 4096 - 16 {
+                // The operation after it is on the same page, so writes there drop both.
+                let next = Self.decode(code + length, tag: tag)
+                if next.kind.registerOnly {
+                    entry.pointee.second = next.kind
+                    entry.pointee.secondReg = next.reg
+                    entry.pointee.secondSrc = next.src
+                    entry.pointee.secondSize = next.size
+                    entry.pointee.secondLength = next.length
+                    entry.pointee.secondImm = Int32(truncatingIfNeeded: Int64(bitPattern: next.imm))
+                    entry.pointee.retired = 2
+                }
+            }
         }
         return entry.pointee.kind == .general ? nil : entry
     }
@@ -201,34 +239,15 @@ extension SoftCPU {
         switch d.kind {
         case .movRR:
             regs[Int(d.reg)] = regs[Int(d.src)] & mask
-        case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR:
-            let r = Int(d.reg)
-            let a = regs[r] & mask, b = regs[Int(d.src)] & mask
-            arithmetic(d.kind, r, a, b, size)
-        case .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI:
-            let r = Int(d.reg)
-            arithmetic(d.kind, r, regs[r] & mask, d.imm & mask, size)
-        case .shlRI:
-            let r = Int(d.reg), v = regs[r] & mask
-            if d.imm != 0 {
-                let res = (v << d.imm) & mask
-                setLazy(.shl, v, d.imm, res, size)
-                regs[r] = res
-            } else {
-                regs[r] = v
+            if d.second != .general {
+                let size2 = Int(d.secondSize)
+                registerOperation(d.second, Int(d.secondReg), Int(d.secondSrc),
+                                  UInt64(bitPattern: Int64(d.secondImm)), size2, size2 == 8 ? ~0 : 0xFFFF_FFFF)
+                return next &+ UInt64(d.secondLength)
             }
-        case .shrRI:
-            let r = Int(d.reg), v = regs[r] & mask
-            if d.imm != 0 {
-                let res = v >> d.imm
-                setLazy(.shr, v, d.imm, res, size)
-                regs[r] = res
-            } else {
-                regs[r] = v
-            }
-        case .sarRI:
-            let r = Int(d.reg), v = regs[r] & mask
-            regs[r] = d.imm != 0 ? shift(7, v, d.imm, size) : v
+        case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR, .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI,
+             .shlRI, .shrRI, .sarRI:
+            registerOperation(d.kind, Int(d.reg), Int(d.src), d.imm, size, mask)
         case .aluRR:
             let r = alu(kind, regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
             if writes { regs[Int(d.reg)] = r }
@@ -287,6 +306,38 @@ extension SoftCPU {
             return rip
         }
         return next
+    }
+
+    /// The register-only kinds (``DecodedKind/registerOnly``): register `r` against register
+    /// `src` or immediate `imm`.
+    @inline(__always) func registerOperation(_ kind: DecodedKind, _ r: Int, _ src: Int, _ imm: UInt64, _ size: Int, _ mask: UInt64) {
+        switch kind {
+        case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR:
+            arithmetic(kind, r, regs[r] & mask, regs[src] & mask, size)
+        case .shlRI:
+            let v = regs[r] & mask
+            if imm != 0 {
+                let res = (v << imm) & mask
+                setLazy(.shl, v, imm, res, size)
+                regs[r] = res
+            } else {
+                regs[r] = v
+            }
+        case .shrRI:
+            let v = regs[r] & mask
+            if imm != 0 {
+                let res = v >> imm
+                setLazy(.shr, v, imm, res, size)
+                regs[r] = res
+            } else {
+                regs[r] = v
+            }
+        case .sarRI:
+            let v = regs[r] & mask
+            regs[r] = imm != 0 ? shift(7, v, imm, size) : v
+        default:  // the ALU with an immediate
+            arithmetic(kind, r, regs[r] & mask, imm & mask, size)
+        }
     }
 
     /// The specialised ALU kinds: the result (kept for all but CMP and TEST) and lazy flags.

@@ -84,4 +84,20 @@ import VireoCore
         #expect(m.cpu.rflags & 0x40 == 0)  // 56 & 8 != 0: ZF clear
         #expect(Self.cached(m.cpu, TestMachine.code + 26)?.kind == .aluMR)
     }
+
+    @Test func aRegisterMoveFusedWithTheNextOperationRetiresBoth() throws {
+        // movl $0x80000001, %ecx; movq %rcx, %rdi; shlq $13, %rdi; movl %ecx, %esi; sarl $4, %esi;
+        // movq %rdi, %rax; cmpq %rcx, %rax; jbe 2f; movl $1, %edx; 2: hlt
+        let code: [UInt8] = [0xB9, 0x01, 0x00, 0x00, 0x80, 0x48, 0x89, 0xCF, 0x48, 0xC1, 0xE7, 0x0D,
+                             0x89, 0xCE, 0xC1, 0xFE, 0x04, 0x48, 0x89, 0xF8, 0x48, 0x39, 0xC8, 0x76,
+                             0x05, 0xBA, 0x01, 0x00, 0x00, 0x00, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(m.cpu[.rdi] == 0x8000_0001 << 13 && m.cpu[.rax] == 0x8000_0001 << 13)
+        #expect(m.cpu[.rsi] == 0xF800_0000)  // SAR of the 32-bit value, zero-extended
+        #expect(m.cpu[.rdx] == 1)  // CMP's flags from the fused pair: above
+        #expect(m.cpu.instructions == 10)  // each fused pair counts as its two instructions
+        let pair = Self.cached(m.cpu, TestMachine.code + 5)
+        #expect(pair?.kind == .movRR && pair?.second == .shlRI && pair?.retired == 2)
+    }
 }
