@@ -276,13 +276,15 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
             // RIP stays in a register (`pc`) meanwhile.
             if !interruptShadow {
                 var pc = rip
-                while left > 0, let instruction = cachedInstruction(at: pc) {
+                var view = cacheView()
+                while left > 0, let instruction = cachedInstruction(at: pc, view) {
                     do {
                         pc = try executeDecoded(instruction, at: pc)
                     } catch {
                         rip = pc
                         if let stop = raise(error) { return stop }
                         pc = rip
+                        view = cacheView()
                     }
                     left -= Int(instruction.pointee.retired)
                     if left & 0x3FF <= 1, kicked.load(ordering: .relaxed) {

@@ -178,39 +178,60 @@ extension SoftCPU {
     /// not on the current code page (the full decoder finds the page), the page is not RAM or
     /// not 64-bit code, the instruction's 16-byte window leaves the page, or the instruction is
     /// not one the cache decodes: the caller runs ``step()`` then.
-    @inline(__always) func cachedInstruction(at pc: UInt64) -> UnsafeMutablePointer<DecodedInstruction>? {
+    @inline(__always) func cachedInstruction(at pc: UInt64, _ view: CacheView) -> UnsafeMutablePointer<DecodedInstruction>? {
         let offset = pc & 0xFFF
-        guard pc & ~0xFFF == codePage, codeFrameAddress != DecodeCache.invalid, offset <= 4096 - 16 else {
+        guard pc & ~0xFFF == view.page, view.frameAddress != DecodeCache.invalid, offset <= 4096 - 16 else {
             return nil
         }
-        let gpa = codeFrameAddress | offset
-        let entry = decodeCache.entries + DecodeCache.slot(gpa)
-        let tag = gpa | decodeCache.generation
-        if entry.pointee.tag != tag {
-            let frame = gpa >> 12
-            switch decodeCache.frameState[Int(frame)] {
-            case DecodeCache.uncacheable: return nil
-            case DecodeCache.noCode: markCode(frame: frame)
-            default: break
-            }
-            let code = UnsafeRawPointer(codeHost + Int(offset))
-            entry.pointee = Self.decode(code, tag: tag)
-            let length = Int(entry.pointee.length)
-            if entry.pointee.kind == .movRR, Int(offset) + length <= 4096 - 16 {
-                // The operation after it is on the same page, so writes there drop both.
-                let next = Self.decode(code + length, tag: tag)
-                if next.kind.registerOnly {
-                    entry.pointee.second = next.kind
-                    entry.pointee.secondReg = next.reg
-                    entry.pointee.secondSrc = next.src
-                    entry.pointee.secondSize = next.size
-                    entry.pointee.secondLength = next.length
-                    entry.pointee.secondImm = Int32(truncatingIfNeeded: Int64(bitPattern: next.imm))
-                    entry.pointee.retired = 2
-                }
+        let gpa = view.frameAddress | offset
+        let entry = view.entries + DecodeCache.slot(gpa)
+        let tag = gpa | view.generation
+        if entry.pointee.tag != tag, !fill(entry, gpa: gpa, tag: tag) { return nil }
+        return entry.pointee.kind == .general ? nil : entry
+    }
+
+    /// What the cached loop reads for every instruction, loaded once per run of cached
+    /// instructions (and again after a fault is delivered, which may change CS and the page).
+    struct CacheView {
+        let page: UInt64
+        let frameAddress: UInt64
+        let entries: UnsafeMutablePointer<DecodedInstruction>
+        let generation: UInt64
+    }
+
+    @inline(__always) func cacheView() -> CacheView {
+        CacheView(page: codePage, frameAddress: codeFrameAddress, entries: decodeCache.entries, generation: decodeCache.generation)
+    }
+
+    /// Decodes the instruction at `gpa` (on the current code page) into `entry`, fusing a
+    /// register MOV with the register-only operation after it; false when the page is not to
+    /// be cached.
+    @inline(never)
+    func fill(_ entry: UnsafeMutablePointer<DecodedInstruction>, gpa: UInt64, tag: UInt64) -> Bool {
+        let frame = gpa >> 12
+        switch decodeCache.frameState[Int(frame)] {
+        case DecodeCache.uncacheable: return false
+        case DecodeCache.noCode: markCode(frame: frame)
+        default: break
+        }
+        let offset = Int(gpa & 0xFFF)
+        let code = UnsafeRawPointer(codeHost + offset)
+        entry.pointee = Self.decode(code, tag: tag)
+        let length = Int(entry.pointee.length)
+        if entry.pointee.kind == .movRR, offset + length <= 4096 - 16 {
+            // The operation after it is on the same page, so writes there drop both.
+            let next = Self.decode(code + length, tag: tag)
+            if next.kind.registerOnly {
+                entry.pointee.second = next.kind
+                entry.pointee.secondReg = next.reg
+                entry.pointee.secondSrc = next.src
+                entry.pointee.secondSize = next.size
+                entry.pointee.secondLength = next.length
+                entry.pointee.secondImm = Int32(truncatingIfNeeded: Int64(bitPattern: next.imm))
+                entry.pointee.retired = 2
             }
         }
-        return entry.pointee.kind == .general ? nil : entry
+        return true
     }
 
     /// The effective address of a decoded memory operand (64-bit addressing, flat segments).
