@@ -143,6 +143,12 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
     /// none): most instructions follow one on the same page, and skip the TLB.
     var codePage: UInt64 = TLB.invalid
     var codeHost: UnsafeMutableRawPointer
+    /// The guest-physical address of `codePage` when it is RAM (the decode cache's key),
+    /// else ``DecodeCache/invalid``: code elsewhere is decoded each time.
+    var codeFrameAddress: UInt64 = DecodeCache.invalid
+
+    /// Instructions decoded once per guest-physical address (see SoftCPUDecodeCache.swift).
+    let decodeCache: DecodeCache
 
     // The TLB (see SoftCPUMemory.swift).
     let tlb: TLB
@@ -162,6 +168,7 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
         regs = .allocate(capacity: 16)
         regs.initialize(repeating: 0, count: 16)
         tlb = TLB()
+        decodeCache = DecodeCache(ramFrames: Int(memory.ramFrames))
         fetchScratch = .allocate(byteCount: 32, alignment: 16)
         fetchScratch.initializeMemory(as: UInt8.self, repeating: 0, count: 32)
         fetchPointer = fetchScratch
@@ -258,8 +265,36 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
             seenGeneration = generation
             flushTLB()
         }
+        // Whatever the host or another vCPU wrote since the last slice is seen: cached
+        // decodes from before are dropped (O(1)).
+        decodeCache.flush()
         var left = budget
-        while left > 0 {
+        running: while left > 0 {
+            // Decoded instructions back to back. None of them exits, opens an interrupt shadow
+            // or changes RIP before its last access that can fault, so a fault needs no
+            // restart bookkeeping here.
+            // RIP stays in a register (`pc`) meanwhile.
+            if !interruptShadow {
+                var pc = rip
+                var view = cacheView()
+                while left > 0, let instruction = cachedInstruction(at: pc, view) {
+                    do {
+                        pc = try executeDecoded(instruction, at: pc)
+                    } catch {
+                        rip = pc
+                        if let stop = raise(error) { return stop }
+                        pc = rip
+                        view = cacheView()
+                    }
+                    left -= Int(instruction.pointee.retired)
+                    if left & 0x3FF <= 1, kicked.load(ordering: .relaxed) {
+                        rip = pc
+                        break running
+                    }
+                }
+                rip = pc
+                if left <= 0 { break }
+            }
             let start = rip
             let shadow = interruptShadow
             do {

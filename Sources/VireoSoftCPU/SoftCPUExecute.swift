@@ -25,6 +25,8 @@ extension SoftCPU {
         if left >= 16 {
             codePage = rip & ~0xFFF
             codeHost = p - offset
+            let ram = UInt(bitPattern: codeHost) &- UInt(bitPattern: memory.hostBase)
+            codeFrameAddress = csLong && ram < UInt(decodeCache.frames) << 12 ? UInt64(ram) : DecodeCache.invalid
             fetchPointer = p
             fetchAvailable = 16
             return
@@ -775,6 +777,7 @@ extension SoftCPU {
             try deliver(vector: vector, errorCode: nil, software: true)
             return
         case 0xCF:
+            flushDecodeCache()  // IRET serializes, as CPUID
             try interruptReturn()
             return
         case 0xE3:  // JrCXZ
@@ -1036,7 +1039,8 @@ extension SoftCPU {
         case 0x90...0x9F:
             try decodeModRM()
             try writeRM(1, condition(op & 0xF) ? 1 : 0)
-        case 0xA2:  // CPUID
+        case 0xA2:  // CPUID, serializing: code other vCPUs wrote is seen from here on
+            flushDecodeCache()
             let (a, b, c, d) = cpuid(UInt32(truncatingIfNeeded: regs[0]), UInt32(truncatingIfNeeded: regs[1]))
             regs[0] = UInt64(a); regs[3] = UInt64(b); regs[1] = UInt64(c); regs[2] = UInt64(d)
         case 0xA3, 0xAB, 0xB3, 0xBB, 0xBA:

@@ -42,6 +42,7 @@ extension SoftCPU {
     public func flushTLB() {
         tlb.flush()
         codePage = TLB.invalid
+        codeFrameAddress = DecodeCache.invalid
     }
 
     @inline(__always) static func tlbIndex(_ la: UInt64) -> Int { Int(truncatingIfNeeded: (la >> 12) & UInt64(TLB.entries - 1)) }
@@ -161,6 +162,9 @@ extension SoftCPU {
             tlb.execTag[i] = page
             tlb.execAddend[i] = addend
         case .write:
+            // A page with cached code gets no write entry (see ``markCode(frame:)``): this
+            // write drops the page's decoded instructions first.
+            if host == memory.hostBase + Int(gpaPage) { noteWrite(frame: gpaPage >> 12) }
             if writable {
                 tlb.writeTag[i] = page
                 tlb.writeAddend[i] = addend
@@ -222,13 +226,13 @@ extension SoftCPU {
                 if access == .execute && nx { cr2 = la; throw CPUFault(14, code) }
                 var set = PTE.accessed
                 if access == .write { set |= PTE.dirty }
-                if e & set != set, let region { region.store(e | set, at: 0) }
+                if e & set != set, let region { region.store(e | set, at: 0); noteWrite(frame: table >> 12) }
                 let pageMask: UInt64 = (1 << shift) - 1
                 let gpa = ((e & PTE.address & ~pageMask) | (la & pageMask)) & ~0xFFF
                 let dirty = e & PTE.dirty != 0 || access == .write
                 return (gpa, dirty && (rw || (!user && cr0 & CR0.WP == 0)))
             }
-            if e & PTE.accessed == 0, let region { region.store(e | PTE.accessed, at: 0) }
+            if e & PTE.accessed == 0, let region { region.store(e | PTE.accessed, at: 0); noteWrite(frame: table >> 12) }
             table = e & PTE.address
             shift -= 9
         }

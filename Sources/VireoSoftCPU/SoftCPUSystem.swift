@@ -31,6 +31,7 @@ extension SoftCPU {
         selectors.1 = selector
         csLong = long
         csDefault32 = long ? false : d & (1 << 54) != 0
+        codePage = TLB.invalid  // the decode cache holds 64-bit code only: find the page anew
     }
 
     /// MOV to ES, SS, DS, FS, GS: flat segments (base 0) except FS and GS, whose base comes

@@ -1,0 +1,103 @@
+import Testing
+import VireoABI
+import VireoCore
+@testable import VireoSoftCPU
+
+/// The decode cache (SoftCPUDecodeCache.swift): instructions decoded once per guest-physical
+/// address, dropped when a write reaches their page, at every run and on serializing
+/// instructions. These tests change code under a running CPU and expect the new code to run.
+@Suite struct DecodeCacheTests {
+    /// The slot of the instruction at guest-physical `gpa`, if the cache holds it decoded.
+    static func cached(_ cpu: SoftCPU, _ gpa: UInt64) -> DecodedInstruction? {
+        let entry = cpu.decodeCache.entries[DecodeCache.slot(gpa)]
+        return entry.tag == gpa | cpu.decodeCache.generation ? entry : nil
+    }
+
+    @Test func aLoopRunsFromTheCache() throws {
+        // mov $40, %ecx; 1: add $3, %eax; dec %ecx; jnz 1b; hlt
+        let code: [UInt8] = [0xB9, 40, 0, 0, 0, 0x83, 0xC0, 0x03, 0xFF, 0xC9, 0x75, 0xF9, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt)
+        #expect(m.cpu[.rax] == 120 && m.cpu[.rcx] == 0)
+        // Read before the next run's flush: the loop's three instructions are decoded entries.
+        #expect(Self.cached(m.cpu, TestMachine.code + 5)?.kind == .addRI)
+        #expect(Self.cached(m.cpu, TestMachine.code + 8)?.kind == .incDec)
+        #expect(Self.cached(m.cpu, TestMachine.code + 10)?.kind == .jcc)
+    }
+
+    @Test func codeTheLoopRewritesOnItsOwnPageRunsRewritten() throws {
+        // mov $40, %ecx; 1: mov $1, %eax; incb 1b+1(%rip); dec %ecx; jnz 1b; hlt
+        // Each pass runs the MOV with the immediate the previous pass wrote: 40 passes leave
+        // EAX = 40. Past 16 rewrites the page is no longer cached (code and data share it).
+        let code: [UInt8] = [0xB9, 0x28, 0, 0, 0, 0xB8, 0x01, 0, 0, 0, 0xFE, 0x05, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xC9, 0x75, 0xF1, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt)
+        #expect(m.cpu[.rax] == 40)
+        #expect(try m.memory.load(UInt8.self, at: GuestPhysicalAddress(TestMachine.code + 6)) == 41)
+        #expect(m.cpu.decodeCache.frameState[Int(TestMachine.code >> 12)] == DecodeCache.uncacheable)
+    }
+
+    @Test func codeRewrittenOnAnotherPageRunsRewritten() throws {
+        // call 0x11000; movb $9, 0x11002; call 0x11000; hlt — and at 0x11000: nop; mov $1, %eax;
+        // ret (the first instruction on a page takes the full decoder; the MOV is cached).
+        let code: [UInt8] = [0xE8, 0xFB, 0x0F, 0, 0, 0xC6, 0x04, 0x25, 0x02, 0x10, 0x01, 0x00, 0x09, 0xE8, 0xEE, 0x0F, 0, 0, 0xF4]
+        let m = try TestMachine(code)
+        try m.memory.write([0x90, 0xB8, 1, 0, 0, 0, 0xC3], at: GuestPhysicalAddress(0x11000))
+        #expect(m.run() == .halt)
+        #expect(m.cpu[.rax] == 9)
+        #expect(m.cpu.rip == TestMachine.code + UInt64(code.count))
+    }
+
+    @Test func codeTheHostWritesBetweenRunsIsSeen() throws {
+        // 1: mov $1, %eax; jmp 1b — the host rewrites the immediate between two runs.
+        let m = try TestMachine([0xB8, 1, 0, 0, 0, 0xEB, 0xF9])
+        #expect(m.cpu.run(budget: 100) == .budget && m.cpu[.rax] == 1)
+        #expect(Self.cached(m.cpu, TestMachine.code)?.kind == .movRI)
+        try m.memory.write([5], at: GuestPhysicalAddress(TestMachine.code + 1))
+        #expect(m.cpu.run(budget: 100) == .budget && m.cpu[.rax] == 5)
+    }
+
+    @Test func aCachedLoadFaultsAtItsOwnAddress() throws {
+        // nop; mov (%rax), %rcx; hlt — the MOV runs from the cache and meets a missing page.
+        let m = try TestMachine([0x90, 0x48, 0x8B, 0x08, 0xF4])
+        try m.setPTE(0x50000, 0)
+        m.cpu[.rax] = 0x50008
+        m.cpu[.rcx] = 0x1234
+        #expect(m.run() == .halt)
+        #expect(m.exceptionVector == 14)
+        #expect(m.cpu.cr2 == 0x50008 && m.cpu[.rcx] == 0x1234)
+        #expect(try m.stackWord(1) == TestMachine.code + 1)  // the frame's RIP, above the error code
+    }
+
+    @Test func memoryOperandsFromTheCacheAgreeWithTheSDM() throws {
+        // leaq 0x40000, %rbx; movq $5, (%rbx); addq $3, (%rbx); imulq $7, (%rbx), %rcx;
+        // movq (%rbx), %rdx; subq %rdx, 8(%rbx,%rax,8); testq %rcx, (%rbx); hlt
+        let code: [UInt8] = [0x48, 0x8D, 0x1C, 0x25, 0x00, 0x00, 0x04, 0x00, 0x48, 0xC7, 0x03, 0x05, 0, 0, 0,
+                             0x48, 0x83, 0x03, 0x03, 0x48, 0x6B, 0x0B, 0x07, 0x48, 0x8B, 0x13,
+                             0x48, 0x29, 0x54, 0xC3, 0x08, 0x48, 0x85, 0x0B, 0xF4]
+        let m = try TestMachine(code)
+        m.cpu[.rax] = 1
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40000)) == 8)
+        #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40010)) == UInt64(bitPattern: -8))
+        #expect(m.cpu[.rcx] == 56 && m.cpu[.rdx] == 8)
+        #expect(m.cpu.rflags & 0x40 == 0)  // 56 & 8 != 0: ZF clear
+        #expect(Self.cached(m.cpu, TestMachine.code + 26)?.kind == .aluMR)
+    }
+
+    @Test func aRegisterMoveFusedWithTheNextOperationRetiresBoth() throws {
+        // movl $0x80000001, %ecx; movq %rcx, %rdi; shlq $13, %rdi; movl %ecx, %esi; sarl $4, %esi;
+        // movq %rdi, %rax; cmpq %rcx, %rax; jbe 2f; movl $1, %edx; 2: hlt
+        let code: [UInt8] = [0xB9, 0x01, 0x00, 0x00, 0x80, 0x48, 0x89, 0xCF, 0x48, 0xC1, 0xE7, 0x0D,
+                             0x89, 0xCE, 0xC1, 0xFE, 0x04, 0x48, 0x89, 0xF8, 0x48, 0x39, 0xC8, 0x76,
+                             0x05, 0xBA, 0x01, 0x00, 0x00, 0x00, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(m.cpu[.rdi] == 0x8000_0001 << 13 && m.cpu[.rax] == 0x8000_0001 << 13)
+        #expect(m.cpu[.rsi] == 0xF800_0000)  // SAR of the 32-bit value, zero-extended
+        #expect(m.cpu[.rdx] == 1)  // CMP's flags from the fused pair: above
+        #expect(m.cpu.instructions == 10)  // each fused pair counts as its two instructions
+        let pair = Self.cached(m.cpu, TestMachine.code + 5)
+        #expect(pair?.kind == .movRR && pair?.second == .shlRI && pair?.retired == 2)
+    }
+}
