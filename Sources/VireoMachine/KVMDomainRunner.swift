@@ -15,6 +15,16 @@ public final class UpcallRouter: Sendable {
     public init() {}
     public func connect(_ hook: @escaping @Sendable (Int) -> Void) { target.withLock { $0 = hook } }
     public func upcall(_ vcpu: Int) { target.withLock { $0 }?(vcpu) }
+
+    /// An engine's hook: an upcall for vCPU `i` wakes its sleeper and kicks it out of guest
+    /// code (so a running vCPU takes the vector at once).
+    func connect(wakers: [VCPUWaker], kick: @escaping @Sendable (Int) -> Void) {
+        connect { vcpu in
+            guard vcpu < wakers.count else { return }
+            wakers[vcpu].wake()
+            kick(vcpu)
+        }
+    }
 }
 
 /// A sleeping vCPU's wake-up word (a futex): events, timers and kicks set it.
@@ -151,12 +161,8 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
         let physmap = KVMPhysmap(vm: self.vm, memory: built.domain.memory)
         built.domain.setPhysmapHook { index, frame in try physmap.place(index, at: frame) }
         self.tscHz = (try? vcpus[0].tscKilohertz()).map { $0 * 1000 } ?? 0
-        let wakers = self.wakers, cpus = vcpus
-        router.connect { vcpu in
-            guard vcpu < wakers.count else { return }
-            wakers[vcpu].wake()
-            cpus[vcpu].kick()
-        }
+        let cpus = vcpus
+        router.connect(wakers: wakers) { cpus[$0].kick() }
     }
 
     /// Runs vCPU 0 on the calling thread until the domain shuts down (other vCPUs wait for

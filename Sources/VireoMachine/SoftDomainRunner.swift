@@ -61,11 +61,7 @@ public final class SoftDomainRunner: @unchecked Sendable {  // each SoftCPU is u
         // A special frame placed over (or beside) RAM changes what an address means: every
         // vCPU drops its translations before its next instruction.
         domain.setPhysmapHook { _, _ in for cpu in cpus { cpu.physmapChanged() } }
-        router.connect { vcpu in
-            guard vcpu < wakers.count else { return }
-            wakers[vcpu].wake()
-            cpus[vcpu].kick()
-        }
+        router.connect(wakers: wakers) { cpus[$0].kick() }
     }
 
     /// Runs vCPU 0 on the calling thread until the domain shuts down (others start on
