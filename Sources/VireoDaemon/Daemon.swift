@@ -203,10 +203,11 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         guard spec.name.utf8.count <= 64, !spec.name.contains("/"), UInt16(spec.name) == nil else {
             throw .badRequest("\(fileName): name '\(spec.name)': at most 64 bytes, no '/', not a number", field: "name")
         }
-        if spec.engine == .soft {
-            throw .badRequest("\(fileName): engine = \"soft\": vireod runs domains on KVM so far (its pause, destroy and metrics are not wired to the SoftCPU yet); use kvm, or vireo run --engine soft", field: "engine")
+        if spec.engine == .kvm {
+            guard access("/dev/kvm", R_OK | W_OK) == 0 else {
+                throw APIError(503, "\(fileName): engine = \"kvm\", but /dev/kvm is not usable here (use soft or auto)")
+            }
         }
-        guard access("/dev/kvm", R_OK | W_OK) == 0 else { throw APIError(503, "no engine can run domains here: /dev/kvm is not usable") }
         guard let kernel = FileManager.default.contents(atPath: spec.kernel) else {
             throw .badRequest("\(fileName): kernel: cannot read '\(spec.kernel)'", field: "kernel")
         }
@@ -325,7 +326,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     config: DomainConfig(id: DomainID(id), name: spec.name, memoryBytes: UInt64(spec.memoryMiB) << 20, vcpus: spec.vcpus),
                     kernel: kernel, commandLine: spec.cmdline,
                     disks: spec.disks.map { EmbeddedHost.Disk(path: $0.target, readOnly: $0.readOnly, device: $0.device) },
-                    consoleInput: input[0] >= 0 ? input[0] : nil, handle: handle,
+                    consoleInput: input[0] >= 0 ? input[0] : nil,
+                    engine: spec.engine == .kvm ? .kvm : spec.engine == .soft ? .soft : ExecutionEngine.automatic, handle: handle,
                     console: { bytes in
                         console.append(bytes)
                         guard logFD >= 0 else { return }

@@ -7,7 +7,7 @@ import VireoHypervisor
 /// at the attach. One handle per run: a restarted domain gets a new one.
 public final class DomainHandle: Sendable {
     private struct State {
-        var runner: KVMDomainRunner?
+        var runner: (any DomainRunner)?
         var paused = false
         var destroyed = false
         var started = false
@@ -20,7 +20,7 @@ public final class DomainHandle: Sendable {
 
     public init() {}
 
-    func attach(_ runner: KVMDomainRunner) {
+    func attach(_ runner: any DomainRunner) {
         let (paused, destroyed) = state.withLock { state in
             state.runner = runner
             state.started = true
@@ -49,14 +49,14 @@ public final class DomainHandle: Sendable {
 
     /// Stops the vCPUs between exits; they stay parked until ``unpause()``.
     public func pause() {
-        state.withLock { state -> KVMDomainRunner? in
+        state.withLock { state -> (any DomainRunner)? in
             state.paused = true
             return state.runner
         }?.pause()
     }
 
     public func unpause() {
-        state.withLock { state -> KVMDomainRunner? in
+        state.withLock { state -> (any DomainRunner)? in
             state.paused = false
             return state.runner
         }?.unpause()
@@ -64,7 +64,7 @@ public final class DomainHandle: Sendable {
 
     /// Ends the domain now (xl destroy): its vCPUs stop at their next exit, a paused one too.
     public func destroy() {
-        state.withLock { state -> KVMDomainRunner? in
+        state.withLock { state -> (any DomainRunner)? in
             state.destroyed = true
             return state.runner
         }?.stop(.poweroff)

@@ -191,8 +191,9 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
             let reason = runner.run()
             return Outcome(reason: reason, failure: runner.failureDescription)
         case .soft:
-            // A handle controls KVM runs only so far (the daemon runs its domains on KVM).
             let runner = SoftDomainRunner(built: built, router: router)
+            handle?.attach(runner)
+            defer { handle?.detach() }
             let reason = runner.run()
             return Outcome(reason: reason, failure: runner.failureDescription)
         }

@@ -1,5 +1,6 @@
 import Foundation
 import Glibc
+import Synchronization
 import VireoABI
 import VireoCore
 import VireoHypercalls
@@ -145,5 +146,74 @@ struct VCPUServices {
         thread.name = "vireo-timers"
         thread.start()
         return thread
+    }
+}
+
+/// What a toolstack holds of a running domain, whichever engine runs it: pause and unpause
+/// (the vCPUs park between exits or slices), stop, and the counters it reports.
+public protocol DomainRunner: AnyObject, Sendable {
+    /// Engine exits taken so far (KVM exits; the SoftCPU's exits to its runner).
+    var exits: Int { get }
+    /// Hypercalls the guest made so far.
+    var hypercalls: Int { get }
+    /// Host CPU time of the vCPU threads so far.
+    var cpuTimeNanoseconds: UInt64 { get }
+    func pause()
+    func unpause()
+    /// Stops the domain from another thread (the reason is recorded; the vCPUs stop soon).
+    func stop(_ reason: ShutdownReason)
+}
+
+/// The half of pause, CPU time and counting that both runners share: a vCPU thread registers
+/// its CPU-time clock while it runs and parks here between exits while a pause is requested.
+final class RunControl: @unchecked Sendable {  // state behind atomics and a mutex
+    private let pauseRequested = Atomic<Bool>(false)
+    private let pauseWaker = VCPUWaker()
+    private let clocks = Mutex<(live: [Int: clockid_t], finishedNanoseconds: UInt64)>(([:], 0))
+    let exitCount = Atomic<Int>(0)
+    let hypercallCount = Atomic<Int>(0)
+
+    var isPaused: Bool { pauseRequested.load(ordering: .acquiring) }
+
+    func pause() { pauseRequested.store(true, ordering: .releasing) }
+
+    func unpause() {
+        pauseRequested.store(false, ordering: .releasing)
+        pauseWaker.wake()
+    }
+
+    /// Wakes parked vCPUs (to see a stop).
+    func wakeParked() { pauseWaker.wake() }
+
+    /// Parks the calling vCPU while a pause is requested and the domain runs.
+    func parkWhilePaused(_ domain: Domain) {
+        while pauseRequested.load(ordering: .acquiring) && domain.shutdownReason == nil {
+            pauseWaker.wait(until: { !self.pauseRequested.load(ordering: .acquiring) || domain.shutdownReason != nil },
+                            timeoutNanoseconds: 100_000_000)
+        }
+    }
+
+    /// Runs `body` as vCPU `index`'s thread, its CPU time counted.
+    func counting(vcpu index: Int, _ body: () -> Void) {
+        var clock = clockid_t()
+        if pthread_getcpuclockid(pthread_self(), &clock) == 0 { clocks.withLock { $0.live[index] = clock } }
+        defer {
+            clocks.withLock { clocks in
+                if let clock = clocks.live.removeValue(forKey: index) { clocks.finishedNanoseconds &+= Self.nanoseconds(of: clock) }
+            }
+        }
+        body()
+    }
+
+    var cpuTimeNanoseconds: UInt64 {
+        clocks.withLock { clocks in
+            clocks.live.values.reduce(clocks.finishedNanoseconds) { $0 &+ Self.nanoseconds(of: $1) }
+        }
+    }
+
+    private static func nanoseconds(of clock: clockid_t) -> UInt64 {
+        var now = timespec()
+        guard clock_gettime(clock, &now) == 0 else { return 0 }
+        return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
     }
 }

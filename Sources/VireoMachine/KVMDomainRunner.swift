@@ -58,7 +58,7 @@ final class VCPUWaker: @unchecked Sendable {  // the word is only touched atomic
 /// domain. Exits are handled as DESIGN.md describes: the hypercall page's I/O exits go to the
 /// dispatcher, the hypercall-page MSR installs the page, HLT and SCHEDOP_block sleep until an
 /// event or a timer, event upcalls are injected as the guest's callback vector (no LAPIC EOI).
-public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per thread
+public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU state is per thread
     public let built: BuiltDomain
     public var domain: Domain { built.domain }
     private let vm: VMBox
@@ -66,7 +66,6 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     private let wakers: [VCPUWaker]
     private let services: VCPUServices
     private let failure = Mutex<String?>(nil)
-    private let exitCount = Atomic<Int>(0)
 
     final class VMBox: @unchecked Sendable {
         let vm: KVMVirtualMachine
@@ -85,52 +84,27 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     /// Why the run ended, beyond the guest's own shutdown reason (a triple fault, an exit the
     /// engine cannot handle, an error from KVM).
     public var failureDescription: String? { failure.withLock { $0 } }
-    public var exits: Int { exitCount.load(ordering: .relaxed) }
-    private let hypercallCount = Atomic<Int>(0)
+    public var exits: Int { control.exitCount.load(ordering: .relaxed) }
     /// Hypercalls the guest made (through the hypercall page).
-    public var hypercalls: Int { hypercallCount.load(ordering: .relaxed) }
+    public var hypercalls: Int { control.hypercallCount.load(ordering: .relaxed) }
 
     // MARK: Pause and CPU time (for the daemon)
 
-    /// While set, every vCPU parks at its next exit instead of re-entering the guest (a kick
-    /// makes a running vCPU exit at once: immediate_exit plus a signal).
-    private let pauseRequested = Atomic<Bool>(false)
-    private let pauseWaker = VCPUWaker()
-    /// Each running vCPU thread's CPU-time clock, and the time of those that have finished.
-    private let cpuClocks = Mutex<(live: [Int: clockid_t], finishedNanoseconds: UInt64)>(([:], 0))
+    private let control = RunControl()
 
-    /// Stops the vCPUs between exits until ``unpause()``; timers and events still queue.
+    /// Stops the vCPUs between exits until ``unpause()``; timers and events still queue. (A
+    /// kick makes a running vCPU exit at once: immediate_exit plus a signal.)
     public func pause() {
-        pauseRequested.store(true, ordering: .releasing)
+        control.pause()
         for cpu in vcpus { cpu.kick() }
     }
 
-    public func unpause() {
-        pauseRequested.store(false, ordering: .releasing)
-        pauseWaker.wake()
-    }
+    public func unpause() { control.unpause() }
 
-    public var isPaused: Bool { pauseRequested.load(ordering: .acquiring) }
+    public var isPaused: Bool { control.isPaused }
 
     /// The host CPU time the domain's vCPU threads have used so far.
-    public var cpuTimeNanoseconds: UInt64 {
-        cpuClocks.withLock { clocks in
-            clocks.live.values.reduce(clocks.finishedNanoseconds) { $0 &+ Self.nanoseconds(of: $1) }
-        }
-    }
-
-    private static func nanoseconds(of clock: clockid_t) -> UInt64 {
-        var now = timespec()
-        guard clock_gettime(clock, &now) == 0 else { return 0 }
-        return UInt64(now.tv_sec) &* 1_000_000_000 &+ UInt64(now.tv_nsec)
-    }
-
-    private func parkWhilePaused() {
-        while pauseRequested.load(ordering: .acquiring) && domain.shutdownReason == nil {
-            pauseWaker.wait(until: { !self.pauseRequested.load(ordering: .acquiring) || self.domain.shutdownReason != nil },
-                            timeoutNanoseconds: 100_000_000)
-        }
-    }
+    public var cpuTimeNanoseconds: UInt64 { control.cpuTimeNanoseconds }
 
     /// Creates the KVM VM and vCPUs for `built` and puts vCPU 0 in the PVH entry state.
     /// Whether /dev/kvm opens and offers what the runner needs (for `--engine auto`).
@@ -187,7 +161,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
 
     /// Wakes and kicks every vCPU, so each sees the domain's end.
     private func stopAll() {
-        pauseWaker.wake()
+        control.wakeParked()
         for (waker, cpu) in zip(wakers, vcpus) {
             waker.wake()
             cpu.kick()
@@ -242,7 +216,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     /// Stops the domain from another thread (the reason is recorded; the vCPU stops soon).
     public func stop(_ reason: ShutdownReason) {
         domain.shutDown(reason)
-        pauseWaker.wake()
+        control.wakeParked()
         for (waker, cpu) in zip(wakers, vcpus) {
             waker.wake()
             cpu.kick()
@@ -255,17 +229,14 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     }
 
     private func runVCPU(_ index: Int) {
+        control.counting(vcpu: index) { runVCPULoop(index) }
+    }
+
+    private func runVCPULoop(_ index: Int) {
         let cpu = vcpus[index]
-        var clock = clockid_t()
-        if pthread_getcpuclockid(pthread_self(), &clock) == 0 { cpuClocks.withLock { $0.live[index] = clock } }
-        defer {
-            cpuClocks.withLock { clocks in
-                if let clock = clocks.live.removeValue(forKey: index) { clocks.finishedNanoseconds &+= Self.nanoseconds(of: clock) }
-            }
-        }
         publishTime(index)
         while domain.shutdownReason == nil {
-            parkWhilePaused()
+            control.parkWhilePaused(domain)
             // Due timers are the timer thread's job (it fires them and kicks this vCPU).
             if let vector = services.upcallVector(index) {
                 if cpu.readyForInterruptInjection {
@@ -277,7 +248,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
             }
             let exit: KVMExit
             do { exit = try cpu.run() } catch { return crash("KVM_RUN: \(error)") }
-            exitCount.add(1, ordering: .relaxed)
+            control.exitCount.add(1, ordering: .relaxed)
             switch exit {
             case .port(let access):
                 handlePort(access, cpu: cpu, vcpu: index)
@@ -326,7 +297,7 @@ public final class KVMDomainRunner: @unchecked Sendable {  // vCPU state is per 
     }
 
     private func hypercall(cpu: KVMVirtualCPU, vcpu: Int) {
-        hypercallCount.add(1, ordering: .relaxed)
+        control.hypercallCount.add(1, ordering: .relaxed)
         var regs = cpu.registers
         let sregs = cpu.syncedSpecialRegisters  // from the run area: no ioctl per hypercall
         let longMode = sregs.efer & (1 << 10) != 0

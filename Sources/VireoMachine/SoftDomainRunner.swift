@@ -13,7 +13,7 @@ import VireoSoftCPU
 /// `vmmcall`) go to the dispatcher, the hypercall-page MSR installs the page, HLT and
 /// SCHEDOP_block sleep until an event or a timer, event upcalls arrive as the guest's callback
 /// vector (no LAPIC EOI), and each vCPU's pvclock follows its virtual TSC (1 GHz).
-public final class SoftDomainRunner: @unchecked Sendable {  // each SoftCPU is used by its own thread
+public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // each SoftCPU is used by its own thread
     public let built: BuiltDomain
     public var domain: Domain { built.domain }
     private let cpus: [SoftCPU]
@@ -32,6 +32,23 @@ public final class SoftDomainRunner: @unchecked Sendable {  // each SoftCPU is u
     public var failureDescription: String? { failure.withLock { $0 } }
     /// Guest instructions retired by every vCPU so far.
     public var instructions: UInt64 { retired.load(ordering: .relaxed) }
+
+    // MARK: Pause and counters (for the daemon)
+
+    private let control = RunControl()
+    /// Exits of the SoftCPU to this runner (port I/O, hypercalls, HLT, MSRs), not slices.
+    public var exits: Int { control.exitCount.load(ordering: .relaxed) }
+    public var hypercalls: Int { control.hypercallCount.load(ordering: .relaxed) }
+    public var cpuTimeNanoseconds: UInt64 { control.cpuTimeNanoseconds }
+    public var isPaused: Bool { control.isPaused }
+
+    /// Stops the vCPUs at their next slice or exit until ``unpause()``.
+    public func pause() {
+        control.pause()
+        for cpu in cpus { cpu.kick() }
+    }
+
+    public func unpause() { control.unpause() }
 
     /// Creates a SoftCPU per vCPU (CPUID with Xen's leaves, as on KVM) and puts vCPU 0 in the
     /// PVH entry state. Unimplemented instructions are reported once each through `log`.
@@ -94,6 +111,7 @@ public final class SoftDomainRunner: @unchecked Sendable {  // each SoftCPU is u
     }
 
     private func stopAll() {
+        control.wakeParked()
         for (waker, cpu) in zip(wakers, cpus) {
             waker.wake()
             cpu.kick()
@@ -132,17 +150,24 @@ public final class SoftDomainRunner: @unchecked Sendable {  // each SoftCPU is u
     }
 
     private func runVCPU(_ index: Int) {
+        control.counting(vcpu: index) { runVCPULoop(index) }
+    }
+
+    private func runVCPULoop(_ index: Int) {
         let cpu = cpus[index]
         publishTime(index)
         var counted: UInt64 = 0
         defer { retired.add(cpu.instructions &- counted, ordering: .relaxed) }
         while domain.shutdownReason == nil {
+            control.parkWhilePaused(domain)
             if let vector = services.upcallVector(index), cpu.readyForInterrupt {
                 cpu.injectInterrupt(vector: vector)
             }
             let exit = cpu.run(budget: Self.slice)
             retired.add(cpu.instructions &- counted, ordering: .relaxed)
             counted = cpu.instructions
+            if case .budget = exit { continue }
+            control.exitCount.add(1, ordering: .relaxed)
             switch exit {
             case .budget:
                 continue
@@ -169,6 +194,7 @@ public final class SoftDomainRunner: @unchecked Sendable {  // each SoftCPU is u
     }
 
     private func hypercall(_ cpu: SoftCPU, vcpu: Int, length: Int) {
+        control.hypercallCount.add(1, ordering: .relaxed)
         let call = VCPUServices.Call(number: cpu[.rax], longMode: cpu.longMode, userMode: cpu.cpl != 0,
                                      rdi: cpu[.rdi], rsi: cpu[.rsi], rdx: cpu[.rdx], r10: cpu[.r10], r8: cpu[.r8],
                                      rbx: cpu[.rbx], rcx: cpu[.rcx],

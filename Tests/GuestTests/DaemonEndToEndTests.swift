@@ -4,7 +4,8 @@ import Testing
 
 /// vireod as an operator runs it: a subprocess on a temporary socket and state directory,
 /// driven by `vireo`'s verbs, running the `idle` sample (it waits on control/shutdown in
-/// the XenStore, as a Xen guest does) on the KVM engine.
+/// the XenStore, as a Xen guest does) on the engine `auto` picks (KVM where it is
+/// hardware-accelerated; the SoftCPU on this project's kvm_pvm hosts).
 @Suite(.serialized) struct DaemonEndToEndTests {
     final class Daemon {
         let directory: URL
