@@ -1,3 +1,4 @@
+import Glibc
 import VireoCore
 
 /// One instruction decoded once: what to do (`kind`), its operands and its length. Made from
@@ -5,7 +6,7 @@ import VireoCore
 /// as `.general`, which runs through the full decoder (``SoftCPU/step()``).
 struct DecodedInstruction {
     /// The instruction's guest-physical address with the cache's generation in bits 48-63;
-    /// ``DecodeCache/invalid`` for an empty slot.
+    /// ``DecodeCache/invalid`` or 0 (a slot never filled) for an empty slot.
     var tag: UInt64
     /// The memory operand's displacement; for branches the displacement from the next instruction.
     var disp: UInt64
@@ -104,12 +105,19 @@ final class DecodeCache {
     /// Bits 48-63 of every live tag (never 0xFFFF, so no live tag equals `invalid`).
     var generation: UInt64 = 1 << 48
 
+    /// The entries' bytes: an anonymous mapping, so the host commits only the pages of slots a
+    /// guest's code has used (an idle domain's cache costs a few pages, not 1.5 MiB). Its zero
+    /// bytes are empty slots: tag 0 matches no live tag, whose generation bits are never 0, and
+    /// kind 0 is `.general`.
+    static let entryBytes = slots * MemoryLayout<DecodedInstruction>.stride
+
     init(ramFrames: Int) {
         frames = ramFrames
-        entries = .allocate(capacity: Self.slots)
-        let empty = DecodedInstruction(tag: Self.invalid, disp: 0, imm: 0, kind: .general, length: 0, size: 0, reg: 0,
-                                       src: 0, op: 0, base: 0, index: 0, scale: 0)
-        entries.initialize(repeating: empty, count: Self.slots)
+        guard let raw = mmap(nil, Self.entryBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+              raw != MAP_FAILED else {
+            fatalError("SoftCPU: cannot map \(Self.entryBytes) bytes for the decode cache")
+        }
+        entries = raw.bindMemory(to: DecodedInstruction.self, capacity: Self.slots)
         frameState = .allocate(capacity: max(frames, 1))
         frameState.initialize(repeating: Self.noCode, count: max(frames, 1))
         frameInvalidations = .allocate(capacity: max(frames, 1))
@@ -117,7 +125,7 @@ final class DecodeCache {
     }
 
     deinit {
-        entries.deallocate()
+        munmap(UnsafeMutableRawPointer(entries), Self.entryBytes)
         frameState.deallocate()
         frameInvalidations.deallocate()
     }
