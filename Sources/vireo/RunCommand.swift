@@ -75,17 +75,20 @@ struct RunCommand: ParsableCommand {
         }
     }
 
-    func validate() throws {
-        if let spec = try diskSpec, spec.path.isEmpty {
-            throw ValidationError("--disk: give an image file, PATH[,ro][,sector=4096]")
-        }
-        guard (2...65536).contains(memory) else { throw ValidationError("--memory \(memory): give 2 to 65536 MiB") }
-        guard (1...128).contains(vcpus) else { throw ValidationError("--vcpus \(vcpus): give 1 to 128") }
+    /// Bad option values: a setup error (exit status 1, as the discussion above says), not
+    /// ArgumentParser's usage status, so every "the domain cannot be created" exits alike.
+    func checkOptions() throws {
+        let disk: EmbeddedHost.Disk?
+        do { disk = try diskSpec } catch let error as ValidationError { throw RunError(error.message) }
+        if let disk, disk.path.isEmpty { throw RunError("--disk: give an image file, PATH[,ro][,sector=4096]") }
+        guard (2...65536).contains(memory) else { throw RunError("--memory \(memory): give 2 to 65536 MiB") }
+        guard (1...128).contains(vcpus) else { throw RunError("--vcpus \(vcpus): give 1 to 128") }
     }
 
     static let exitCrash: Int32 = 2, exitReboot: Int32 = 3, exitOther: Int32 = 4
 
     func run() throws {
+        try checkOptions()
         // Before anything starts: a bad --net value is a setup error naming its field.
         var networks: [NetworkSpec] = []
         for text in net {
