@@ -14,16 +14,21 @@ public final class ConsoleBuffer: @unchecked Sendable {  // every field under `l
     public init(capacity: Int = 64 << 10) {
         precondition(capacity > 0)
         self.capacity = capacity
-        storage = [UInt8](repeating: 0, count: capacity)
+        storage = []  // grows as output comes, up to `capacity`: an idle domain's costs nothing
     }
 
     public func append(_ bytes: [UInt8]) {
         lock.withLock {
             // Only the last `capacity` bytes can survive.
             let kept = bytes.count > capacity ? bytes[(bytes.count - capacity)...] : bytes[...]
-            total &+= UInt64(bytes.count - kept.count)
+            let skipped = bytes.count - kept.count
+            if skipped > 0 && storage.count < capacity {
+                storage.append(contentsOf: repeatElement(0, count: capacity - storage.count))
+            }
+            total &+= UInt64(skipped)
             for byte in kept {
-                storage[Int(total % UInt64(capacity))] = byte
+                let index = Int(total % UInt64(capacity))
+                if index == storage.count { storage.append(byte) } else { storage[index] = byte }
                 total &+= 1
             }
         }

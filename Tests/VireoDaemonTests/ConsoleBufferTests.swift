@@ -26,4 +26,18 @@ import Testing
         #expect(r.bytes == [96, 97, 98, 99] && r.next == 100)
         #expect(buffer.endOffset == 100)
     }
+
+    /// The buffer grows with the output (an idle domain's costs nothing); a flood after a
+    /// partial fill still keeps exactly the newest bytes.
+    @Test func aPartlyFilledBufferTakesAFlood() {
+        let buffer = ConsoleBuffer(capacity: 8)
+        #expect(buffer.read(from: nil).bytes.isEmpty)
+        buffer.append([1, 2, 3])
+        buffer.append(Array(10..<30))  // 23 written: 22...29 kept
+        var r = buffer.read(from: nil)
+        #expect(r.bytes == Array(22..<30) && r.next == 23)
+        buffer.append([40, 41])
+        r = buffer.read(from: 20)
+        #expect(r.bytes == [27, 28, 29, 40, 41] && r.missed == 0 && r.next == 25)
+    }
 }
