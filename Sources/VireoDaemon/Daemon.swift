@@ -178,6 +178,20 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     // MARK: Creating
 
+    /// A config's vifs as the embedded host's networks: `switch=NAME` a port of that in-process
+    /// switch, else a TAP named `vifname=` or, as xl names it, `vifDOMID.HANDLE`; `mac=` and
+    /// `rate=` as given.
+    static func networks(_ vifs: [DomainSpec.Vif], domain: Int) throws(BackendError) -> [NetworkSpec] {
+        var networks: [NetworkSpec] = []
+        for (handle, vif) in vifs.enumerated() {
+            var text = vif.switchName.map { "switch:\($0)" } ?? "tap:\(vif.vifname ?? "vif\(domain).\(handle)")"
+            if let mac = vif.mac { text += ",mac=\(mac)" }
+            if let rate = vif.rate { text += ",rate=\(rate)" }
+            networks.append(try NetworkSpec(parsing: text))
+        }
+        return networks
+    }
+
     /// Creates and starts a domain from an xl.cfg file's text; returns once its guest runs
     /// (or the build failed, which removes it again and is the error).
     /// - Throws: 400 naming the file, line and column or the bad key; 409 for a name in use;
@@ -217,8 +231,12 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                 throw .badRequest("\(fileName): disk '\(disk.vdev)': '\(disk.target)' is not a readable image file", field: "disk")
             }
         }
-        if !spec.vifs.isEmpty {
-            warnings.append("\(fileName): vif: network devices are not attached by vireod yet; the domain has none")
+        do { _ = try Self.networks(spec.vifs, domain: 1) } catch {
+            throw .badRequest("\(fileName): vif: \(error.description)", field: "vif")
+        }
+        for vif in spec.vifs where vif.bridge != nil {
+            warnings.append("\(fileName): vif: bridge=\(vif.bridge ?? "") is not applied by vireod yet: the vif gets its TAP; "
+                            + "add it to the bridge yourself (ip link set TAP master BRIDGE)")
         }
         let managed: Managed = try locked { () throws(APIError) -> Managed in
             guard !stopping else { throw APIError(503, "vireod is stopping") }
@@ -326,6 +344,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     config: DomainConfig(id: DomainID(id), name: spec.name, memoryBytes: UInt64(spec.memoryMiB) << 20, vcpus: spec.vcpus),
                     kernel: kernel, commandLine: spec.cmdline,
                     disks: spec.disks.map { EmbeddedHost.Disk(path: $0.target, readOnly: $0.readOnly, device: $0.device) },
+                    networks: try Self.networks(spec.vifs, domain: Int(id)),
                     consoleInput: input[0] >= 0 ? input[0] : nil,
                     engine: spec.engine == .kvm ? .kvm : spec.engine == .soft ? .soft : ExecutionEngine.automatic, handle: handle,
                     console: { bytes in

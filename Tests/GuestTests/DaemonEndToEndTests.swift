@@ -110,6 +110,7 @@ import Testing
             disk = [ 'format=raw, vdev=xvda, access=rw, target=disk.img' ]
             on_poweroff = "preserve"
             frobnicate = 1
+            vif = [ 'switch=lan, mac=00:16:3e:00:00:42' ]
             """)
 
         // create: warnings name file:line:column; the domain gets ID 1 and runs.
@@ -135,6 +136,9 @@ import Testing
         #expect(try d.vireo(["store", "read", "/local/domain/1/name"]).out == "e2e-idle\n")
         let backend = try d.vireo(["store", "ls", "/local/domain/0/backend/vbd/1/51712"])
         #expect(backend.out.contains("state = \"2\""), "blkback waits for the frontend (InitWait): \(backend.out)\(backend.err)")
+        // The config's vif: netback on the in-process switch, with the config's MAC.
+        let vif = try d.vireo(["store", "ls", "/local/domain/0/backend/vif/1/0"])
+        #expect(vif.out.contains("state = \"2\"") && vif.out.contains("mac = \"00:16:3e:00:00:42\""), "\(vif.out)\(vif.err)")
 
         // block-attach: a second image as xvdb (51728); its backend and frontend nodes appear,
         // and go again with block-detach. The disk given at create cannot be detached yet.

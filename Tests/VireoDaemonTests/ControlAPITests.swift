@@ -129,6 +129,9 @@ import Testing
                                   status: 400, field: "config")
         #expect(memory.errorMessage.hasPrefix("m.cfg:2:10: 'memory'"), "\(memory.errorMessage)")
         try f.expect("POST", create, route: create, body: #"{"config": "name = \"a\"\nvcpus = 0\nkernel = \"/k\"\n"}"#, status: 400, field: "config")
+        // A vif the network side cannot take is refused by name.
+        try f.expect("POST", create, route: create, body: #"{"config": "name = \"a\"\nvif = [ 'switch=lan, rate=fast' ]\nkernel = \"/bin/true\"\n"}"#,
+                     status: 400, field: "vif")
         // The SoftCPU is an engine like KVM: a soft domain gets as far as reading its kernel.
         try f.expect("POST", create, route: create, body: #"{"config": "name = \"a\"\nengine = \"soft\"\nkernel = \"/k\"\n"}"#,
                      status: 400, field: "kernel")
