@@ -174,7 +174,12 @@ final class GuestStoreClient: @unchecked Sendable {
         let host = g.host
         let dispatcher = Thread { while !stop.load(ordering: .relaxed) { host.dispatch(timeout: .milliseconds(5)) } }
         dispatcher.start()
-        defer { stop.store(true, ordering: .relaxed) }
+        defer {
+            // Wait for the dispatcher before the guest's page goes away: it may be servicing
+            // the ring still (a crash in CI once: the page read after the test had freed it).
+            stop.store(true, ordering: .relaxed)
+            while !dispatcher.isFinished { usleep(1000) }
+        }
         #expect(try g.request(.watch, "hot", "t")?.text == "OK")
         let store = g.store
         let writer = Thread {
