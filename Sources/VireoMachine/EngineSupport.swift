@@ -36,6 +36,26 @@ struct VCPUServices {
     let domain: Domain
     let dispatcher: HypercallDispatcher
     let wakers: [VCPUWaker]
+    /// Wakes vCPU `i` if it sleeps and kicks it out of guest code if it runs (so a running vCPU
+    /// takes an upcall at once): the domain's upcall hook.
+    let wake: @Sendable (Int) -> Void
+    /// ``wake`` for every vCPU, so each looks at events, timers and the domain's state.
+    let wakeAll: @Sendable () -> Void
+
+    /// One waker per vCPU; `kick` makes vCPU `i` leave guest code now (the engine's kick).
+    init(domain: Domain, vcpus: Int, kick: @escaping @Sendable (Int) -> Void) {
+        self.domain = domain
+        dispatcher = HypercallDispatcher(domain: domain)
+        let wakers = (0..<vcpus).map { _ in VCPUWaker() }
+        self.wakers = wakers
+        let wake: @Sendable (Int) -> Void = { index in
+            guard index < wakers.count else { return }
+            wakers[index].wake()
+            kick(index)
+        }
+        self.wake = wake
+        wakeAll = { for index in wakers.indices { wake(index) } }
+    }
 
     /// The registers a hypercall reads (RDI, RSI, RDX, R10, R8 in 64-bit mode; EBX, ECX, EDX,
     /// ESI, EDI in 32-bit mode) and its number (EAX).

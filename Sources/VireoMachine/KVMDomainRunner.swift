@@ -15,16 +15,6 @@ public final class UpcallRouter: Sendable {
     public init() {}
     public func connect(_ hook: @escaping @Sendable (Int) -> Void) { target.withLock { $0 = hook } }
     public func upcall(_ vcpu: Int) { target.withLock { $0 }?(vcpu) }
-
-    /// An engine's hook: an upcall for vCPU `i` wakes its sleeper and kicks it out of guest
-    /// code (so a running vCPU takes the vector at once).
-    func connect(wakers: [VCPUWaker], kick: @escaping @Sendable (Int) -> Void) {
-        connect { vcpu in
-            guard vcpu < wakers.count else { return }
-            wakers[vcpu].wake()
-            kick(vcpu)
-        }
-    }
 }
 
 /// A sleeping vCPU's wake-up word (a futex): events, timers and kicks set it.
@@ -63,7 +53,6 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
     public var domain: Domain { built.domain }
     private let vm: VMBox
     private let vcpus: [KVMVirtualCPU]
-    private let wakers: [VCPUWaker]
     private let services: VCPUServices
     private let failure = Mutex<String?>(nil)
 
@@ -128,15 +117,14 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
         self.built = built
         self.vm = VMBox(vm)
         self.vcpus = vcpus
-        self.wakers = vcpus.map { _ in VCPUWaker() }
-        self.services = VCPUServices(domain: built.domain, dispatcher: HypercallDispatcher(domain: built.domain), wakers: self.wakers)
+        let cpus = vcpus
+        self.services = VCPUServices(domain: built.domain, vcpus: cpus.count) { cpus[$0].kick() }
         // Special frames the guest places (shared_info, grant frames) become KVM slots, inside
         // RAM too (the RAM slots are split around them).
         let physmap = KVMPhysmap(vm: self.vm, memory: built.domain.memory)
         built.domain.setPhysmapHook { index, frame in try physmap.place(index, at: frame) }
         self.tscHz = (try? vcpus[0].tscKilohertz()).map { $0 * 1000 } ?? 0
-        let cpus = vcpus
-        router.connect(wakers: wakers) { cpus[$0].kick() }
+        router.connect(services.wake)
     }
 
     /// Runs vCPU 0 on the calling thread until the domain shuts down (other vCPUs wait for
@@ -162,10 +150,7 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
     /// Wakes and kicks every vCPU, so each sees the domain's end.
     private func stopAll() {
         control.wakeParked()
-        for (waker, cpu) in zip(wakers, vcpus) {
-            waker.wake()
-            cpu.kick()
-        }
+        services.wakeAll()
     }
 
     /// VCPUOP_up: puts the vCPU in its initial state and runs it on a thread of its own.
@@ -204,23 +189,13 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
     private let timerWaker = VCPUWaker()
 
     private func startTimerThread() -> Thread {
-        let wakers = self.wakers, cpus = vcpus
-        return VCPUServices.startTimerThread(domain: domain, waker: timerWaker) {
-            for (w, cpu) in zip(wakers, cpus) {
-                w.wake()
-                cpu.kick()
-            }
-        }
+        VCPUServices.startTimerThread(domain: domain, waker: timerWaker, kickAll: services.wakeAll)
     }
 
     /// Stops the domain from another thread (the reason is recorded; the vCPU stops soon).
     public func stop(_ reason: ShutdownReason) {
         domain.shutDown(reason)
-        control.wakeParked()
-        for (waker, cpu) in zip(wakers, vcpus) {
-            waker.wake()
-            cpu.kick()
-        }
+        stopAll()
     }
 
     private func crash(_ why: String) {

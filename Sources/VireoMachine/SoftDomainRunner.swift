@@ -17,7 +17,6 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
     public let built: BuiltDomain
     public var domain: Domain { built.domain }
     private let cpus: [SoftCPU]
-    private let wakers: [VCPUWaker]
     private let services: VCPUServices
     private let failure = Mutex<String?>(nil)
     private let timerWaker = VCPUWaker()
@@ -72,26 +71,18 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
         let cpus = made
         cpus[0].setPVHEntryState(entry: built.boot.entry, startInfo: UInt32(truncatingIfNeeded: built.boot.startInfo))
         self.cpus = cpus
-        let wakers = cpus.map { _ in VCPUWaker() }
-        self.wakers = wakers
-        self.services = VCPUServices(domain: domain, dispatcher: HypercallDispatcher(domain: domain), wakers: wakers)
+        self.services = VCPUServices(domain: domain, vcpus: cpus.count) { cpus[$0].kick() }
         // A special frame placed over (or beside) RAM changes what an address means: every
         // vCPU drops its translations before its next instruction.
         domain.setPhysmapHook { _, _ in for cpu in cpus { cpu.physmapChanged() } }
-        router.connect(wakers: wakers) { cpus[$0].kick() }
+        router.connect(services.wake)
     }
 
     /// Runs vCPU 0 on the calling thread until the domain shuts down (others start on
     /// VCPUOP_up, each on a thread of its own). Returns the reason.
     public func run() -> ShutdownReason {
         domain.setVCPUUpHook { [weak self] index, start in self?.startSecondary(index, start) }
-        let wakers = self.wakers, cpus = self.cpus
-        let timers = VCPUServices.startTimerThread(domain: domain, waker: timerWaker) {
-            for (w, cpu) in zip(wakers, cpus) {
-                w.wake()
-                cpu.kick()
-            }
-        }
+        let timers = VCPUServices.startTimerThread(domain: domain, waker: timerWaker, kickAll: services.wakeAll)
         runVCPU(0)
         stopAll()
         timerWaker.wake()
@@ -112,10 +103,7 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
 
     private func stopAll() {
         control.wakeParked()
-        for (waker, cpu) in zip(wakers, cpus) {
-            waker.wake()
-            cpu.kick()
-        }
+        services.wakeAll()
     }
 
     private func crash(_ why: String) {
