@@ -70,6 +70,18 @@ enum GuestSupport {
                 (try? String(contentsOf: err, encoding: .utf8)) ?? "", timedOut)
     }
 
+    /// What the cpubench sample prints as its checksum after `iterations` (its loop, on the host).
+    static func cpubenchChecksum(iterations: Int) -> UInt64 {
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15, sum: UInt64 = 0
+        for _ in 0..<iterations {
+            state ^= state << 13
+            state ^= state >> 7
+            state ^= state << 17
+            sum = sum &* 31 &+ (state >> 11)
+        }
+        return sum
+    }
+
     static func onPath(_ name: String) -> String? {
         let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
         return path.split(separator: ":").map { "\($0)/\(name)" }.first { FileManager.default.isExecutableFile(atPath: $0) }

@@ -28,13 +28,7 @@ import VireoGuestBuilder
     @Test func cpubenchsChecksumIsTheHosts() throws {
         let r = try soft("cpubench", ["--cmdline", "20000"])
         #expect(r.status == 0, "\(r.out)\(r.err)")
-        var state: UInt64 = 0x9E37_79B9_7F4A_7C15, sum: UInt64 = 0
-        for _ in 0..<20000 {
-            state ^= state << 13
-            state ^= state >> 7
-            state ^= state << 17
-            sum = sum &* 31 &+ (state >> 11)
-        }
+        let sum = GuestSupport.cpubenchChecksum(iterations: 20000)
         #expect(r.out.contains("cpubench: 20000 iterations, checksum \(sum)"), "\(r.out)")
     }
 

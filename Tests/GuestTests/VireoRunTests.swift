@@ -182,13 +182,7 @@ import VireoGuestBuilder
         guard GuestSupport.kvmAvailable() else { return }
         let r = try GuestSupport.run(GuestSupport.vireo, ["run", try GuestSupport.image("cpubench").path.path, "--cmdline", "5000"])
         #expect(r.status == 0, "\(r.out)\(r.err)")
-        var state: UInt64 = 0x9E37_79B9_7F4A_7C15, sum: UInt64 = 0
-        for _ in 0..<5000 {
-            state ^= state << 13
-            state ^= state >> 7
-            state ^= state << 17
-            sum = sum &* 31 &+ (state >> 11)
-        }
+        let sum = GuestSupport.cpubenchChecksum(iterations: 5000)
         #expect(r.out.contains("cpubench: 5000 iterations, checksum \(sum)"), "\(r.out)")
     }
 
