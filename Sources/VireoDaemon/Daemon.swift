@@ -540,25 +540,23 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     public func pause(_ key: String) throws(APIError) -> DomainInfo {
         let managed = try find(key)
         _ = try requireRunning(managed, for: "pause")
-        return try locked { () throws(APIError) -> DomainInfo in
-            guard managed.record.state == .running, let handle = managed.handle else {
-                throw .conflict("domain '\(managed.record.spec.name)' is \(managed.record.state.rawValue), not running")
-            }
-            handle.pause()
-            managed.record.state = .paused
-            persist(managed.record)
-            return info(locked: managed)
-        }
+        return try setPaused(managed, true)
     }
 
     public func unpause(_ key: String) throws(APIError) -> DomainInfo {
-        let managed = try find(key)
+        try setPaused(try find(key), false)
+    }
+
+    /// Pauses a running domain or unpauses a paused one, and records it. - Throws: 409 when it
+    /// is not in the state the change starts from.
+    private func setPaused(_ managed: Managed, _ paused: Bool) throws(APIError) -> DomainInfo {
+        let from: DomainState = paused ? .running : .paused
         return try locked { () throws(APIError) -> DomainInfo in
-            guard managed.record.state == .paused, let handle = managed.handle else {
-                throw .conflict("domain '\(managed.record.spec.name)' is \(managed.record.state.rawValue), not paused")
+            guard managed.record.state == from, let handle = managed.handle else {
+                throw .conflict("domain '\(managed.record.spec.name)' is \(managed.record.state.rawValue), not \(from.rawValue)")
             }
-            handle.unpause()
-            managed.record.state = .running
+            if paused { handle.pause() } else { handle.unpause() }
+            managed.record.state = paused ? .paused : .running
             persist(managed.record)
             return info(locked: managed)
         }
