@@ -75,16 +75,7 @@ public enum ChecksumFill {
         let field = t.start + t.fieldOffset
         frame[field] = 0
         frame[field + 1] = 0
-        var sum = UInt64(t.pseudoSum)
-        let end = t.start + t.length
-        var i = t.start
-        while i + 1 < end {
-            sum &+= UInt64(frame[i]) << 8 | UInt64(frame[i + 1])
-            i += 2
-        }
-        if i < end { sum &+= UInt64(frame[i]) << 8 }
-        while sum >> 16 != 0 { sum = (sum & 0xffff) &+ (sum >> 16) }
-        var result = ~UInt16(truncatingIfNeeded: sum)
+        var result = ~foldedSum(UnsafeRawBufferPointer(frame), t)
         if t.isUDP && result == 0 { result = 0xffff }  // 0 means "no checksum" for UDP over IPv4
         frame[field] = UInt8(result >> 8)
         frame[field + 1] = UInt8(result & 0xff)
@@ -94,6 +85,12 @@ public enum ChecksumFill {
     /// Whether the frame's TCP/UDP checksum is correct (for tests and diagnostics).
     public static func verify(_ frame: UnsafeRawBufferPointer) -> Bool {
         guard let t = locate(frame) else { return false }
+        return foldedSum(frame, t) == 0xffff
+    }
+
+    /// The pseudo-header's sum plus the segment's 16-bit words (an odd last byte padded with
+    /// zero), folded to 16 bits: RFC 1071's one's-complement sum.
+    private static func foldedSum(_ frame: UnsafeRawBufferPointer, _ t: Transport) -> UInt16 {
         var sum = UInt64(t.pseudoSum)
         let end = t.start + t.length
         var i = t.start
@@ -103,6 +100,6 @@ public enum ChecksumFill {
         }
         if i < end { sum &+= UInt64(frame[i]) << 8 }
         while sum >> 16 != 0 { sum = (sum & 0xffff) &+ (sum >> 16) }
-        return sum == 0xffff
+        return UInt16(truncatingIfNeeded: sum)
     }
 }
