@@ -195,6 +195,41 @@ final class RunControl: @unchecked Sendable {  // state behind atomics and a mut
 
     var isPaused: Bool { pauseRequested.load(ordering: .acquiring) }
 
+    // MARK: Threads
+
+    /// Wakes the timer thread (``VCPUServices/startTimerThread``).
+    private let timerWaker = VCPUWaker()
+    /// One flag per secondary vCPU thread, set as it ends.
+    private let secondaries = Mutex<[Finished]>([])
+    private final class Finished: Sendable { let flag = Atomic<Bool>(false) }
+
+    /// Runs the boot vCPU (`boot`) on the calling thread with the timer thread beside it; when
+    /// it returns, stops every vCPU (`stopAll`) and waits for the timer thread and the threads
+    /// of vCPUs started with ``startSecondary(_:_:)``. Returns the domain's shutdown reason.
+    func run(_ services: VCPUServices, boot: () -> Void, stopAll: () -> Void) -> ShutdownReason {
+        let timers = VCPUServices.startTimerThread(domain: services.domain, waker: timerWaker, kickAll: services.wakeAll)
+        boot()
+        stopAll()
+        timerWaker.wake()
+        while !timers.isFinished { usleep(200) }
+        for done in secondaries.withLock({ $0 }) {
+            while !done.flag.load(ordering: .acquiring) { usleep(200) }
+        }
+        return services.domain.shutdownReason ?? .crash
+    }
+
+    /// VCPUOP_up's thread: runs vCPU `index` (`body`, which stops the others when it returns).
+    func startSecondary(_ index: Int, _ body: @escaping @Sendable () -> Void) {
+        let finished = Finished()
+        secondaries.withLock { $0.append(finished) }
+        let thread = Thread {
+            body()
+            finished.flag.store(true, ordering: .releasing)
+        }
+        thread.name = "vireo-vcpu\(index)"
+        thread.start()
+    }
+
     func pause() { pauseRequested.store(true, ordering: .releasing) }
 
     func unpause() {

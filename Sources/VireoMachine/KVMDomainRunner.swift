@@ -131,21 +131,10 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
     /// VCPUOP_up, which Vireo does not offer yet, so only vCPU 0 runs). Returns the reason.
     public func run() -> ShutdownReason {
         domain.setVCPUUpHook { [weak self] index, start in self?.startSecondary(index, start) }
-        let timers = startTimerThread()
-        runVCPU(0)
-        stopAll()
-        timerWaker.wake()
-        while !timers.isFinished { usleep(200) }
-        for done in secondaries.withLock({ $0 }) {
-            while !done.flag.load(ordering: .acquiring) { usleep(200) }
-        }
+        let reason = control.run(services, boot: { runVCPU(0) }, stopAll: stopAll)
         domain.setVCPUUpHook(nil)
-        return domain.shutdownReason ?? .crash
+        return reason
     }
-
-    private let secondaries = Mutex<[Finished]>([])
-
-    final class Finished: Sendable { let flag = Atomic<Bool>(false) }
 
     /// Wakes and kicks every vCPU, so each sees the domain's end.
     private func stopAll() {
@@ -174,23 +163,12 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
         } catch {
             return crash("starting vCPU \(index): \(error)")
         }
-        let finished = Finished()
-        secondaries.withLock { $0.append(finished) }
-        let thread = Thread { [self] in
+        control.startSecondary(index) { [self] in
             runVCPU(index)
             stopAll()
-            finished.flag.store(true, ordering: .releasing)
         }
-        thread.name = "vireo-vcpu\(index)"
-        thread.start()
     }
 
-    /// Wakes the timer thread (``VCPUServices/startTimerThread``).
-    private let timerWaker = VCPUWaker()
-
-    private func startTimerThread() -> Thread {
-        VCPUServices.startTimerThread(domain: domain, waker: timerWaker, kickAll: services.wakeAll)
-    }
 
     /// Stops the domain from another thread (the reason is recorded; the vCPU stops soon).
     public func stop(_ reason: ShutdownReason) {

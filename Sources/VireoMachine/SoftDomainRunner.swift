@@ -19,8 +19,6 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
     private let cpus: [SoftCPU]
     private let services: VCPUServices
     private let failure = Mutex<String?>(nil)
-    private let timerWaker = VCPUWaker()
-    private let secondaries = Mutex<[KVMDomainRunner.Finished]>([])
     private let retired = Atomic<UInt64>(0)
 
     /// Instructions between looks at events, timers and the domain's state.
@@ -82,17 +80,10 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
     /// VCPUOP_up, each on a thread of its own). Returns the reason.
     public func run() -> ShutdownReason {
         domain.setVCPUUpHook { [weak self] index, start in self?.startSecondary(index, start) }
-        let timers = VCPUServices.startTimerThread(domain: domain, waker: timerWaker, kickAll: services.wakeAll)
-        runVCPU(0)
-        stopAll()
-        timerWaker.wake()
-        while !timers.isFinished { usleep(200) }
-        for done in secondaries.withLock({ $0 }) {
-            while !done.flag.load(ordering: .acquiring) { usleep(200) }
-        }
+        let reason = control.run(services, boot: { runVCPU(0) }, stopAll: stopAll)
         domain.setVCPUUpHook(nil)
         domain.setPhysmapHook(nil)
-        return domain.shutdownReason ?? .crash
+        return reason
     }
 
     /// Stops the domain from another thread.
@@ -122,15 +113,10 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
         // The boot vCPU's descriptor tables: a secondary starts with the GDT the kernel loaded
         // (Xen's vcpu_hvm_context gives flat segments; the GDT is found when CS is reloaded).
         cpu.setDescriptorTables(gdt: (cpus[0].gdtBase, cpus[0].gdtLimit), idt: (0, 0))
-        let finished = KVMDomainRunner.Finished()
-        secondaries.withLock { $0.append(finished) }
-        let thread = Thread { [self] in
+        control.startSecondary(index) { [self] in
             runVCPU(index)
             stopAll()
-            finished.flag.store(true, ordering: .releasing)
         }
-        thread.name = "vireo-vcpu\(index)"
-        thread.start()
     }
 
     private func publishTime(_ index: Int) {
