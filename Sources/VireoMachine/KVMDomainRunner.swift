@@ -92,6 +92,22 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
 
     public var isPaused: Bool { control.isPaused }
 
+    /// KVM vCPUs are host threads the host's scheduler runs; they block on HLT and
+    /// SCHEDOP_block/poll and wake on events as SoftCPU vCPUs do. A weight or cap would be a
+    /// cgroup's `cpu.weight`/`cpu.max` over these threads, which Vireo does not manage yet:
+    /// anything but the defaults is refused, naming why.
+    public var creditParameters: CreditParameters { CreditParameters() }
+
+    public func setCredit(weight: Int?, cap: Int?) throws(CreditError) {
+        try CreditScheduler.check(weight: weight ?? CreditScheduler.defaultWeight, cap: cap ?? 0)
+        if let weight, weight != CreditScheduler.defaultWeight {
+            throw .unsupported("weight \(weight): a KVM domain's vCPUs are host threads; weights apply to SoftCPU domains only (Docs/scheduling.md)")
+        }
+        if let cap, cap != 0 {
+            throw .unsupported("cap \(cap): a KVM domain's vCPUs are host threads; caps apply to SoftCPU domains only (Docs/scheduling.md)")
+        }
+    }
+
     /// The host CPU time the domain's vCPU threads have used so far.
     public var cpuTimeNanoseconds: UInt64 { control.cpuTimeNanoseconds }
 
