@@ -186,7 +186,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
     }
 
     private func capReached(_ domain: ScheduledDomain) -> Bool {
-        domain.cap > 0 && domain.periodUsed >= capBudget(domain)
+        domain.cap > 0 && domain.capUsed >= capBudget(domain)
     }
 
     private func capBudget(_ domain: ScheduledDomain) -> UInt64 {
@@ -215,6 +215,9 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
                 domain.credit = min(domain.credit, 0)  // inactive: banks nothing (Xen resets it too)
             }
             domain.periodUsed = 0
+            // A step that ran past the cap's budget is paid for in the next period.
+            let budget = capBudget(domain)
+            domain.capUsed = domain.cap > 0 && domain.capUsed > budget ? domain.capUsed - budget : 0
         }
         // Capped-out vCPUs left on the queue may run again: give them threads.
         if idleThreads > 0 && !queue.isEmpty { lock.broadcast() }
@@ -302,6 +305,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
             let domain = vcpu.domain
             domain.consumed &+= spent
             domain.periodUsed &+= spent
+            domain.capUsed &+= spent
             domain.credit &-= Int64(clamping: spent)
             sliceUsed &+= spent
             let now = Self.now()
@@ -373,6 +377,7 @@ public final class ScheduledDomain: @unchecked Sendable {  // mutable state behi
     var capValue: Int
     var credit: Int64 = 0
     var periodUsed: UInt64 = 0
+    var capUsed: UInt64 = 0
     var consumed: UInt64 = 0
     private var liveVCPUs = 0  // behind `changes`
     var vcpus: [ScheduledVCPU] = []
