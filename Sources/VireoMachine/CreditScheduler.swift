@@ -24,6 +24,8 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
     /// Xen's default weight, and the range `xl sched-credit -w` accepts.
     public static let defaultWeight = 256
     public static let weights = 1...65535
+    /// Caps in percent of one host CPU: 0 (none) to 128 CPUs' worth.
+    public static let caps = 0...12800
 
     /// The host's active cores: the default pool size.
     public static var activeCores: Int { max(1, ProcessInfo.processInfo.activeProcessorCount) }
@@ -127,7 +129,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
 
     static func check(weight: Int, cap: Int) throws(CreditError) {
         guard weights.contains(weight) else { throw .weight(weight) }
-        guard cap >= 0 && cap <= 100 * 65535 else { throw .cap(cap) }
+        guard caps.contains(cap) else { throw .cap(cap) }
     }
 
     func remove(_ domain: ScheduledDomain) {
@@ -362,7 +364,7 @@ public enum CreditError: Error, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .weight(let w): "weight \(w) is out of range (1...65535)"
-        case .cap(let c): "cap \(c) is out of range (0 = none, else percent of one host CPU, at most 6553500)"
+        case .cap(let c): "cap \(c) is out of range (0 = none, else percent of one host CPU, 1...12800)"
         case .unsupported(let why): why
         }
     }
