@@ -211,6 +211,14 @@ import Testing
             let object = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [[String: Any]]
             return object?.first?["cpu_seconds"] as? Double ?? -1
         }
+        // sched-credit, as xl: set a weight and cap, read xl's table back; bad values are refused.
+        #expect(try d.vireo(["sched-credit", "-d", "e2e-spin", "-w", "512", "-c", "50"]).status == 0)
+        let credit = try d.vireo(["sched-credit", "-d", "e2e-spin"]).out
+        #expect(credit.hasPrefix("Name") && Self.row(credit, "e2e-spin").map { Array($0.suffix(2)) } == ["512", "50"], "\(credit)")
+        #expect(Self.row(try d.vireo(["sched-credit"]).out, "e2e-spin") != nil, "every domain without -d")
+        let refused = try d.vireo(["sched-credit", "-d", "e2e-spin", "-w", "0"])
+        #expect(refused.status != 0 && refused.err.contains("-w 0"), "\(refused.err)")
+        #expect(try d.vireo(["sched-credit", "-d", "e2e-spin", "-c", "0"]).status == 0)
         usleep(500_000)
         #expect(try d.vireo(["pause", "e2e-spin"]).status == 0)
         usleep(300_000)
