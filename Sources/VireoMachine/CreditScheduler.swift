@@ -139,8 +139,12 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
     }
 
     func add(_ vcpu: ScheduledVCPU) {
-        vcpu.domain.started()
         lock.lock()
+        guard case .new = vcpu.state else {
+            lock.unlock()
+            return
+        }
+        vcpu.domain.started()
         vcpu.state = .runnable
         queue.append(vcpu)
         signalLocked(for: vcpu)
@@ -163,7 +167,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
             return
         case .running:
             vcpu.woken = true  // its step may be deciding to block: it looks again instead
-        case .runnable, .done:
+        case .new, .runnable, .done:
             break
         }
         lock.unlock()
@@ -394,7 +398,14 @@ public final class ScheduledDomain: @unchecked Sendable {  // mutable state behi
 
     var weight: Int { weightValue }
     var cap: Int { capValue }
-    var wantsCPU: Bool { vcpus.contains { if case .blocked = $0.state { false } else if case .done = $0.state { false } else { true } } }
+    var wantsCPU: Bool {
+        vcpus.contains { vcpu in
+            switch vcpu.state {
+            case .runnable, .running: true
+            case .new, .blocked, .done: false
+            }
+        }
+    }
 
     private func locked<T>(_ body: () -> T) -> T {
         scheduler.lock.lock()
@@ -422,9 +433,16 @@ public final class ScheduledDomain: @unchecked Sendable {  // mutable state behi
     /// Adds a vCPU, runnable at once: the pool calls `step` (never two at a time) while it
     /// holds a thread; `preempt` makes a running step return soon (the SoftCPU's kick).
     public func addVCPU(step: @escaping @Sendable () -> CreditScheduler.Step, preempt: @escaping @Sendable () -> Void) -> ScheduledVCPU {
+        let vcpu = makeVCPU(step: step, preempt: preempt)
+        vcpu.start()
+        return vcpu
+    }
+
+    /// A vCPU that runs from its ``ScheduledVCPU/start()`` on (so its owner can record it
+    /// first, and a wake for it cannot come before it is known).
+    public func makeVCPU(step: @escaping @Sendable () -> CreditScheduler.Step, preempt: @escaping @Sendable () -> Void) -> ScheduledVCPU {
         let vcpu = ScheduledVCPU(domain: self, step: step, preempt: preempt)
         locked { vcpus.append(vcpu) }
-        scheduler.add(vcpu)
         return vcpu
     }
 
@@ -454,11 +472,11 @@ public final class ScheduledDomain: @unchecked Sendable {  // mutable state behi
 
 /// One vCPU in a ``CreditScheduler``.
 public final class ScheduledVCPU: @unchecked Sendable {  // mutable state behind the scheduler's lock
-    enum State { case runnable, running, blocked(wakeAt: UInt64?), done }
+    enum State { case new, runnable, running, blocked(wakeAt: UInt64?), done }
     let domain: ScheduledDomain
     let step: @Sendable () -> CreditScheduler.Step
     let preempt: @Sendable () -> Void
-    var state = State.runnable
+    var state = State.new
     var boost = false
     var woken = false
 
@@ -470,4 +488,7 @@ public final class ScheduledVCPU: @unchecked Sendable {  // mutable state behind
 
     /// Makes a blocked vCPU runnable (BOOSTed); a running one looks again before it blocks.
     public func wake() { domain.scheduler.wake(self) }
+
+    /// Makes a vCPU from ``ScheduledDomain/makeVCPU(step:preempt:)`` runnable (once).
+    public func start() { domain.scheduler.add(self) }
 }

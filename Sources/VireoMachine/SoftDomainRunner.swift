@@ -150,8 +150,9 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
 
     private func schedule(_ index: Int) {
         let cpu = cpus[index]
-        let entry = scheduled.addVCPU(step: { [unowned self] in step(index) }, preempt: { cpu.kick() })
-        vcpus.entries.withLock { $0[index] = entry }
+        let entry = scheduled.makeVCPU(step: { [unowned self] in step(index) }, preempt: { cpu.kick() })
+        vcpus.entries.withLock { $0[index] = entry }  // before it runs: every wake for it finds it
+        entry.start()
     }
 
     /// Stops the domain from another thread.
