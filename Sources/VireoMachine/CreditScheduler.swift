@@ -9,8 +9,9 @@ import Synchronization
 /// instruction budget) for up to a time slice, then goes to the back of the run queue; the host
 /// CPU time each step really took is charged to its domain.
 ///
-/// Priorities, as in Xen: BOOST (a vCPU just woken from blocked, so an I/O-bound vCPU runs
-/// promptly, preempting a running UNDER/OVER one), UNDER (its domain has credit left), OVER.
+/// Priorities, as in Xen: BOOST (an UNDER vCPU just woken from blocked, so an I/O-bound vCPU
+/// runs promptly, preempting a running UNDER/OVER one; it lasts one slice), UNDER (its domain's
+/// credit is not negative), OVER.
 /// Every accounting period the CPU time the pool gave out in that period is handed back to the
 /// domains that want CPU in proportion to their weights; a domain that used more than its share
 /// goes OVER and yields to the others. Because credit is the CPU really consumed (not wall time
@@ -159,7 +160,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
         case .blocked:
             blocked[ObjectIdentifier(vcpu)] = nil
             vcpu.state = .runnable
-            vcpu.boost = true
+            vcpu.boost = vcpu.domain.credit >= 0  // as Xen: an UNDER vCPU that wakes is BOOSTed, an OVER one is not
             queue.append(vcpu)
             let victim = signalLocked(for: vcpu)
             lock.unlock()
@@ -188,7 +189,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
 
     func priority(of vcpu: ScheduledVCPU) -> Priority {
         if vcpu.boost { return .boost }
-        return vcpu.domain.credit > 0 ? .under : .over
+        return vcpu.domain.credit >= 0 ? .under : .over
     }
 
     private func capReached(_ domain: ScheduledDomain) -> Bool {
@@ -218,7 +219,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
                 if domain.cap > 0 { share = min(share, Int64(capBudget(domain))) }
                 domain.credit = min(bound, max(-bound, domain.credit &+ share))
             } else {
-                domain.credit = min(domain.credit, 0)  // inactive: banks nothing (Xen resets it too)
+                domain.credit = 0  // inactive (all its vCPUs blocked): neither banks credit nor keeps a debt
             }
             domain.periodUsed = 0
             // A step that ran past the cap's budget is paid for in the next period.
@@ -260,7 +261,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
             if wakeAt <= now {
                 blocked[key] = nil
                 vcpu.state = .runnable
-                vcpu.boost = true  // a timer or poll deadline: woken as by an event
+                vcpu.boost = vcpu.domain.credit >= 0  // a timer or poll deadline: woken as by an event
                 queue.append(vcpu)
             } else {
                 earliest = min(earliest ?? wakeAt, wakeAt)
@@ -324,7 +325,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
                 return
             case .block(let wakeAt):
                 if vcpu.woken {
-                    requeue(vcpu, boost: true)
+                    requeue(vcpu, boost: domain.credit >= 0)
                 } else {
                     vcpu.state = .blocked(wakeAt: wakeAt)
                     vcpu.boost = false

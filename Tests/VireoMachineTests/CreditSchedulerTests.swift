@@ -127,13 +127,16 @@ import VireoMachine
         }, preempt: {})
         // A CPU-bound neighbour keeps the one thread busy: the wake must still get through.
         let spinner = try scheduler.addDomain(name: "spinner")
-        _ = spinner.addVCPU(step: Self.busy(stop), preempt: {})
+        let preempted = Counter()
+        _ = spinner.addVCPU(step: Self.busy(stop), preempt: { _ = preempted.next() })
         usleep(200_000)
         #expect(steps.count == 1, "blocked: not stepped again")
         let used = sleeper.cpuTimeNanoseconds
         usleep(500_000)
         #expect(sleeper.cpuTimeNanoseconds == used, "a blocked vCPU is charged nothing")
+        #expect(preempted.count == 0)
         vcpu.wake()
+        #expect(preempted.count == 1, "the woken vCPU is BOOSTed: the running spinner is kicked off the one thread")
         var waited = 0
         while steps.count < 2 && waited < 5000 { usleep(1000); waited += 1 }
         #expect(steps.count == 2, "the wake ran it once, and it blocked again")
