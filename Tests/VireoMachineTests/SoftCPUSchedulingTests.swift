@@ -170,7 +170,7 @@ import VireoMachine
         try runner.setCredit(weight: 256, cap: 0)
         #expect(runner.creditParameters == CreditParameters())
         #expect(throws: CreditError.self) { try runner.setCredit(weight: 512, cap: nil) }
-        do { try runner.setCredit(weight: nil, cap: 50) } catch { #expect(error.description.contains("cap 50") && error.description.contains("SoftCPU")) }
+        do { try runner.setCredit(weight: nil, cap: 50) } catch { #expect(error.description.contains("cap 50 on a KVM domain") && error.description.contains("cgroup"), "\(error)") }
         #expect(throws: CreditError.weight(0)) { try runner.setCredit(weight: 0, cap: nil) }
     }
 }
