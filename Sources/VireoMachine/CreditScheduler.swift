@@ -59,6 +59,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
     let lock = NSCondition()  // taken before a domain's own `changes`, never after
     private var domains: [ScheduledDomain] = []
     private var queue: [ScheduledVCPU] = []
+    /// Blocked vCPUs with a wake-up time (one blocked until a wake is on no list at all).
     private var blocked: [ObjectIdentifier: ScheduledVCPU] = [:]
     private var running: [ScheduledVCPU] = []
     private var idleThreads = 0
@@ -206,7 +207,10 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
     /// weight, and starts caps again. Called with the lock held.
     private func accountIfDue(_ now: UInt64) {
         guard now &- lastAccounting >= periodNanoseconds else { return }
-        lastAccounting = now
+        // Periods fall on a fixed grid: a late look (a long step, a busy host) does not stretch
+        // them, which would give a capped domain less than its cap.
+        let periods = (now &- lastAccounting) / periodNanoseconds
+        lastAccounting &+= periods &* periodNanoseconds
         let active = domains.filter { d in d.periodUsed > 0 || d.wantsCPU }
         let used = domains.reduce(UInt64(0)) { $0 &+ $1.periodUsed }
         let totalWeight = active.reduce(0) { $0 + $1.weight }
@@ -223,7 +227,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
             }
             domain.periodUsed = 0
             // A step that ran past the cap's budget is paid for in the next period.
-            let budget = capBudget(domain)
+            let budget = capBudget(domain) &* periods
             domain.capUsed = domain.cap > 0 && domain.capUsed > budget ? domain.capUsed - budget : 0
         }
         // Capped-out vCPUs left on the queue may run again: give them threads.
@@ -263,6 +267,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
                 vcpu.state = .runnable
                 vcpu.boost = vcpu.domain.credit >= 0  // a timer or poll deadline: woken as by an event
                 queue.append(vcpu)
+                if idleThreads > 0 { lock.signal() }
             } else {
                 earliest = min(earliest ?? wakeAt, wakeAt)
             }
@@ -329,7 +334,7 @@ public final class CreditScheduler: @unchecked Sendable {  // all state behind `
                 } else {
                     vcpu.state = .blocked(wakeAt: wakeAt)
                     vcpu.boost = false
-                    blocked[ObjectIdentifier(vcpu)] = vcpu
+                    if wakeAt != nil { blocked[ObjectIdentifier(vcpu)] = vcpu }  // only timed sleeps need looking at
                 }
                 return
             case .yield:
