@@ -110,15 +110,15 @@ public struct CPUBenchmark: Benchmark {
             console: { bytes in output.text.withLock { $0 += String(decoding: bytes, as: UTF8.self) } },
             upcall: { router.upcall($0) })
         defer { built.domain.destroy() }
-        let runner = SoftDomainRunner(built: built, router: router)
-        let start = Measure.now(), cpuStart = threadCPUNanoseconds()
+        let runner = try SoftDomainRunner(built: built, router: router)
+        let start = Measure.now()
         let reason = runner.run()
-        let end = Measure.now(), cpuEnd = threadCPUNanoseconds()
+        let end = Measure.now()
         withExtendedLifetime(host) {}
         guard reason == .poweroff else {
             throw BenchmarkError.unavailable(name: "cpu", reason: "cpubench on the SoftCPU ended with \(reason) \(runner.failureDescription ?? "")")
         }
-        return Run(seconds: Double(end - start) / 1e9, cpuSeconds: Double(cpuEnd - cpuStart) / 1e9,
+        return Run(seconds: Double(end - start) / 1e9, cpuSeconds: Double(runner.cpuTimeNanoseconds) / 1e9,
                    instructions: runner.instructions, output: output.text.withLock { $0 })
     }
 

@@ -46,6 +46,7 @@ public final class ControlAPI: Sendable {
         ("POST", "/v1/domains/{domain}/unpause"), ("GET", "/v1/domains/{domain}/console"),
         ("POST", "/v1/domains/{domain}/console"),
         ("POST", "/v1/domains/{domain}/block-attach"), ("POST", "/v1/domains/{domain}/block-detach"),
+        ("GET", "/v1/domains/{domain}/sched-credit"), ("PUT", "/v1/domains/{domain}/sched-credit"),
         ("GET", "/v1/store"), ("PUT", "/v1/store"), ("GET", "/v1/version"), ("GET", "/metrics"),
     ]
 
@@ -174,6 +175,11 @@ public final class ControlAPI: Sendable {
                 try allow("POST")
                 let body = try decode(BlockDetachRequest.self, request.body)
                 return Self.json(200, try daemon.blockDetach(domain, vdev: body.vdev))
+            case "sched-credit":
+                try allow("GET", "PUT")
+                if method == "GET" { return Self.json(200, try daemon.schedCredit(domain)) }
+                let body = try decode(SchedCreditRequest.self, request.body)
+                return Self.json(200, try daemon.setSchedCredit(domain, weight: body.weight, cap: body.cap))
             default:
                 throw .notFound("no route \(method) \(request.path)")
             }

@@ -22,13 +22,16 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         /// The per-domain console log file stops growing here (a guest cannot fill the disk).
         public var consoleLogLimit: Int
         public var maxDomains: Int
+        /// Host threads of the SoftCPU domains' credit scheduler (nil: the active cores).
+        public var schedulerThreads: Int?
         public init(stateDirectory: URL, shutdownTimeout: Double = 30, consoleBufferBytes: Int = 64 << 10,
-                    consoleLogLimit: Int = 4 << 20, maxDomains: Int = 1024) {
+                    consoleLogLimit: Int = 4 << 20, maxDomains: Int = 1024, schedulerThreads: Int? = nil) {
             self.stateDirectory = stateDirectory
             self.shutdownTimeout = shutdownTimeout
             self.consoleBufferBytes = consoleBufferBytes
             self.consoleLogLimit = consoleLogLimit
             self.maxDomains = maxDomains
+            self.schedulerThreads = schedulerThreads
         }
     }
 
@@ -56,6 +59,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     public let options: Options
     public let host: EmbeddedHost
+    /// The pool of host threads every SoftCPU domain of this daemon runs on (Docs/scheduling.md).
+    public let scheduler: CreditScheduler
     let logger: Logger
     private let lock = NSLock()
     private var domains: [UInt16: Managed] = [:]
@@ -79,6 +84,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             try FileManager.default.createDirectory(at: directory, withIntermediateDirectories: true)
         }
         host = try EmbeddedHost()
+        scheduler = CreditScheduler(threads: options.schedulerThreads ?? CreditScheduler.activeCores)
         toolstack = host.store.connect(domain: host.host.id)
         try loadRecords()
     }
@@ -347,6 +353,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     networks: try Self.networks(spec.vifs, domain: Int(id)),
                     consoleInput: input[0] >= 0 ? input[0] : nil,
                     engine: spec.engine == .kvm ? .kvm : spec.engine == .soft ? .soft : ExecutionEngine.automatic, handle: handle,
+                    scheduler: scheduler, credit: CreditParameters(weight: spec.cpuWeight ?? CreditScheduler.defaultWeight, cap: spec.cap ?? 0),
                     console: { bytes in
                         console.append(bytes)
                         guard logFD >= 0 else { return }
@@ -535,6 +542,53 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         try request(managed, "reboot")
         logger.info("reboot requested", metadata: ["id": "\(managed.record.id)"])
         return lock.withLock { info(locked: managed) }
+    }
+
+    /// The domain's weight and cap (`xl sched-credit -d`): those in force while it runs, else
+    /// those its next run gets.
+    public func schedCredit(_ key: String) throws(APIError) -> SchedCredit {
+        let managed = try find(key)
+        return lock.withLock { schedCredit(locked: managed) }
+    }
+
+    private func schedCredit(locked managed: Managed) -> SchedCredit {
+        let spec = managed.record.spec
+        let credit = managed.handle?.creditParameters
+            ?? CreditParameters(weight: spec.cpuWeight ?? CreditScheduler.defaultWeight, cap: spec.cap ?? 0)
+        return SchedCredit(id: managed.record.id, name: spec.name, weight: credit.weight, cap: credit.cap)
+    }
+
+    /// Sets the weight and/or cap (`xl sched-credit -d D -w W -c C`): at once on a running
+    /// SoftCPU domain, and recorded for its later runs.
+    /// - Throws: 400 naming `weight` or `cap` when out of range; 409 naming the field when the
+    ///   domain's engine cannot apply it (KVM).
+    public func setSchedCredit(_ key: String, weight: Int?, cap: Int?) throws(APIError) -> SchedCredit {
+        let managed = try find(key)
+        if let weight, !CreditScheduler.weights.contains(weight) {
+            throw .badRequest("weight \(weight): give 1 to 65535", field: "weight")
+        }
+        if let cap, !CreditScheduler.caps.contains(cap) {
+            throw .badRequest("cap \(cap): give 0 (none) to 12800 percent of one CPU", field: "cap")
+        }
+        return try locked { () throws(APIError) -> SchedCredit in
+            if let handle = managed.handle {
+                do throws(CreditError) {
+                    try handle.setCredit(weight: weight, cap: cap)
+                } catch {
+                    // The engine refused (KVM): name the field that asked for what it cannot do.
+                    let field = switch error {
+                    case .weight: "weight"
+                    case .cap: "cap"
+                    case .unsupported: cap != nil && cap != 0 ? "cap" : "weight"
+                    }
+                    throw APIError(409, "domain '\(managed.record.spec.name)': \(error)", field: field)
+                }
+            }
+            if let weight { managed.record.spec.cpuWeight = weight }
+            if let cap { managed.record.spec.cap = cap }
+            persist(managed.record)
+            return schedCredit(locked: managed)
+        }
     }
 
     public func pause(_ key: String) throws(APIError) -> DomainInfo {
@@ -804,6 +858,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         while !allDone() && Date() < hard { usleep(5000) }
         host.store.disconnect(toolstack)
         host.shutdown()
+        scheduler.shutdown()
         logger.info("stopped")
     }
 }

@@ -135,6 +135,27 @@ public struct StoreNode: Codable, Sendable {
     }
 }
 
+/// `GET`/`PUT /v1/domains/{domain}/sched-credit`: the domain's credit-scheduler parameters,
+/// as `xl sched-credit` shows them (Docs/scheduling.md).
+public struct SchedCredit: Codable, Sendable, Equatable {
+    public var id: UInt16
+    public var name: String
+    /// 1...65535; 256 by default.
+    public var weight: Int
+    /// Percent of one host CPU; 0 = no cap.
+    public var cap: Int
+}
+
+/// `PUT /v1/domains/{domain}/sched-credit`: what to change (an absent field is kept).
+public struct SchedCreditRequest: Codable, Sendable {
+    public var weight: Int?
+    public var cap: Int?
+    public init(weight: Int?, cap: Int?) {
+        self.weight = weight
+        self.cap = cap
+    }
+}
+
 /// Every error response's body.
 public struct ErrorBody: Codable, Sendable, Equatable {
     public var error: String

@@ -14,6 +14,7 @@ public final class DomainHandle: Sendable {
         var finishedExits = 0
         var finishedHypercalls = 0
         var finishedCPUNanoseconds: UInt64 = 0
+        var credit: CreditParameters?
     }
 
     private let state = Mutex(State())
@@ -28,6 +29,7 @@ public final class DomainHandle: Sendable {
         }
         if paused { runner.pause() }
         if destroyed { runner.stop(.poweroff) }
+        if let credit = state.withLock({ $0.credit }) { try? runner.setCredit(weight: credit.weight, cap: credit.cap) }
     }
 
     func detach() {
@@ -68,6 +70,22 @@ public final class DomainHandle: Sendable {
             state.destroyed = true
             return state.runner
         }?.stop(.poweroff)
+    }
+
+    /// The weight and cap in force (those set before the vCPUs exist, else the defaults, until then).
+    public var creditParameters: CreditParameters {
+        state.withLock { state in state.runner?.creditParameters ?? state.credit ?? CreditParameters() }
+    }
+
+    /// Sets the weight and/or cap (nil keeps it): at once when the vCPUs run, else at the attach.
+    /// - Throws: ``CreditError`` naming the value out of range or why the engine cannot apply it.
+    public func setCredit(weight: Int?, cap: Int?) throws(CreditError) {
+        let runner = state.withLock { $0.runner }
+        let current = runner?.creditParameters ?? state.withLock({ $0.credit }) ?? CreditParameters()
+        let wanted = CreditParameters(weight: weight ?? current.weight, cap: cap ?? current.cap)
+        try CreditScheduler.check(weight: wanted.weight, cap: wanted.cap)
+        try runner?.setCredit(weight: weight, cap: cap)
+        state.withLock { $0.credit = wanted }
     }
 
     public var destroyRequested: Bool { state.withLock { $0.destroyed } }

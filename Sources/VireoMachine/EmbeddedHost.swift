@@ -104,6 +104,10 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     /// ``grants`` and ``host`` for frontend `config.id`): created with the disks' and served
     /// the same way, each on its own thread.
     ///
+    /// SoftCPU vCPUs run on `scheduler` (the daemon's pool shared by its domains) or, without
+    /// one, on a private pool; `credit` is the domain's weight and cap (Docs/scheduling.md). On
+    /// KVM a weight or cap other than the defaults is refused (``CreditError/unsupported(_:)``).
+    ///
     /// `handle`, when given, controls the running domain from other threads (pause, unpause,
     /// destroy) and reports its exits and CPU time: what the daemon holds for each domain.
     /// - Throws: ``BackendError`` naming the image when a disk cannot be opened, the console
@@ -112,6 +116,7 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
                     networks: [NetworkSpec] = [], devices: [any BackendService] = [],
                     consoleLog: String? = nil, consoleRate: ConsoleBackend.RateLimit = .standard,
                     consoleInput: Int32? = nil, engine: ExecutionEngine = .kvm, handle: DomainHandle? = nil,
+                    scheduler: CreditScheduler? = nil, credit: CreditParameters = CreditParameters(),
                     console: @escaping @Sendable ([UInt8]) -> Void) throws -> Outcome {
         // Open the images first: a missing file fails before any domain exists.
         var backends: [any BackendService] = []
@@ -186,12 +191,13 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         switch engine {
         case .kvm:
             let runner = try KVMDomainRunner(built: built, router: router)
+            try runner.setCredit(weight: credit.weight, cap: credit.cap)
             handle?.attach(runner)
             defer { handle?.detach() }
             let reason = runner.run()
             return Outcome(reason: reason, failure: runner.failureDescription)
         case .soft:
-            let runner = SoftDomainRunner(built: built, router: router)
+            let runner = try SoftDomainRunner(built: built, router: router, scheduler: scheduler, credit: credit)
             handle?.attach(runner)
             defer { handle?.detach() }
             let reason = runner.run()

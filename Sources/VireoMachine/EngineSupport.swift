@@ -79,36 +79,55 @@ struct VCPUServices {
         case stop
     }
 
+    /// What a hypercall asks of a vCPU whose engine must not sleep on its thread (a vCPU run by
+    /// a ``CreditScheduler``): the completion, or a sleep or yield the engine arranges itself.
+    enum Step {
+        case completion(Completion)
+        /// SCHEDOP_block (`ports` nil) or SCHEDOP_poll: RAX gets `result`, then the vCPU sleeps
+        /// until ``checkSleep(vcpu:ports:deadline:)`` says ready.
+        case sleep(result: UInt64, ports: [EventPort]?, deadline: UInt64?)
+        /// SCHEDOP_yield: RAX gets `result`; the vCPU gives up the rest of its slice.
+        case yield(result: UInt64)
+    }
+
+    /// The hypercall on a thread that may sleep: block and poll sleep here, yield yields the thread.
     func hypercall(_ call: Call, vcpu: Int) -> Completion {
+        switch hypercallStep(call, vcpu: vcpu) {
+        case .completion(let completion):
+            return completion
+        case .yield(let result):
+            sched_yield()
+            return .result(result, slept: false)
+        case .sleep(let result, let ports, let deadline):
+            // SCHEDOP_block: sleep until an event is pending (delivered after return).
+            sleep(vcpu: vcpu, ports: ports, deadline: deadline)
+            return .result(result, slept: true)
+        }
+    }
+
+    /// The hypercall without sleeping: block, poll and yield are handed back to the engine.
+    func hypercallStep(_ call: Call, vcpu: Int) -> Step {
         if call.userMode {
-            return .result(UInt64(bitPattern: XenError.EPERM.hypercallResult), slept: false)  // for the kernel only
+            return .completion(.result(UInt64(bitPattern: XenError.EPERM.hypercallResult), slept: false))  // for the kernel only
         }
         let arguments = call.longMode ? [call.rdi, call.rsi, call.rdx, call.r10, call.r8]
             : [call.rbx, call.rcx, call.rdx, call.rsi, call.rdi].map { $0 & 0xFFFF_FFFF }
         let space = GuestAddressSpace(memory: domain.memory, mode: call.paging)
-        let result: UInt64
-        var slept = false
         switch dispatcher.dispatch(HypercallPage.number(fromEAX: call.number), arguments, vcpu: vcpu, space: space) {
         case .result(let r):
-            result = UInt64(bitPattern: r)
+            let result = UInt64(bitPattern: r)
+            return .completion(.result(call.longMode ? result : result & 0xFFFF_FFFF, slept: false))
         case .yield:
-            sched_yield()
-            result = 0
+            return .yield(result: 0)
         case .block:
-            // SCHEDOP_block: sleep until an event is pending (delivered after return).
-            sleep(vcpu: vcpu, ports: nil, deadline: nil)
-            result = 0
-            slept = true
+            return .sleep(result: 0, ports: nil, deadline: nil)
         case .poll(let ports, let deadline):
-            sleep(vcpu: vcpu, ports: ports, deadline: deadline)
-            result = 0
-            slept = true
+            return .sleep(result: 0, ports: ports, deadline: deadline)
         case .shutdown:
-            return .stop
+            return .completion(.stop)
         case .restart(let args):
-            return .restart(args)
+            return .completion(.restart(args))
         }
-        return .result(call.longMode ? result : result & 0xFFFF_FFFF, slept: slept)
     }
 
     func upcallPending(_ vcpu: Int) -> Bool {
@@ -126,22 +145,41 @@ struct VCPUServices {
         return vector
     }
 
+    /// Whether a sleeping vCPU should run again: an event is pending for it (or one of `ports`,
+    /// for SCHEDOP_poll), or the domain stops.
+    private func isReady(vcpu: Int, ports: [EventPort]?, events: GuestEventState?) -> Bool {
+        if domain.shutdownReason != nil { return true }
+        if let ports, let events { return ports.contains { events.isPending($0) } }
+        return upcallPending(vcpu)
+    }
+
+    private var eventState: GuestEventState? {
+        (try? domain.memory.specialRegion(Domain.sharedInfoSpecialFrame)).map { GuestEventState(sharedInfo: $0) }
+    }
+
+    /// What a sleeping vCPU's sleep comes to now (firing timers that fell due): ready, or sleep
+    /// on until an event or until the domain system time `until` (a timer or the deadline).
+    enum SleepCheck: Equatable {
+        case ready
+        case sleep(until: UInt64?)
+    }
+
+    func checkSleep(vcpu: Int, ports: [EventPort]?, deadline: UInt64?) -> SleepCheck {
+        let events = eventState
+        if isReady(vcpu: vcpu, ports: ports, events: events) { return .ready }
+        let next = domain.fireDueTimers()
+        if isReady(vcpu: vcpu, ports: ports, events: events) { return .ready }
+        if let deadline, domain.systemTime() >= deadline { return .ready }
+        return .sleep(until: [next, deadline].compactMap { $0 }.min())
+    }
+
     /// Sleeps the vCPU until an event is pending for it (or one of `ports`, for SCHEDOP_poll),
     /// a timer fires, the deadline passes, or the domain stops.
     func sleep(vcpu: Int, ports: [EventPort]?, deadline: UInt64?) {
-        let events = (try? domain.memory.specialRegion(Domain.sharedInfoSpecialFrame)).map { GuestEventState(sharedInfo: $0) }
-        func ready() -> Bool {
-            if domain.shutdownReason != nil { return true }
-            if let ports, let events { return ports.contains { events.isPending($0) } }
-            return upcallPending(vcpu)
-        }
-        while !ready() {
-            let next = domain.fireDueTimers()
-            if ready() { return }
-            let wakeAt = [next, deadline].compactMap { $0 }.min()
-            if let deadline, domain.systemTime() >= deadline { return }
+        let events = eventState
+        while case .sleep(let wakeAt) = checkSleep(vcpu: vcpu, ports: ports, deadline: deadline) {
             let timeout = wakeAt.map { Int64(clamping: $0 &- min($0, domain.systemTime())) } ?? -1
-            wakers[vcpu].wait(until: ready, timeoutNanoseconds: timeout)
+            wakers[vcpu].wait(until: { isReady(vcpu: vcpu, ports: ports, events: events) }, timeoutNanoseconds: timeout)
         }
     }
 
@@ -180,6 +218,10 @@ public protocol DomainRunner: AnyObject, Sendable {
     var cpuTimeNanoseconds: UInt64 { get }
     func pause()
     func unpause()
+    /// The domain's weight and cap (Docs/scheduling.md).
+    var creditParameters: CreditParameters { get }
+    /// Sets the weight and/or cap (nil keeps it), or says why not.
+    func setCredit(weight: Int?, cap: Int?) throws(CreditError)
     /// Stops the domain from another thread (the reason is recorded; the vCPUs stop soon).
     func stop(_ reason: ShutdownReason)
 }

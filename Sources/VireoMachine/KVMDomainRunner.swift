@@ -92,8 +92,33 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
 
     public var isPaused: Bool { control.isPaused }
 
+    /// KVM vCPUs are host threads the host's scheduler runs; they block on HLT and
+    /// SCHEDOP_block/poll and wake on events as SoftCPU vCPUs do. A weight or cap would be a
+    /// cgroup v2 `cpu.weight`/`cpu.max` over these threads, which Vireo does not manage yet:
+    /// anything but the defaults is refused, naming why.
+    public var creditParameters: CreditParameters { CreditParameters() }
+
+    public func setCredit(weight: Int?, cap: Int?) throws(CreditError) {
+        try CreditScheduler.check(weight: weight ?? CreditScheduler.defaultWeight, cap: cap ?? 0)
+        if let weight, weight != CreditScheduler.defaultWeight {
+            throw .unsupported("weight \(weight) on a KVM domain: \(Self.cgroupRefusal)")
+        }
+        if let cap, cap != 0 {
+            throw .unsupported("cap \(cap) on a KVM domain: \(Self.cgroupRefusal)")
+        }
+    }
+
     /// The host CPU time the domain's vCPU threads have used so far.
     public var cpuTimeNanoseconds: UInt64 { control.cpuTimeNanoseconds }
+
+    /// Why a KVM domain's weight or cap cannot be applied on this host.
+    static var cgroupRefusal: String {
+        let controllers = (try? String(contentsOfFile: "/sys/fs/cgroup/cgroup.controllers", encoding: .utf8)) ?? ""
+        let why = controllers.isEmpty
+            ? "/sys/fs/cgroup here is not a cgroup v2 hierarchy, so there is no cpu.max or cpu.weight to apply it with"
+            : "Vireo does not place KVM vCPU threads in a cgroup (cpu.max, cpu.weight) yet"
+        return "its vCPUs are host threads scheduled by the host; \(why); weights and caps apply to SoftCPU domains (Docs/scheduling.md)"
+    }
 
     /// Creates the KVM VM and vCPUs for `built` and puts vCPU 0 in the PVH entry state.
     /// Whether /dev/kvm opens and offers what the runner needs (for `--engine auto`).

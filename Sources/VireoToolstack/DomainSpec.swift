@@ -58,10 +58,14 @@ public struct DomainSpec: Equatable, Sendable, Codable {
     public var onReboot: Action
     public var onCrash: Action
     public var engine: Engine
+    /// `cpu_weight`: the credit scheduler's weight (1...65535; nil = the default, 256).
+    public var cpuWeight: Int?
+    /// `cap`: the most CPU the domain may use, in percent of one host CPU (nil or 0 = none).
+    public var cap: Int?
 
     public init(name: String, memoryMiB: Int = 128, vcpus: Int = 1, kernel: String, cmdline: String = "", disks: [Disk] = [],
                 vifs: [Vif] = [], onPoweroff: Action = .destroy, onReboot: Action = .restart, onCrash: Action = .destroy,
-                engine: Engine = .auto) {
+                engine: Engine = .auto, cpuWeight: Int? = nil, cap: Int? = nil) {
         self.name = name
         self.memoryMiB = memoryMiB
         self.vcpus = vcpus
@@ -73,6 +77,8 @@ public struct DomainSpec: Equatable, Sendable, Codable {
         self.onReboot = onReboot
         self.onCrash = onCrash
         self.engine = engine
+        self.cpuWeight = cpuWeight
+        self.cap = cap
     }
 }
 
@@ -86,7 +92,7 @@ public struct ConfigWarning: Equatable, Sendable, CustomStringConvertible {
 
 extension DomainSpec {
     /// Keys Xen's xl knows that change nothing under Vireo: accepted with a warning.
-    static let ignoredKeys: Set<String> = ["uuid", "maxmem", "maxvcpus", "cpus", "cpu_weight", "cap", "on_watchdog",
+    static let ignoredKeys: Set<String> = ["uuid", "maxmem", "maxvcpus", "cpus", "on_watchdog",
                                            "on_soft_reset", "vnc", "sdl", "serial", "localtime", "acpi", "apic", "pae",
                                            "hap", "nestedhvm", "device_model_version", "vfb", "vkb", "channel",
                                            "builder", "pvh"]
@@ -98,7 +104,7 @@ extension DomainSpec {
         "device_model_override": "Vireo has no device model", "firmware": "Vireo boots PVH kernels directly",
     ]
     static let knownKeys: Set<String> = ["name", "memory", "vcpus", "kernel", "cmdline", "extra", "root", "disk", "vif",
-                                         "on_poweroff", "on_reboot", "on_crash", "engine", "type"]
+                                         "on_poweroff", "on_reboot", "on_crash", "engine", "type", "cpu_weight", "cap"]
 
     /// Reads an xl.cfg file's text. Every error names the file, line and column; unknown keys
     /// and keys Vireo ignores come back as warnings.
@@ -206,7 +212,8 @@ extension DomainSpec {
                               vcpus: try integer("vcpus", 1...128, unit: "vCPUs") ?? 1, kernel: kernel, cmdline: cmdline,
                               disks: disks, vifs: vifs, onPoweroff: try action("on_poweroff", default: .destroy),
                               onReboot: try action("on_reboot", default: .restart), onCrash: try action("on_crash", default: .destroy),
-                              engine: engine)
+                              engine: engine, cpuWeight: try integer("cpu_weight", 1...65535, unit: "weight units"),
+                              cap: try integer("cap", 0...12800, unit: "percent of one CPU"))
         return (spec, warnings)
     }
 

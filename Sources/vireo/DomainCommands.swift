@@ -275,3 +275,43 @@ struct BlockDetachCommand: DaemonVerb {
         _ = try call("POST", "/v1/domains/\(Self.escape(domain))/block-detach", body: Array(body))
     }
 }
+
+/// `vireo sched-credit [-d DOMAIN [-w WEIGHT] [-c CAP]]`, as `xl sched-credit`: with -w or -c,
+/// sets the domain's weight or cap; otherwise prints xl's table (Name ID Weight Cap) for the
+/// domain, or for every domain without -d.
+struct SchedCreditCommand: DaemonVerb {
+    static let configuration = CommandConfiguration(
+        commandName: "sched-credit",
+        abstract: "Show or set domains' credit-scheduler weight and cap (as xl sched-credit).")
+    @OptionGroup var daemon: DaemonOptions
+    @Option(name: .short, help: "The domain: ID or name.") var domain: String?
+    @Option(name: .short, help: "Weight, 1 to 65535 (default 256): shares of the CPU relative to other domains.") var weight: Int?
+    @Option(name: .short, help: "Cap, in percent of one host CPU (0 = none).") var cap: Int?
+
+    func validate() throws {
+        if (weight != nil || cap != nil) && domain == nil { throw ValidationError("-w and -c need -d DOMAIN") }
+        if let weight, !(1...65535).contains(weight) { throw ValidationError("-w \(weight): give 1 to 65535") }
+        if let cap, !(0...12800).contains(cap) { throw ValidationError("-c \(cap): give 0 (none) to 12800") }
+    }
+
+    func run() throws {
+        if let domain, weight != nil || cap != nil {
+            let body = try JSONEncoder().encode(SchedCreditRequest(weight: weight, cap: cap))
+            _ = try call("PUT", "/v1/domains/\(Self.escape(domain))/sched-credit", body: Array(body))
+            return
+        }
+        let names = try domain.map { [$0] } ?? decode([DomainInfo].self, try call("GET", "/v1/domains")).map { "\($0.id)" }
+        var rows = [Self.row("Name", "ID", "Weight", "Cap")]
+        for name in names {
+            let credit = try decode(SchedCredit.self, try call("GET", "/v1/domains/\(Self.escape(name))/sched-credit"))
+            rows.append(Self.row(credit.name, "\(credit.id)", "\(credit.weight)", "\(credit.cap)"))
+        }
+        print(rows.joined(separator: "\n"))
+    }
+
+    /// xl's columns: the name left in 33, then ID in 4, weight in 6, cap in 4, right-aligned.
+    static func row(_ name: String, _ id: String, _ weight: String, _ cap: String) -> String {
+        func right(_ s: String, _ w: Int) -> String { String(repeating: " ", count: max(0, w - s.count)) + s }
+        return name.padding(toLength: max(33, name.count), withPad: " ", startingAt: 0) + " " + right(id, 4) + " " + right(weight, 6) + " " + right(cap, 4)
+    }
+}

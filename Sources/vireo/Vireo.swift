@@ -13,7 +13,7 @@ struct Vireo: AsyncParsableCommand {
         discussion: "The domain verbs talk to vireod: `vireo --socket PATH VERB`, `vireo VERB --socket PATH` or VIREO_SOCKET name its socket.",
         version: "vireo \(version) (guest ABI \(vireoABIVersion), Xen interface 4.14)",
         subcommands: [RunCommand.self, CreateCommand.self, ListCommand.self, ShutdownCommand.self, RebootCommand.self,
-                      DestroyCommand.self, PauseCommand.self, UnpauseCommand.self, ConsoleCommand.self, TopCommand.self, BlockAttachCommand.self, BlockDetachCommand.self,
+                      DestroyCommand.self, PauseCommand.self, UnpauseCommand.self, ConsoleCommand.self, TopCommand.self, SchedCreditCommand.self, BlockAttachCommand.self, BlockDetachCommand.self,
                       GuestCommand.self, StoreCommand.self, ABICommand.self, BenchCommand.self]
     )
 

@@ -34,6 +34,9 @@ struct VireoD: ParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    @Option(help: "Host threads the SoftCPU domains' credit scheduler runs their vCPUs on (default: the active cores).")
+    var schedThreads: Int?
+
     /// --listen-tcp's host and port.
     var tcpAddress: (host: String, port: Int)? {
         guard let listenTcp, let colon = listenTcp.lastIndex(of: ":"), let port = Int(listenTcp[listenTcp.index(after: colon)...]),
@@ -46,6 +49,7 @@ struct VireoD: ParsableCommand {
     func validate() throws {
         if listenTcp != nil && tcpAddress == nil { throw ValidationError("--listen-tcp \(listenTcp!): give HOST:PORT, e.g. 127.0.0.1:8080") }
         guard shutdownTimeout >= 0 && shutdownTimeout <= 86400 else { throw ValidationError("--shutdown-timeout: give 0 to 86400 seconds") }
+        if let schedThreads, !(1...1024).contains(schedThreads) { throw ValidationError("--sched-threads \(schedThreads): give 1 to 1024") }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("--log-level \(logLevel): give trace, debug, info, notice, warning, error or critical") }
     }
 
@@ -62,7 +66,8 @@ struct VireoD: ParsableCommand {
         signal(SIGPIPE, SIG_IGN)
         let daemon: Daemon
         do {
-            daemon = try Daemon(options: .init(stateDirectory: URL(fileURLWithPath: state), shutdownTimeout: shutdownTimeout),
+            daemon = try Daemon(options: .init(stateDirectory: URL(fileURLWithPath: state), shutdownTimeout: shutdownTimeout,
+                                               schedulerThreads: schedThreads),
                                 logger: logger)
         } catch {
             throw ValidationError("cannot open the state directory \(state): \(error)")

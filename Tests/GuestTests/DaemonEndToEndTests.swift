@@ -211,6 +211,14 @@ import Testing
             let object = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [[String: Any]]
             return object?.first?["cpu_seconds"] as? Double ?? -1
         }
+        // sched-credit, as xl: set a weight and cap, read xl's table back; bad values are refused.
+        #expect(try d.vireo(["sched-credit", "-d", "e2e-spin", "-w", "512", "-c", "50"]).status == 0)
+        let credit = try d.vireo(["sched-credit", "-d", "e2e-spin"]).out
+        #expect(credit.hasPrefix("Name") && Self.row(credit, "e2e-spin").map { Array($0.suffix(2)) } == ["512", "50"], "\(credit)")
+        #expect(Self.row(try d.vireo(["sched-credit"]).out, "e2e-spin") != nil, "every domain without -d")
+        let refused = try d.vireo(["sched-credit", "-d", "e2e-spin", "-w", "0"])
+        #expect(refused.status != 0 && refused.err.contains("-w 0"), "\(refused.err)")
+        #expect(try d.vireo(["sched-credit", "-d", "e2e-spin", "-c", "0"]).status == 0)
         usleep(500_000)
         #expect(try d.vireo(["pause", "e2e-spin"]).status == 0)
         usleep(300_000)
@@ -237,9 +245,15 @@ import Testing
         #expect(echoed.status == 0 && echoed.out.contains("console-echo: got 'through vireod'"), "\(echoed.out)\(echoed.err)")
         #expect(try d.vireo(["destroy", "e2e-echo"]).status == 0)
 
-        // destroy ends a running domain at once.
-        #expect(try d.vireo(["create", try d.config("e2e-three")]).status == 0)
+        // destroy ends a running domain at once. On KVM, a weight or cap is refused naming why
+        // (its vCPUs are host threads: Docs/scheduling.md), at run time and in the file.
+        #expect(try d.vireo(["create", try d.config("e2e-three", "engine = \"kvm\"")]).status == 0)
+        let kvmCap = try d.vireo(["sched-credit", "-d", "e2e-three", "-c", "50"])
+        #expect(kvmCap.status != 0 && kvmCap.err.contains("cap 50 on a KVM domain"), "\(kvmCap.err)")
+        #expect(Self.row(try d.vireo(["sched-credit", "-d", "e2e-three"]).out, "e2e-three").map { Array($0.suffix(2)) } == ["256", "0"])
         #expect(try d.vireo(["destroy", "e2e-three"]).status == 0)
+        let kvmWeight = try d.vireo(["create", try d.config("e2e-kvmw", "engine = \"kvm\"\ncpu_weight = 512")])
+        #expect(kvmWeight.status != 0 && kvmWeight.err.contains("weight 512 on a KVM domain"), "\(kvmWeight.err)")
         #expect(Self.row(try d.vireo(["list"]).out, "e2e-three") == nil)
 
         // A daemon that dies (SIGKILL) leaves its running domain lost; kept ones stay kept.

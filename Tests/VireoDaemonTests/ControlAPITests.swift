@@ -163,6 +163,26 @@ import Testing
             try f.expect("POST", "/v1/domains/old/\(verb)", route: route, body: "{}", status: 400,
                          field: verb == "block-attach" ? "disk" : "vdev")
         }
+        // The credit scheduler's weight and cap: read, set (kept for the next run), refused by field.
+        let sched = "/v1/domains/{domain}/sched-credit"
+        let credit = try JSONDecoder.api.decode(SchedCredit.self, from: Data(f.expect("GET", "/v1/domains/old/sched-credit", route: sched, status: 200).body))
+        #expect(credit == SchedCredit(id: 1, name: "old", weight: 256, cap: 0), "xl's defaults")
+        let set = try f.expect("PUT", "/v1/domains/1/sched-credit", route: sched, body: #"{"weight": 512, "cap": 50}"#, status: 200)
+        #expect(try JSONDecoder.api.decode(SchedCredit.self, from: Data(set.body)) == SchedCredit(id: 1, name: "old", weight: 512, cap: 50))
+        let weightOnly = try f.expect("PUT", "/v1/domains/old/sched-credit", route: sched, body: #"{"weight": 100}"#, status: 200)
+        #expect(try JSONDecoder.api.decode(SchedCredit.self, from: Data(weightOnly.body)).cap == 50, "an absent field is kept")
+        let onDisk = try JSONDecoder.api.decode(DomainRecord.self, from: Data(contentsOf: f.directory.appendingPathComponent("state/domains/1.json")))
+        #expect(onDisk.spec.cpuWeight == 100 && onDisk.spec.cap == 50, "recorded for the next run")
+        try f.expect("GET", "/v1/domains/nosuch/sched-credit", route: sched, status: 404, field: "domain")
+        try f.expect("PUT", "/v1/domains/nosuch/sched-credit", route: sched, body: #"{"weight": 1}"#, status: 404, field: "domain")
+        try f.expect("PUT", "/v1/domains/old/sched-credit", route: sched, body: "", status: 400, field: "body")
+        try f.expect("PUT", "/v1/domains/old/sched-credit", route: sched, body: #"{"weight": 0}"#, status: 400, field: "weight")
+        try f.expect("PUT", "/v1/domains/old/sched-credit", route: sched, body: #"{"weight": 65536}"#, status: 400, field: "weight")
+        try f.expect("PUT", "/v1/domains/old/sched-credit", route: sched, body: #"{"weight": "heavy"}"#, status: 400, field: "weight")
+        try f.expect("PUT", "/v1/domains/old/sched-credit", route: sched, body: #"{"cap": -1}"#, status: 400, field: "cap")
+        try f.expect("PUT", "/v1/domains/old/sched-credit", route: sched, body: #"{"cap": 12801}"#, status: 400, field: "cap")
+        #expect(try f.client.request("POST", "/v1/domains/old/sched-credit").status == 405)
+
         try f.expect("POST", "/v1/domains/old/shutdown?timeout=soon", route: "/v1/domains/{domain}/shutdown", status: 400, field: "timeout")
         try f.expect("POST", "/v1/domains/nosuch/destroy", route: "/v1/domains/{domain}/destroy", status: 404, field: "domain")
         let console = "/v1/domains/{domain}/console"

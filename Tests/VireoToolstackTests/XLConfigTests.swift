@@ -41,6 +41,28 @@ import Testing
                                    onReboot: .restart, onCrash: .destroy, engine: .auto))
     }
 
+    @Test func cpuWeightAndCapAreXlsCreditSchedulerKeys() throws {
+        let (spec, warnings) = try DomainSpec.parse("name='n'\nkernel='k'\ncpu_weight = 512\ncap = 50\n", file: "s.cfg")
+        #expect(warnings.isEmpty, "\(warnings)")
+        #expect(spec.cpuWeight == 512 && spec.cap == 50)
+        let (plain, _) = try DomainSpec.parse("name='n'\nkernel='k'\n", file: "s.cfg")
+        #expect(plain.cpuWeight == nil && plain.cap == nil, "absent: the scheduler's defaults")
+        let cases: [(String, String)] = [
+            ("cpu_weight = 0", "s.cfg:3:14: 'cpu_weight' is 0 weight units; give 1 to 65535"),
+            ("cpu_weight = 65536", "s.cfg:3:14: 'cpu_weight' is 65536 weight units; give 1 to 65535"),
+            ("cap = 12801", "s.cfg:3:7: 'cap' is 12801 percent of one CPU; give 0 to 12800"),
+            ("cap = 'half'", "s.cfg:3:7: 'cap' must be a number of percent of one CPU, not 'half'"),
+        ]
+        for (line, message) in cases {
+            #expect(throws: ConfigError.self) { try DomainSpec.parse("name='n'\nkernel='k'\n\(line)\n", file: "s.cfg") }
+            do {
+                _ = try DomainSpec.parse("name='n'\nkernel='k'\n\(line)\n", file: "s.cfg")
+            } catch {
+                #expect("\(error)" == message)
+            }
+        }
+    }
+
     @Test func stringsListsAndAppending() throws {
         let settings = try XLConfigParser.parse("a = \"x\\ty\\x41\\101\\\"\" ; b = [ ]\nc = [1, 'two',\n [3]]\nc += [4]\n", file: "f")
         #expect(settings.map(\.key) == ["a", "b", "c", "c"])
