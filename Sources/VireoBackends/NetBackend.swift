@@ -95,7 +95,11 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     /// that deliver to it directly: the connection while Connected, whether responses wait
     /// to be pushed, and what the others delivered since it was last counted.
     struct Receiving {
-        var connection: Connection?
+        var connection: Connection? {
+            didSet { borrowed = connection.map { Unmanaged.passUnretained($0) } }
+        }
+        /// `connection`, used per frame without reference counting (`connection` keeps it alive).
+        var borrowed: Unmanaged<Connection>?
         var unpushed = false
         var counts = Statistics()
     }
@@ -149,8 +153,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     private static let frameBytes = 65536
     private let txBuffer: UnsafeMutableRawPointer
     private let txRegion: SharedRegion
-    @exclusivity(unchecked) private var slots: [(id: UInt16, extra: Bool)] = []
-    @exclusivity(unchecked) private var fragments: [(ref: UInt32, offset: Int, length: Int)] = []
+    @exclusivity(unchecked) private var slots: FixedList<(id: UInt16, extra: Bool)>
+    @exclusivity(unchecked) private var fragments: FixedList<(ref: UInt32, offset: Int, length: Int)>
     @exclusivity(unchecked) private var parsed = ParsedPacket()
     @exclusivity(unchecked) private var held = false
     @exclusivity(unchecked) private var bucket: TokenBucket?
@@ -159,8 +163,6 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     private let txScratch: PageScratch
     private let rxScratch: PageScratch
     @exclusivity(unchecked) private var switchPort: NetworkSwitch.Port?
-    /// The vif this pass last delivered to directly, whose responses are still to be pushed.
-    @exclusivity(unchecked) private var deliveredTo: NetDevice?
     @exclusivity(unchecked) private var routing = Routing()
 
     /// One pass's switching: the last route the switch gave (the frame's destination and source
@@ -171,7 +173,12 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     private struct Routing {
         var destination = UInt64.max  // never a 48-bit address
         var source = UInt64.max
+        /// The vif, held for the pass; `target` is the same, used per frame without reference
+        /// counting (the strong reference here keeps it alive).
         var device: NetDevice?
+        var target: Unmanaged<NetDevice>?
+        /// Responses delivered to `device` and not yet pushed.
+        var unpushed = false
         var frames = 0, delivered = 0, dropped = 0
     }
     /// The receive ring's state that other vifs' loops share (``deliver(header:length:checksum:scratch:host:copy:)``).
@@ -239,8 +246,9 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         txBuffer = UnsafeMutableRawPointer.allocate(byteCount: Self.frameBytes, alignment: 4096)
         txBuffer.initializeMemory(as: UInt8.self, repeating: 0, count: Self.frameBytes)
         txRegion = .unsafe(txBuffer, count: Self.frameBytes)
-        slots.reserveCapacity(RingLayout.slotCount(request: TxRequest.self, response: TxResponse.self, pages: 1))
-        fragments.reserveCapacity(Self.maxSlots)
+        slots = FixedList(capacity: RingLayout.slotCount(request: TxRequest.self, response: TxResponse.self, pages: 1),
+                          filler: (0, false))
+        fragments = FixedList(capacity: Self.maxSlots, filler: (0, 0, 0))
         txScratch = PageScratch(capacity: Self.maxSlots, filler: txRegion)
         rxScratch = PageScratch(capacity: Self.maxFramePages, filler: txRegion)
         if let rate = configuration.rateBytesPerSecond {
@@ -249,6 +257,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     deinit {
+        slots.deallocate()
+        fragments.deallocate()
         txScratch.deallocate()
         rxScratch.deallocate()
         txBuffer.deallocate()
@@ -527,7 +537,9 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         let needed = (length + 4095) / 4096
         guard needed <= scratch.refs.count else { return .fallback }
         let result: Delivery = receiving.withLock { r in
-            guard let c = r.connection, queue.isEmpty, needed == 1 || c.frontendSG else { return .fallback }
+            guard let connection = r.borrowed, queue.isEmpty else { return .fallback }
+            return connection._withUnsafeGuaranteedRef { c in
+            guard needed == 1 || c.frontendSG else { return .fallback }
             var flags: UInt16 = 0
             switch checksum {
             case .blank:
@@ -562,6 +574,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 waker?.kick()
                 return .fallback
             }
+            }
         }
         return result
     }
@@ -585,10 +598,11 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     /// Pushes what this loop delivered to another vif (at the end of a pass, or before it
-    /// delivers to a different one).
+    /// routes to a different one).
     private func flushDelivered() {
-        deliveredTo?.pushDelivered()
-        deliveredTo = nil
+        guard routing.unpushed else { return }
+        routing.unpushed = false
+        routing.device?.pushDelivered()
     }
 
     // MARK: Guest -> host side
@@ -625,7 +639,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             }
             held = false
             let status = transmitParsed(c)
-            for slot in slots {
+            for i in 0..<slots.count {
+                let slot = slots[i]
                 try c.tx.ring.produceResponse { response in
                     response.set(\.id, to: slot.extra ? 0 : slot.id)
                     response.set(\.status, to: slot.extra ? Int16(VIREO_NETIF_RSP_NULL) : status)
@@ -636,6 +651,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     private func next(_ c: Connection, _ what: String) throws -> TxRequest {
+        // Each slot taken here is appended to `slots`; a packet cannot take more than the ring.
+        guard !slots.isFull else { throw ProtocolError(description: "\(what) runs past the ring's size") }
         guard let request = try c.tx.ring.consumeRequest() else {
             throw ProtocolError(description: "\(what) runs past the producer index (an unfinished packet)")
         }
@@ -646,8 +663,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     /// `parsed`, validating the copies. A packet that is merely invalid is marked so (it gets
     /// ERROR); one that breaks the ring rules throws ``ProtocolError``.
     private func parsePacket(_ c: Connection) throws {
-        slots.removeAll(keepingCapacity: true)
-        fragments.removeAll(keepingCapacity: true)
+        slots.removeAll()
+        fragments.removeAll()
         parsed = ParsedPacket()
         let first = try next(c, "a packet")
         slots.append((first.id, false))
@@ -756,16 +773,16 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         } else if parsed.flags & UInt16(VIREO_NETTXF_data_validated) != 0 {
             checksum = .validated
         }
-        guard let attachment else {
+        guard attachment != nil else {
             pending.txDropped += 1
             return Int16(VIREO_NETIF_RSP_DROPPED)
         }
         let frame = UnsafeMutableRawBufferPointer(start: txBuffer, count: size)
         let taken: Bool
-        if let port = switchPort, let destination = route(header, port) {
-            if destination !== deliveredTo { flushDelivered() }
-            let delivery = destination.deliver(header: header, length: size, checksum: checksum, scratch: rxScratch,
-                                               host: host) { targets in
+        if let destination = route(header) {
+            let scratch = rxScratch
+            let delivery = destination._withUnsafeGuaranteedRef { $0.deliver(header: header, length: size, checksum: checksum,
+                                                                              scratch: scratch, host: host) { targets in
                 targets[0].copyBytes(from: buffer, offset: 0, to: 0, count: headerLength)
                 gather(pages, from: headerLength, to: size) { page, offset, at, count in
                     var offset = offset, at = at, left = count
@@ -778,15 +795,15 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                         left -= n
                     }
                 }
-            }
+            } }
             if delivery == .delivered {
-                deliveredTo = destination
+                routing.unpushed = true
                 taken = true
             } else {
                 gather(pages, from: headerLength, to: size) { page, offset, at, count in
                     buffer.copyBytes(from: page, offset: offset, to: at, count: count)
                 }
-                taken = destination.receive(UnsafeRawBufferPointer(frame), checksum: checksum)
+                taken = destination._withUnsafeGuaranteedRef { $0.receive(UnsafeRawBufferPointer(frame), checksum: checksum) }
             }
             routing.frames += 1
             if taken { routing.delivered += 1 } else { routing.dropped += 1 }
@@ -794,7 +811,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             gather(pages, from: headerLength, to: size) { page, offset, at, count in
                 buffer.copyBytes(from: page, offset: offset, to: at, count: count)
             }
-            taken = attachment.transmit(frame, checksum: checksum)
+            taken = attachment?.transmit(frame, checksum: checksum) ?? false
         }
         guard taken else {
             pending.txDropped += 1
@@ -806,13 +823,17 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     /// The vif the switch routes a frame with these first bytes to (see ``Routing``).
-    private func route(_ header: UnsafeRawBufferPointer, _ port: NetworkSwitch.Port) -> NetDevice? {
+    private func route(_ header: UnsafeRawBufferPointer) -> Unmanaged<NetDevice>? {
+        guard switchPort != nil else { return nil }
         let destination = EthernetAddress(header, at: 0).key, source = EthernetAddress(header, at: 6).key
-        if destination == routing.destination && source == routing.source { return routing.device }
+        if destination == routing.destination && source == routing.source { return routing.target }
+        let device = switchPort?.route(header)
+        if device !== routing.device { flushDelivered() }
         routing.destination = destination
         routing.source = source
-        routing.device = port.route(header)
-        return routing.device
+        routing.device = device
+        routing.target = device.map { Unmanaged.passUnretained($0) }
+        return routing.target
     }
 
     /// Hands `sink` the packet's bytes [start, end) piece by piece: (page, offset in the page,
@@ -829,6 +850,41 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             if at >= end { return }
         }
     }
+}
+
+/// A list of at most `capacity` elements in memory allocated once: per-packet scratch that
+/// allocates nothing. Appending to a full list is a programming error (callers check ``isFull``).
+struct FixedList<Element: BitwiseCopyable> {
+    private let storage: UnsafeMutableBufferPointer<Element>
+    private(set) var count = 0
+
+    init(capacity: Int, filler: Element) {
+        storage = .allocate(capacity: capacity)
+        storage.initialize(repeating: filler)
+    }
+
+    var isFull: Bool { count == storage.count }
+
+    mutating func append(_ element: Element) {
+        precondition(count < storage.count, "a fixed list appended past its capacity")
+        storage[count] = element
+        count += 1
+    }
+
+    mutating func removeAll() { count = 0 }
+
+    subscript(index: Int) -> Element {
+        get {
+            precondition(index < count, "a fixed list read past its count")
+            return storage[index]
+        }
+        nonmutating set {
+            precondition(index < count, "a fixed list written past its count")
+            storage[index] = newValue
+        }
+    }
+
+    func deallocate() { storage.deallocate() }
 }
 
 /// netback: ``NetDevice`` hosted by ``XenbusBackend``.
