@@ -177,12 +177,15 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         /// counting (the strong reference here keeps it alive).
         var device: NetDevice?
         var target: Unmanaged<NetDevice>?
-        /// Responses delivered to `device` and not yet pushed.
-        var unpushed = false
+        /// Whether this loop holds `device`'s inbox lock (``NetDevice/holdInbox()``).
+        var held = false
         var frames = 0, delivered = 0, dropped = 0
     }
-    /// The receive ring's state that other vifs' loops share (``deliver(header:length:checksum:scratch:host:copy:)``).
-    private let receiving = Mutex(Receiving())
+    /// The receive ring's state that other vifs' loops share (``deliverHeld(header:length:checksum:scratch:host:copy:)``),
+    /// touched only with `inboxLock` held. A pthread mutex, not a `Mutex`: a sending vif's loop
+    /// takes it once for its pass's consecutive frames to this vif, not once per frame.
+    @exclusivity(unchecked) private var inbox = Receiving()
+    private let inboxLock: UnsafeMutablePointer<pthread_mutex_t>
     /// What the last pass found: 0 when work is left, the rate limit's wait, or `UInt64.max`.
     @exclusivity(unchecked) private var next = UInt64.max
 
@@ -249,6 +252,9 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         slots = FixedList(capacity: RingLayout.slotCount(request: TxRequest.self, response: TxResponse.self, pages: 1),
                           filler: (0, false))
         fragments = FixedList(capacity: Self.maxSlots, filler: (0, 0, 0))
+        inboxLock = .allocate(capacity: 1)
+        inboxLock.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(inboxLock, nil)
         txScratch = PageScratch(capacity: Self.maxSlots, filler: txRegion)
         rxScratch = PageScratch(capacity: Self.maxFramePages, filler: txRegion)
         if let rate = configuration.rateBytesPerSecond {
@@ -257,6 +263,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     deinit {
+        pthread_mutex_destroy(inboxLock)
+        inboxLock.deallocate()
         slots.deallocate()
         fragments.deallocate()
         txScratch.deallocate()
@@ -320,7 +328,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         held = false
         let connection = Connection(tx: tx, rx: rx, port: port, link: link, table: table, frontendSG: link.flag("feature-sg"),
                                     blankIPv4: !link.flag("feature-no-csum-offload"), blankIPv6: link.flag("feature-ipv6-csum-offload"))
-        receiving.withLock { $0.connection = connection }
+        withInbox { $0.connection = connection }
         accepting.store(true, ordering: .releasing)
         return connection
     }
@@ -331,15 +339,13 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         switchPort = attachment as? NetworkSwitch.Port
         next = .max
         var notify = false
-        defer {
-            flushDelivered()
-            if routing.frames > 0 {
-                switchPort?.routed(frames: routing.frames, delivered: routing.delivered, dropped: routing.dropped)
-            }
-            routing = Routing()
-        }
         do {
-            next = min(next, try serveTransmit(c, notify: &notify))
+            do {
+                // Another vif's inbox is held only within the transmit pass: never while this
+                // loop takes its own (below), so two vifs sending to each other cannot deadlock.
+                defer { endRouting() }
+                next = min(next, try serveTransmit(c, notify: &notify))
+            }
             if let attachment, attachment.pollDescriptor != nil {
                 attachment.pump(limit: Self.batch) { bytes, checksum in
                     enqueue(bytes, checksum: checksum, kick: false)
@@ -368,13 +374,13 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     public func disconnect(_ c: Connection) {
         accepting.store(false, ordering: .releasing)
         // From here no other vif's loop touches the receive ring; what they delivered is counted.
-        let delivered = receiving.withLock { r in
+        let delivered = withInbox { r in
             let counts = r.counts
             r = Receiving()
             return counts
         }
         stats.withLock { $0.add(delivered) }
-        flushDelivered()
+        endRouting()
         let dropped = queue.removeAll()
         if dropped > 0 { stats.withLock { $0.rxDropped += dropped } }
         held = false
@@ -415,9 +421,9 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
 
     /// Moves queued frames into the frontend's posted pages. True when frames are left that
     /// the next pass can serve without waiting (the batch ran out, not the posted pages).
-    /// Holds `receiving`: other vifs' loops deliver into the same ring.
+    /// Holds the inbox lock: other vifs' loops deliver into the same ring.
     private func serveReceive(_ c: Connection, notify: inout Bool) throws(RingError) -> Bool {
-        try receiving.withLock { (r: inout Receiving) throws(RingError) -> Bool in
+        try withInbox { (r: inout Receiving) throws(RingError) -> Bool in
             var served = 0
             defer {
                 if served > 0 || r.unpushed {
@@ -514,31 +520,59 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         }
     }
 
-    /// What ``deliver(header:length:checksum:scratch:host:copy:)`` did with a frame.
+    /// `body` on the inbox, with its lock held.
+    @inline(__always)
+    private func withInbox<R, E: Error>(_ body: (inout Receiving) throws(E) -> R) throws(E) -> R {
+        pthread_mutex_lock(inboxLock)
+        defer { pthread_mutex_unlock(inboxLock) }
+        return try body(&inbox)
+    }
+
+    /// Takes the inbox lock for a run of ``deliverHeld(header:length:checksum:scratch:host:copy:)``
+    /// calls; ``releaseInbox()`` ends the run. The holder takes no other vif's inbox lock
+    /// meanwhile and never waits for one, so two vifs sending to each other cannot deadlock.
+    func holdInbox() { pthread_mutex_lock(inboxLock) }
+
+    /// Pushes the responses delivered during the run, counts them, drops the lock, then
+    /// notifies the frontend if it asked.
+    func releaseInbox() {
+        var counts = inbox.counts
+        inbox.counts = Statistics()
+        var notify: (HostEventDomain, EventPort)?
+        if inbox.unpushed, let c = inbox.connection {
+            inbox.unpushed = false
+            if c.rx.ring.pushResponsesAndCheckNotify() { notify = (c.link.host, c.port) }
+        }
+        pthread_mutex_unlock(inboxLock)
+        if let (host, port) = notify {
+            counts.notifications += 1
+            try? host.send(port)
+        }
+        if counts != Statistics() { stats.withLock { $0.add(counts) } }
+    }
+
+    /// What ``deliverHeld(header:length:checksum:scratch:host:copy:)`` did with a frame.
     enum Delivery { case delivered, fallback }
 
     /// Puts a frame that another vif is transmitting straight into the pages this vif's
     /// frontend posted, with one copy from the sender's granted pages (as GNTTABOP_copy
     /// between two foreign grants would): called on the sending vif's loop, which holds the
     /// sender's pages pinned and has copied the frame's first bytes (`header`, at most
-    /// ``headerBytes``) once into its own buffer. Under `receiving`, so this vif's own loop
-    /// and other senders wait: the receive requests are copied out once, the pages pinned
-    /// writable, `copy` writes the frame into them (`pages[i]` is page i of the frame), and
-    /// the responses are written as ``serveReceive(_:notify:)`` writes them; they are pushed,
-    /// and the frontend notified, by ``flushDelivered()``.
+    /// ``headerBytes``) once into its own buffer. The caller holds the inbox lock
+    /// (``holdInbox()``), so this vif's own loop and other senders wait: the receive requests
+    /// are copied out once, the pages pinned writable, `copy` writes the frame into them
+    /// (`pages[i]` is page i of the frame), and the responses are written as
+    /// ``serveReceive(_:notify:)`` writes them; ``releaseInbox()`` pushes them and notifies.
     ///
     /// `.fallback` (nothing consumed, nothing copied) when the frame must take the queue: the
     /// vif is not connected, frames are queued already (they go first), too few requests
     /// are posted (the queue's path asks for an event), the frame needs several pages and the
     /// frontend takes one, or its blank checksum must be computed over the whole frame.
-    func deliver(header: UnsafeRawBufferPointer, length: Int, checksum: FrameChecksum, scratch: PageScratch,
-                 host: DomainID, copy: (UnsafeMutableBufferPointer<SharedRegion>) -> Void) -> Delivery {
-        guard accepting.load(ordering: .acquiring), queue.isEmpty else { return .fallback }
+    func deliverHeld(header: UnsafeRawBufferPointer, length: Int, checksum: FrameChecksum, scratch: PageScratch,
+                     host: DomainID, copy: (UnsafeMutableBufferPointer<SharedRegion>) -> Void) -> Delivery {
         let needed = (length + 4095) / 4096
-        guard needed <= scratch.refs.count else { return .fallback }
-        let result: Delivery = receiving.withLock { r in
-            guard let connection = r.borrowed, queue.isEmpty else { return .fallback }
-            return connection._withUnsafeGuaranteedRef { c in
+        guard needed <= scratch.refs.count, let connection = inbox.borrowed, queue.isEmpty else { return .fallback }
+        return connection._withUnsafeGuaranteedRef { c in
             guard needed == 1 || c.frontendSG else { return .fallback }
             var flags: UInt16 = 0
             switch checksum {
@@ -560,12 +594,12 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                                                            writable: true, pages: scratch.pages, copy)) != nil
                 }
                 try Self.respond(c, scratch, count: taken, length: length, flags: flags, copied: copied)
-                r.unpushed = true
+                inbox.unpushed = true
                 if copied {
-                    r.counts.rxPackets += 1
-                    r.counts.rxBytes += length
+                    inbox.counts.rxPackets += 1
+                    inbox.counts.rxBytes += length
                 } else {
-                    r.counts.rxErrors += 1
+                    inbox.counts.rxErrors += 1
                 }
                 return .delivered
             } catch {
@@ -574,35 +608,25 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 waker?.kick()
                 return .fallback
             }
-            }
         }
-        return result
     }
 
-    /// Pushes the responses ``deliver(header:length:checksum:scratch:host:copy:)`` wrote since the last push,
-    /// notifies the frontend if it asked, and counts them. Any thread.
-    func pushDelivered() {
-        let (counts, notify) = receiving.withLock { r -> (Statistics, (HostEventDomain, EventPort)?) in
-            let counts = r.counts
-            r.counts = Statistics()
-            guard r.unpushed, let c = r.connection else { return (counts, nil) }
-            r.unpushed = false
-            return (counts, c.rx.ring.pushResponsesAndCheckNotify() ? (c.link.host, c.port) : nil)
-        }
-        var add = counts
-        if let (host, port) = notify {
-            add.notifications += 1
-            try? host.send(port)
-        }
-        if add != Statistics() { stats.withLock { $0.add(add) } }
+    /// Releases the inbox this loop holds (the end of its transmit pass, or a route to
+    /// another vif), which pushes what it delivered there.
+    private func releaseHeldInbox() {
+        guard routing.held else { return }
+        routing.held = false
+        routing.device?.releaseInbox()
     }
 
-    /// Pushes what this loop delivered to another vif (at the end of a pass, or before it
-    /// routes to a different one).
-    private func flushDelivered() {
-        guard routing.unpushed else { return }
-        routing.unpushed = false
-        routing.device?.pushDelivered()
+    /// The end of a transmit pass's switching: the inbox released, the routed frames counted
+    /// to the switch, the route forgotten.
+    private func endRouting() {
+        releaseHeldInbox()
+        if routing.frames > 0 {
+            switchPort?.routed(frames: routing.frames, delivered: routing.delivered, dropped: routing.dropped)
+        }
+        routing = Routing()
     }
 
     // MARK: Guest -> host side
@@ -781,8 +805,12 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         let taken: Bool
         if let destination = route(header) {
             let scratch = rxScratch
-            let delivery = destination._withUnsafeGuaranteedRef { $0.deliver(header: header, length: size, checksum: checksum,
-                                                                              scratch: scratch, host: host) { targets in
+            if !routing.held {
+                destination._withUnsafeGuaranteedRef { $0.holdInbox() }
+                routing.held = true
+            }
+            let delivery = destination._withUnsafeGuaranteedRef { $0.deliverHeld(header: header, length: size, checksum: checksum,
+                                                                                  scratch: scratch, host: host) { targets in
                 targets[0].copyBytes(from: buffer, offset: 0, to: 0, count: headerLength)
                 gather(pages, from: headerLength, to: size) { page, offset, at, count in
                     var offset = offset, at = at, left = count
@@ -797,7 +825,6 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 }
             } }
             if delivery == .delivered {
-                routing.unpushed = true
                 taken = true
             } else {
                 gather(pages, from: headerLength, to: size) { page, offset, at, count in
@@ -828,7 +855,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         let destination = EthernetAddress(header, at: 0).key, source = EthernetAddress(header, at: 6).key
         if destination == routing.destination && source == routing.source { return routing.target }
         let device = switchPort?.route(header)
-        if device !== routing.device { flushDelivered() }
+        if device !== routing.device { releaseHeldInbox() }
         routing.destination = destination
         routing.source = source
         routing.device = device

@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import VireoABI
 import VireoBackends
@@ -122,5 +123,53 @@ import VireoHypercalls
         one.backend.poll()
         #expect(try one.takeTransmitted().map(\.status) == [rspDropped])
         #expect(two.backend.statistics.rxDropped == 1)
+    }
+
+    @Test func twoVifsSendingToEachOtherOnTheirOwnThreadsLoseNothing() throws {
+        // Each loop holds the other's inbox while it transmits: both at once must not deadlock.
+        let (_, one, two) = try pair(posted: 0)
+        try one.postReceive(64)
+        try two.postReceive(64)
+        let dispatcher = HostEventDispatcher(rig.host, name: "test-direct-events")
+        let threads = [one.backend, two.backend].map { backend in Thread { backend.run() } }
+        for t in threads { t.start() }
+        defer {
+            one.backend.stop()
+            two.backend.stop()
+            dispatcher.stop()
+            while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
+        }
+        let count = 400
+        let frames = [(one, two), (two, one)].map { from, to in
+            (0..<count).map { ethernetFrame(to: to.mac, from: from.mac, payload: 46 + $0 % 1400, seed: UInt8(truncatingIfNeeded: $0)) }
+        }
+        var sent = [0, 0], received: [[[UInt8]]] = [[], []]
+        let deadline = ContinuousClock.now.advanced(by: .seconds(20))
+        while received[0].count < count || received[1].count < count {
+            var idle = true
+            for (i, (from, to)) in [(one, two), (two, one)].enumerated() {
+                while sent[i] < count, from.tx.freeRequests > 0, sent[i] - received[i].count < 48 {
+                    try from.send(frames[i][sent[i]], id: UInt16(sent[i] % 256))
+                    sent[i] += 1
+                }
+                try from.takeTransmitted()
+                let got = try to.takeReceived()
+                received[i] += got.map(\.bytes)
+                if !got.isEmpty {
+                    idle = false
+                    try to.postReceive(got.count)
+                }
+            }
+            if idle {
+                if try one.rx.finalCheckForResponses() || two.rx.finalCheckForResponses() { continue }
+                _ = two.guest.waitForEvents(timeout: .milliseconds(5))
+            }
+            guard ContinuousClock.now < deadline else {
+                Issue.record("only \(received[0].count) and \(received[1].count) frames arrived")
+                return
+            }
+        }
+        #expect(received[0] == frames[0] && received[1] == frames[1], "in order, intact, both ways")
+        #expect(one.txResponses.allSatisfy { $0.status == rspOkay } && two.txResponses.allSatisfy { $0.status == rspOkay })
     }
 }
