@@ -16,19 +16,24 @@ import VireoStore
 /// both rings and binds the event channel.
 ///
 /// Transmit: each packet's slots (first request, extra info slots, fragments) are copied out of
-/// the ring once and validated as a whole before any byte moves; then the fragments are
-/// grant-copied into a host buffer and the frame goes to the ``NetworkAttachment``. Every slot
+/// the ring once and validated as a whole before any byte moves; then its pages are pinned,
+/// its first bytes copied into a host buffer and checked there, and the frame goes either
+/// straight into the posted pages of the vif the switch routes it to (one copy, guest to guest:
+/// ``deliverHeld(header:length:checksum:scratch:host:copy:)``) or, whole in the host buffer, to
+/// the ``NetworkAttachment``. Every slot
 /// gets its response (OKAY, ERROR for an invalid packet, DROPPED when the host side refused it,
 /// NULL for an extra slot). A chain that breaks the ring rules (runs past the producer, crosses
 /// its page, bad extra type) or a producer index out of range disconnects this vif (Closing).
 ///
-/// Receive: frames from the host side wait in a bounded ``FrameQueue`` (a frame that does not
-/// fit is dropped and counted) and are grant-copied into the pages the frontend posted, one
-/// page per slot, offset 0, response i in the slot of request i.
+/// Receive: frames from other vifs of the switch arrive straight in the posted pages when they
+/// can; the rest wait in a bounded ``FrameQueue`` (a frame that does not fit is dropped and
+/// counted) and are copied into the pages the frontend posted, one page per slot, offset 0,
+/// response i in the slot of request i.
 ///
 /// Threads: everything is served on XenbusBackend's control loop (``XenbusBackend/run()``, or
 /// ``XenbusBackend/poll()`` from a caller's loop); ``receive(_:checksum:)`` may be called from
-/// any thread and wakes that loop.
+/// any thread and wakes that loop; other vifs' loops deliver into the receive ring holding its
+/// inbox lock (``holdInbox()``).
 public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the control loop owns the mutable state; others touch atomics, locks and the pipe
     public typealias TxRequest = vireo_netif_tx_request
     public typealias TxResponse = vireo_netif_tx_response
@@ -809,13 +814,13 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 destination._withUnsafeGuaranteedRef { $0.holdInbox() }
                 routing.held = true
             }
-            let delivery = destination._withUnsafeGuaranteedRef { $0.deliverHeld(header: header, length: size, checksum: checksum,
-                                                                                  scratch: scratch, host: host) { targets in
+            // The frame into the receiver's pinned pages (page i holds frame bytes from i * 4096):
+            // the header from the checked copy, the rest straight from the sender's pages.
+            func write(into targets: UnsafeMutableBufferPointer<SharedRegion>) {
                 targets[0].copyBytes(from: buffer, offset: 0, to: 0, count: headerLength)
                 gather(pages, from: headerLength, to: size) { page, offset, at, count in
                     var offset = offset, at = at, left = count
                     while left > 0 {
-                        // Split at the receive pages' boundaries: frame byte `at` is in page at / 4096.
                         let within = at & 4095, n = min(left, 4096 - within)
                         targets[at >> 12].copyBytes(from: page, offset: offset, to: within, count: n)
                         offset += n
@@ -823,7 +828,10 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                         left -= n
                     }
                 }
-            } }
+            }
+            let delivery = destination._withUnsafeGuaranteedRef {
+                $0.deliverHeld(header: header, length: size, checksum: checksum, scratch: scratch, host: host, copy: write)
+            }
             if delivery == .delivered {
                 taken = true
             } else {
