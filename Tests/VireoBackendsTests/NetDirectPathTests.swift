@@ -49,6 +49,20 @@ import VireoHypercalls
         }
     }
 
+    @Test func aHeaderSpreadOverTinyFragmentsIsGatheredWhole() throws {
+        let (_, one, two) = try pair(posted: 4)
+        // The first 128 bytes (checked and switched on) come from four slots; the frame spans two pages.
+        let frame = ipv4Frame(to: two.mac, from: one.mac, payload: 5000, checksumField: 0x7777)
+        let sizes = [6, 8, 50, 30, 4000, frame.count - 4094]
+        try one.send(frame, id: 20, fragments: sizes, flags: VIREO_NETTXF_csum_blank, offset: 4)
+        one.backend.poll()
+        #expect(try one.takeTransmitted().map(\.status) == Array(repeating: rspOkay, count: sizes.count))
+        let got = try #require(try two.takeReceived().first)
+        #expect(got.bytes == frame)
+        #expect(got.flags == UInt16(VIREO_NETRXF_csum_blank | VIREO_NETRXF_data_validated | VIREO_NETRXF_more_data))
+        #expect(got.statuses == [4096, Int16(frame.count - 4096)])
+    }
+
     @Test func framesThatCannotGoStraightTakeTheQueueInOrder() throws {
         let (_, one, two) = try pair(posted: 0)
         // No page posted: the first frame waits in two's queue...
