@@ -215,7 +215,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                                                  | VIREO_NETTXF_more_data | VIREO_NETTXF_extra_info)
 
     /// The connection to the frontend while Connected.
-    public final class Connection: @unchecked Sendable {  // its rings are driven by one loop at a time: the rx ring under `receiving`
+    public final class Connection: @unchecked Sendable {  // one loop at a time drives each ring: tx the vif's own, rx under the inbox lock
         let tx: MappedBackRing<TxRequest, TxResponse>
         let rx: MappedBackRing<RxRequest, RxResponse>
         let port: EventPort
