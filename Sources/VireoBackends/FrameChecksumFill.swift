@@ -14,9 +14,12 @@ public enum ChecksumFill {
     }
 
     /// The TCP/UDP segment of `frame`, or nil when the frame is not one of the layouts above
-    /// or its lengths do not fit the frame.
-    static func locate(_ frame: UnsafeRawBufferPointer) -> Transport? {
-        guard frame.count >= 14 else { return nil }
+    /// or its lengths do not fit the frame. `frame` may be only the frame's first bytes (at
+    /// least the headers: 58 bytes cover every layout) when `frameLength` gives the whole
+    /// frame's length; headers cut short by the end of `frame` give nil.
+    static func locate(_ frame: UnsafeRawBufferPointer, frameLength: Int? = nil) -> Transport? {
+        let frameLength = frameLength ?? frame.count
+        guard frame.count >= 14, frame.count <= frameLength else { return nil }
         var l3 = 12
         var type = UInt16(frame[l3]) << 8 | UInt16(frame[l3 + 1])
         if type == 0x8100 {  // one VLAN tag
@@ -33,7 +36,7 @@ public enum ChecksumFill {
             guard frame.count >= l3 + 20, frame[l3] >> 4 == 4 else { return nil }
             let headerBytes = Int(frame[l3] & 0x0f) * 4
             let total = Int(word(l3 + 2))
-            guard headerBytes >= 20, total >= headerBytes, l3 + total <= frame.count else { return nil }
+            guard headerBytes >= 20, total >= headerBytes, l3 + total <= frameLength else { return nil }
             // A fragment (more fragments, or an offset) carries no whole segment.
             guard word(l3 + 6) & 0x3fff == 0 else { return nil }
             proto = frame[l3 + 9]
@@ -45,7 +48,7 @@ public enum ChecksumFill {
             proto = frame[l3 + 6]
             start = l3 + 40
             length = Int(word(l3 + 4))
-            guard start + length <= frame.count else { return nil }
+            guard start + length <= frameLength else { return nil }
             for i in stride(from: l3 + 8, to: l3 + 40, by: 2) { sum &+= word(i) }
         default:
             return nil
@@ -63,8 +66,8 @@ public enum ChecksumFill {
     }
 
     /// Whether the frame is a TCP/UDP segment over IPv6 (the csum offload keys differ per family).
-    static func isIPv6(_ frame: UnsafeRawBufferPointer) -> Bool? {
-        locate(frame).map(\.isIPv6)
+    static func isIPv6(_ frame: UnsafeRawBufferPointer, frameLength: Int? = nil) -> Bool? {
+        locate(frame, frameLength: frameLength).map(\.isIPv6)
     }
 
     /// Fills in the checksum; false (frame untouched) when the frame is not a TCP/UDP segment

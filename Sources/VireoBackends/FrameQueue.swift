@@ -30,6 +30,8 @@ final class FrameQueue: @unchecked Sendable {  // the buffer's live bytes are gu
         var tailEnd = 0  // one past the newest frame's last byte
     }
     private let state: Mutex<State>
+    /// `State.count`, stored under the lock and readable without it (``isEmpty``).
+    private let size = Atomic<Int>(0)
 
     init(maxFrames: Int, capacityBytes: Int) {
         precondition(maxFrames > 0 && capacityBytes >= 65536, "a frame queue holds at least one frame of 64 KiB")
@@ -68,6 +70,7 @@ final class FrameQueue: @unchecked Sendable {  // the buffer's live bytes are gu
             (storage + start).copyMemory(from: frame.baseAddress!, byteCount: length)
             s.frames[(s.head + s.count) % maxFrames] = Frame(start: start, length: length, checksum: checksum)
             s.count += 1
+            size.store(s.count, ordering: .releasing)
             s.tailEnd = start + length
             return .queued(wasEmpty: s.count == 1)
         }
@@ -85,6 +88,7 @@ final class FrameQueue: @unchecked Sendable {  // the buffer's live bytes are gu
             guard s.count > 0 else { return }
             s.head = (s.head + 1) % maxFrames
             s.count -= 1
+            size.store(s.count, ordering: .releasing)
             if s.count == 0 { s.tailEnd = 0 }
         }
     }
@@ -96,11 +100,15 @@ final class FrameQueue: @unchecked Sendable {  // the buffer's live bytes are gu
             let n = s.count
             s.head = 0
             s.count = 0
+            size.store(0, ordering: .releasing)
             s.tailEnd = 0
             return n
         }
     }
 
     var count: Int { state.withLock { $0.count } }
+    /// Whether no frame is queued, without the lock: a frame pushed by this thread before is
+    /// seen; one another thread is pushing meanwhile may not be.
+    var isEmpty: Bool { size.load(ordering: .acquiring) == 0 }
     var isFull: Bool { state.withLock { $0.count >= maxFrames } }
 }

@@ -16,19 +16,24 @@ import VireoStore
 /// both rings and binds the event channel.
 ///
 /// Transmit: each packet's slots (first request, extra info slots, fragments) are copied out of
-/// the ring once and validated as a whole before any byte moves; then the fragments are
-/// grant-copied into a host buffer and the frame goes to the ``NetworkAttachment``. Every slot
+/// the ring once and validated as a whole before any byte moves; then its pages are pinned,
+/// its first bytes copied into a host buffer and checked there, and the frame goes either
+/// straight into the posted pages of the vif the switch routes it to (one copy, guest to guest:
+/// ``deliverHeld(header:length:checksum:scratch:host:copy:)``) or, whole in the host buffer, to
+/// the ``NetworkAttachment``. Every slot
 /// gets its response (OKAY, ERROR for an invalid packet, DROPPED when the host side refused it,
 /// NULL for an extra slot). A chain that breaks the ring rules (runs past the producer, crosses
 /// its page, bad extra type) or a producer index out of range disconnects this vif (Closing).
 ///
-/// Receive: frames from the host side wait in a bounded ``FrameQueue`` (a frame that does not
-/// fit is dropped and counted) and are grant-copied into the pages the frontend posted, one
-/// page per slot, offset 0, response i in the slot of request i.
+/// Receive: frames from other vifs of the switch arrive straight in the posted pages when they
+/// can; the rest wait in a bounded ``FrameQueue`` (a frame that does not fit is dropped and
+/// counted) and are copied into the pages the frontend posted, one page per slot, offset 0,
+/// response i in the slot of request i.
 ///
 /// Threads: everything is served on XenbusBackend's control loop (``XenbusBackend/run()``, or
 /// ``XenbusBackend/poll()`` from a caller's loop); ``receive(_:checksum:)`` may be called from
-/// any thread and wakes that loop.
+/// any thread and wakes that loop; other vifs' loops deliver into the receive ring holding its
+/// inbox lock (``holdInbox()``).
 public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the control loop owns the mutable state; others touch atomics, locks and the pipe
     public typealias TxRequest = vireo_netif_tx_request
     public typealias TxResponse = vireo_netif_tx_response
@@ -82,6 +87,49 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         public var rxErrors = 0
         /// Events sent to the frontend.
         public var notifications = 0
+
+        mutating func add(_ o: Statistics) {
+            txPackets += o.txPackets; txBytes += o.txBytes; txErrors += o.txErrors
+            txDropped += o.txDropped; txRateDelays += o.txRateDelays
+            rxPackets += o.rxPackets; rxBytes += o.rxBytes; rxDropped += o.rxDropped
+            rxErrors += o.rxErrors; notifications += o.notifications
+        }
+    }
+
+    /// The receive ring's state shared between this vif's loop and the loops of the vifs
+    /// that deliver to it directly: the connection while Connected, whether responses wait
+    /// to be pushed, and what the others delivered since it was last counted.
+    struct Receiving {
+        var connection: Connection? {
+            didSet { borrowed = connection.map { Unmanaged.passUnretained($0) } }
+        }
+        /// `connection`, used per frame without reference counting (`connection` keeps it alive).
+        var borrowed: Unmanaged<Connection>?
+        var unpushed = false
+        var counts = Statistics()
+    }
+
+    /// Scratch for one loop's grant work, allocated once: a packet's or a frame's grant
+    /// references and mapped pages, and a frame's receive requests.
+    struct PageScratch {
+        let refs: UnsafeMutableBufferPointer<GrantRef>
+        let pages: UnsafeMutableBufferPointer<SharedRegion>
+        let requests: UnsafeMutableBufferPointer<RxRequest>
+
+        init(capacity: Int, filler: SharedRegion) {
+            refs = .allocate(capacity: capacity)
+            refs.initialize(repeating: GrantRef(0))
+            pages = .allocate(capacity: capacity)
+            pages.initialize(repeating: filler)
+            requests = .allocate(capacity: capacity)
+            requests.initialize(repeating: RxRequest())
+        }
+
+        func deallocate() {
+            refs.deallocate()
+            pages.deallocate()
+            requests.deallocate()
+        }
     }
 
     public let kind = "vif"
@@ -110,12 +158,39 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     private static let frameBytes = 65536
     private let txBuffer: UnsafeMutableRawPointer
     private let txRegion: SharedRegion
-    @exclusivity(unchecked) private var slots: [(id: UInt16, extra: Bool)] = []
-    @exclusivity(unchecked) private var fragments: [(ref: UInt32, offset: Int, length: Int)] = []
+    @exclusivity(unchecked) private var slots: FixedList<(id: UInt16, extra: Bool)>
+    @exclusivity(unchecked) private var fragments: FixedList<(ref: UInt32, offset: Int, length: Int)>
     @exclusivity(unchecked) private var parsed = ParsedPacket()
     @exclusivity(unchecked) private var held = false
     @exclusivity(unchecked) private var bucket: TokenBucket?
-    @exclusivity(unchecked) private var rxRequests: [RxRequest] = []
+    /// This loop's page scratch: a packet's transmit pages, and a frame's receive requests and
+    /// pages (for its own receive ring, and for another vif's when it delivers there directly).
+    private let txScratch: PageScratch
+    private let rxScratch: PageScratch
+    @exclusivity(unchecked) private var switchPort: NetworkSwitch.Port?
+    @exclusivity(unchecked) private var routing = Routing()
+
+    /// One pass's switching: the last route the switch gave (the frame's destination and source
+    /// addresses and the vif they lead to, or nil: the frame takes ``NetworkSwitch/forward``),
+    /// reused for the pass's following frames with the same addresses, so the switch's table
+    /// is locked and learned from once per pass and address pair, not per frame; and the
+    /// frames routed, counted to the switch when the pass ends.
+    private struct Routing {
+        var destination = UInt64.max  // never a 48-bit address
+        var source = UInt64.max
+        /// The vif, held for the pass; `target` is the same, used per frame without reference
+        /// counting (the strong reference here keeps it alive).
+        var device: NetDevice?
+        var target: Unmanaged<NetDevice>?
+        /// Whether this loop holds `device`'s inbox lock (``NetDevice/holdInbox()``).
+        var held = false
+        var frames = 0, delivered = 0, dropped = 0
+    }
+    /// The receive ring's state that other vifs' loops share (``deliverHeld(header:length:checksum:scratch:host:copy:)``),
+    /// touched only with `inboxLock` held. A pthread mutex, not a `Mutex`: a sending vif's loop
+    /// takes it once for its pass's consecutive frames to this vif, not once per frame.
+    @exclusivity(unchecked) private var inbox = Receiving()
+    private let inboxLock: UnsafeMutablePointer<pthread_mutex_t>
     /// What the last pass found: 0 when work is left, the rate limit's wait, or `UInt64.max`.
     @exclusivity(unchecked) private var next = UInt64.max
 
@@ -129,26 +204,36 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
 
     /// Data slots a packet may use (Xen's XEN_NETIF_NR_SLOTS_MIN, what every backend accepts).
     public static let maxSlots = Int(VIREO_XEN_NETIF_NR_SLOTS_MIN)
+    /// Receive pages a frame may use (a frame is at most 65535 bytes).
+    static let maxFramePages = (Int(VIREO_XEN_NETIF_MAX_TX_SIZE) + 4095) / 4096
+    /// Bytes of a transmitted frame copied first, on which it is checked and switched: every
+    /// header ``ChecksumFill`` reads (at most 58 bytes) and the Ethernet addresses.
+    static let headerBytes = 128
     /// Packets served per ring per pass, so neither direction starves the other.
     static let batch = 256
     private static let knownTxFlags = UInt16(VIREO_NETTXF_csum_blank | VIREO_NETTXF_data_validated
                                                  | VIREO_NETTXF_more_data | VIREO_NETTXF_extra_info)
 
     /// The connection to the frontend while Connected.
-    public final class Connection {
+    public final class Connection: @unchecked Sendable {  // one loop at a time drives each ring: tx the vif's own, rx under the inbox lock
         let tx: MappedBackRing<TxRequest, TxResponse>
         let rx: MappedBackRing<RxRequest, RxResponse>
         let port: EventPort
         let link: FrontendLink
+        /// The frontend's grant table, looked up once: its pages are pinned for each packet's
+        /// and frame's copies. Once the domain dies the table refuses pins, so a connection
+        /// outliving its domain touches nothing (and never a new domain's table under a reused ID).
+        let table: GrantTable
         let frontendSG: Bool
         let blankIPv4: Bool
         let blankIPv6: Bool
         init(tx: MappedBackRing<TxRequest, TxResponse>, rx: MappedBackRing<RxRequest, RxResponse>, port: EventPort,
-             link: FrontendLink, frontendSG: Bool, blankIPv4: Bool, blankIPv6: Bool) {
+             link: FrontendLink, table: GrantTable, frontendSG: Bool, blankIPv4: Bool, blankIPv6: Bool) {
             self.tx = tx
             self.rx = rx
             self.port = port
             self.link = link
+            self.table = table
             self.frontendSG = frontendSG
             self.blankIPv4 = blankIPv4
             self.blankIPv6 = blankIPv6
@@ -169,15 +254,28 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         txBuffer = UnsafeMutableRawPointer.allocate(byteCount: Self.frameBytes, alignment: 4096)
         txBuffer.initializeMemory(as: UInt8.self, repeating: 0, count: Self.frameBytes)
         txRegion = .unsafe(txBuffer, count: Self.frameBytes)
-        slots.reserveCapacity(RingLayout.slotCount(request: TxRequest.self, response: TxResponse.self, pages: 1))
-        fragments.reserveCapacity(Self.maxSlots)
-        rxRequests.reserveCapacity(Self.maxSlots)
+        slots = FixedList(capacity: RingLayout.slotCount(request: TxRequest.self, response: TxResponse.self, pages: 1),
+                          filler: (0, false))
+        fragments = FixedList(capacity: Self.maxSlots, filler: (0, 0, 0))
+        inboxLock = .allocate(capacity: 1)
+        inboxLock.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(inboxLock, nil)
+        txScratch = PageScratch(capacity: Self.maxSlots, filler: txRegion)
+        rxScratch = PageScratch(capacity: Self.maxFramePages, filler: txRegion)
         if let rate = configuration.rateBytesPerSecond {
             bucket = TokenBucket(bytesPerSecond: rate, burstBytes: configuration.rateBurstBytes, now: configuration.clock())
         }
     }
 
-    deinit { txBuffer.deallocate() }
+    deinit {
+        pthread_mutex_destroy(inboxLock)
+        inboxLock.deallocate()
+        slots.deallocate()
+        fragments.deallocate()
+        txScratch.deallocate()
+        rxScratch.deallocate()
+        txBuffer.deallocate()
+    }
 
     /// Connects the host side: where the guest's frames go (and, for a TAP, where the guest's
     /// come from). A later call replaces it.
@@ -226,22 +324,33 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         guard link.flag("feature-rx-notify") else {
             throw BackendError("\(node)/feature-rx-notify: must be 1 (the backend sleeps until told of new receive requests)")
         }
+        guard let table = link.grants.table(for: link.domain) else {
+            throw BackendError("domain \(link.domain.rawValue) has no grant table")
+        }
         let tx: MappedBackRing<TxRequest, TxResponse> = try link.mapRing("tx-ring-ref")
         let rx: MappedBackRing<RxRequest, RxResponse> = try link.mapRing("rx-ring-ref")
         let port = try link.bindEvent("event-channel")
         held = false
+        let connection = Connection(tx: tx, rx: rx, port: port, link: link, table: table, frontendSG: link.flag("feature-sg"),
+                                    blankIPv4: !link.flag("feature-no-csum-offload"), blankIPv6: link.flag("feature-ipv6-csum-offload"))
+        withInbox { $0.connection = connection }
         accepting.store(true, ordering: .releasing)
-        return Connection(tx: tx, rx: rx, port: port, link: link, frontendSG: link.flag("feature-sg"),
-                          blankIPv4: !link.flag("feature-no-csum-offload"), blankIPv6: link.flag("feature-ipv6-csum-offload"))
+        return connection
     }
 
     /// One pass: the transmit ring, the host side's descriptor, then the receive queue.
     public func serve(_ c: Connection) throws(BackendError) {
         attachment = attachmentBox.withLock { $0 }
+        switchPort = attachment as? NetworkSwitch.Port
         next = .max
         var notify = false
         do {
-            next = min(next, try serveTransmit(c, notify: &notify))
+            do {
+                // Another vif's inbox is held only within the transmit pass: never while this
+                // loop takes its own (below), so two vifs sending to each other cannot deadlock.
+                defer { endRouting() }
+                next = min(next, try serveTransmit(c, notify: &notify))
+            }
             if let attachment, attachment.pollDescriptor != nil {
                 attachment.pump(limit: Self.batch) { bytes, checksum in
                     enqueue(bytes, checksum: checksum, kick: false)
@@ -269,6 +378,14 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
 
     public func disconnect(_ c: Connection) {
         accepting.store(false, ordering: .releasing)
+        // From here no other vif's loop touches the receive ring; what they delivered is counted.
+        let delivered = withInbox { r in
+            let counts = r.counts
+            r = Receiving()
+            return counts
+        }
+        stats.withLock { $0.add(delivered) }
+        endRouting()
         let dropped = queue.removeAll()
         if dropped > 0 { stats.withLock { $0.rxDropped += dropped } }
         held = false
@@ -278,12 +395,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     private func flushStatistics() {
         let add = pending
         pending = Statistics()
-        stats.withLock { s in
-            s.txPackets += add.txPackets; s.txBytes += add.txBytes; s.txErrors += add.txErrors
-            s.txDropped += add.txDropped; s.txRateDelays += add.txRateDelays
-            s.rxPackets += add.rxPackets; s.rxBytes += add.rxBytes; s.rxDropped += add.rxDropped
-            s.rxErrors += add.rxErrors; s.notifications += add.notifications
-        }
+        stats.withLock { $0.add(add) }
     }
 
     // MARK: Host side -> guest
@@ -314,79 +426,212 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
 
     /// Moves queued frames into the frontend's posted pages. True when frames are left that
     /// the next pass can serve without waiting (the batch ran out, not the posted pages).
+    /// Holds the inbox lock: other vifs' loops deliver into the same ring.
     private func serveReceive(_ c: Connection, notify: inout Bool) throws(RingError) -> Bool {
-        var served = 0
-        defer { if served > 0 && c.rx.ring.pushResponsesAndCheckNotify() { notify = true } }
-        let grants = c.link.grants, frontend = c.link.domain, host = c.link.host
-        while let frame = queue.oldest() {
-            if served == Self.batch { return true }
-            let length = frame.bytes.count
-            let needed = (length + 4095) / 4096
-            if needed > 1 && !c.frontendSG {
-                // A frame over a page for a frontend that takes one page per packet.
-                queue.removeOldest()
-                pending.rxDropped += 1
-                continue
-            }
-            var available = try c.rx.ring.unconsumedRequests()
-            if available < needed {
-                // Ask for an event once the frontend posts more (req_event past what is there),
-                // then look again: the frontend may have posted in between.
-                c.rx.region.storeRelease32(c.rx.ring.requestsConsumed &+ UInt32(available) &+ 1, at: RingLayout.requestEventOffset)
-                Barrier.full()
-                available = try c.rx.ring.unconsumedRequests()
-                if available < needed { return false }
-            }
-            var flags: UInt16 = 0
-            switch frame.checksum {
-            case .blank:
-                let ipv6 = ChecksumFill.isIPv6(UnsafeRawBufferPointer(frame.bytes))
-                if ipv6.map({ $0 ? c.blankIPv6 : c.blankIPv4 }) ?? false {
-                    flags = UInt16(VIREO_NETRXF_csum_blank | VIREO_NETRXF_data_validated)
-                } else if ChecksumFill.fill(frame.bytes) {
-                    flags = UInt16(VIREO_NETRXF_data_validated)  // computed here: the frontend refuses blank ones
+        try withInbox { (r: inout Receiving) throws(RingError) -> Bool in
+            var served = 0
+            defer {
+                if served > 0 || r.unpushed {
+                    r.unpushed = false
+                    if c.rx.ring.pushResponsesAndCheckNotify() { notify = true }
                 }
+            }
+            let host = c.link.host.id, scratch = rxScratch
+            while let frame = queue.oldest() {
+                if served == Self.batch { return true }
+                let length = frame.bytes.count
+                let needed = (length + 4095) / 4096
+                if needed > 1 && !c.frontendSG {
+                    // A frame over a page for a frontend that takes one page per packet.
+                    queue.removeOldest()
+                    pending.rxDropped += 1
+                    continue
+                }
+                var available = try c.rx.ring.unconsumedRequests()
+                if available < needed {
+                    // Ask for an event once the frontend posts more (req_event past what is there),
+                    // then look again: the frontend may have posted in between.
+                    c.rx.region.storeRelease32(c.rx.ring.requestsConsumed &+ UInt32(available) &+ 1, at: RingLayout.requestEventOffset)
+                    Barrier.full()
+                    available = try c.rx.ring.unconsumedRequests()
+                    if available < needed { return false }
+                }
+                var flags: UInt16 = 0
+                switch frame.checksum {
+                case .blank:
+                    let ipv6 = ChecksumFill.isIPv6(UnsafeRawBufferPointer(frame.bytes))
+                    if ipv6.map({ $0 ? c.blankIPv6 : c.blankIPv4 }) ?? false {
+                        flags = UInt16(VIREO_NETRXF_csum_blank | VIREO_NETRXF_data_validated)
+                    } else if ChecksumFill.fill(frame.bytes) {
+                        flags = UInt16(VIREO_NETRXF_data_validated)  // computed here: the frontend refuses blank ones
+                    }
+                case .validated:
+                    flags = UInt16(VIREO_NETRXF_data_validated)
+                default:
+                    break
+                }
+                let taken = try Self.take(needed, from: c, into: scratch)
+                var copied = taken == needed
+                if copied {
+                    let source = queueRegion, start = frame.start
+                    copied = (try? c.table.withMappedPages(UnsafeBufferPointer(rebasing: scratch.refs[0..<taken]), by: host,
+                                                           writable: true, pages: scratch.pages) { (pages) -> Void in
+                        for i in 0..<taken {
+                            pages[i].copyBytes(from: source, offset: start + i * 4096, to: 0, count: min(4096, length - i * 4096))
+                        }
+                    }) != nil
+                }
+                try Self.respond(c, scratch, count: taken, length: length, flags: flags, copied: copied)
+                queue.removeOldest()
+                served += 1
+                if copied {
+                    pending.rxPackets += 1
+                    pending.rxBytes += length
+                } else {
+                    pending.rxErrors += 1
+                }
+            }
+            return false
+        }
+    }
+
+    /// Copies up to `count` receive requests out of the ring (each once) into `scratch`; how many.
+    private static func take(_ count: Int, from c: Connection, into scratch: PageScratch) throws(RingError) -> Int {
+        var taken = 0
+        while taken < count, let request = try c.rx.ring.consumeRequest() {
+            scratch.requests[taken] = request
+            scratch.refs[taken] = GrantRef(request.gref)
+            taken += 1
+        }
+        return taken
+    }
+
+    /// Answers the `count` receive requests in `scratch` that carry one frame of `length`
+    /// bytes: `{id, offset 0, flags, status = bytes}`, more_data on all but the last, `flags`
+    /// on the first; ERROR on every slot when the frame could not be copied.
+    private static func respond(_ c: Connection, _ scratch: PageScratch, count: Int, length: Int, flags: UInt16,
+                                copied: Bool) throws(RingError) {
+        for i in 0..<count {
+            let chunk = min(4096, length - i * 4096)
+            var slotFlags: UInt16 = i == 0 ? flags : 0
+            if i + 1 < count { slotFlags |= UInt16(VIREO_NETRXF_more_data) }
+            let id = scratch.requests[i].id
+            try c.rx.ring.produceResponse { slot in
+                slot.set(\.id, to: id)
+                slot.set(\.offset, to: 0)
+                slot.set(\.flags, to: copied ? slotFlags : 0)
+                slot.set(\.status, to: copied ? Int16(chunk) : Int16(VIREO_NETIF_RSP_ERROR))
+            }
+        }
+    }
+
+    /// `body` on the inbox, with its lock held.
+    @inline(__always)
+    private func withInbox<R, E: Error>(_ body: (inout Receiving) throws(E) -> R) throws(E) -> R {
+        pthread_mutex_lock(inboxLock)
+        defer { pthread_mutex_unlock(inboxLock) }
+        return try body(&inbox)
+    }
+
+    /// Takes the inbox lock for a run of ``deliverHeld(header:length:checksum:scratch:host:copy:)``
+    /// calls; ``releaseInbox()`` ends the run. The holder takes no other vif's inbox lock
+    /// meanwhile and never waits for one, so two vifs sending to each other cannot deadlock.
+    func holdInbox() { pthread_mutex_lock(inboxLock) }
+
+    /// Pushes the responses delivered during the run, counts them, drops the lock, then
+    /// notifies the frontend if it asked.
+    func releaseInbox() {
+        var counts = inbox.counts
+        inbox.counts = Statistics()
+        var notify: (HostEventDomain, EventPort)?
+        if inbox.unpushed, let c = inbox.connection {
+            inbox.unpushed = false
+            if c.rx.ring.pushResponsesAndCheckNotify() { notify = (c.link.host, c.port) }
+        }
+        pthread_mutex_unlock(inboxLock)
+        if let (host, port) = notify {
+            counts.notifications += 1
+            try? host.send(port)
+        }
+        if counts != Statistics() { stats.withLock { $0.add(counts) } }
+    }
+
+    /// What ``deliverHeld(header:length:checksum:scratch:host:copy:)`` did with a frame.
+    enum Delivery { case delivered, fallback }
+
+    /// Puts a frame that another vif is transmitting straight into the pages this vif's
+    /// frontend posted, with one copy from the sender's granted pages (as GNTTABOP_copy
+    /// between two foreign grants would): called on the sending vif's loop, which holds the
+    /// sender's pages pinned and has copied the frame's first bytes (`header`, at most
+    /// ``headerBytes``) once into its own buffer. The caller holds the inbox lock
+    /// (``holdInbox()``), so this vif's own loop and other senders wait: the receive requests
+    /// are copied out once, the pages pinned writable, `copy` writes the frame into them
+    /// (`pages[i]` is page i of the frame), and the responses are written as
+    /// ``serveReceive(_:notify:)`` writes them; ``releaseInbox()`` pushes them and notifies.
+    ///
+    /// `.fallback` (nothing consumed, nothing copied) when the frame must take the queue: the
+    /// vif is not connected, frames are queued already (they go first), too few requests
+    /// are posted (the queue's path asks for an event), the frame needs several pages and the
+    /// frontend takes one, or its blank checksum must be computed over the whole frame.
+    func deliverHeld(header: UnsafeRawBufferPointer, length: Int, checksum: FrameChecksum, scratch: PageScratch,
+                     host: DomainID, copy: (UnsafeMutableBufferPointer<SharedRegion>) -> Void) -> Delivery {
+        let needed = (length + 4095) / 4096
+        guard needed <= scratch.refs.count, let connection = inbox.borrowed, queue.isEmpty else { return .fallback }
+        return connection._withUnsafeGuaranteedRef { c in
+            guard needed == 1 || c.frontendSG else { return .fallback }
+            var flags: UInt16 = 0
+            switch checksum {
+            case .blank:
+                let ipv6 = ChecksumFill.isIPv6(header, frameLength: length)
+                guard ipv6.map({ $0 ? c.blankIPv6 : c.blankIPv4 }) ?? false else { return .fallback }
+                flags = UInt16(VIREO_NETRXF_csum_blank | VIREO_NETRXF_data_validated)
             case .validated:
                 flags = UInt16(VIREO_NETRXF_data_validated)
             default:
                 break
             }
-            rxRequests.removeAll(keepingCapacity: true)
-            for _ in 0..<needed {
-                guard let request = try c.rx.ring.consumeRequest() else { break }
-                rxRequests.append(request)
-            }
-            var copied = rxRequests.count == needed
-            if copied {
-                for (i, request) in rxRequests.enumerated() {
-                    let chunk = min(4096, length - i * 4096)
-                    let status = grants.copy(GrantCopySegment(source: .local(queueRegion, offset: frame.start + i * 4096),
-                                                              dest: .grant(frontend, GrantRef(request.gref), offset: 0),
-                                                              length: chunk), by: host.id)
-                    if status != .okay { copied = false; break }
+            do throws(RingError) {
+                guard try c.rx.ring.unconsumedRequests() >= needed else { return .fallback }
+                let taken = try Self.take(needed, from: c, into: scratch)
+                var copied = taken == needed
+                if copied {
+                    copied = (try? c.table.withMappedPages(UnsafeBufferPointer(rebasing: scratch.refs[0..<taken]), by: host,
+                                                           writable: true, pages: scratch.pages, copy)) != nil
                 }
-            }
-            for (i, request) in rxRequests.enumerated() {
-                let chunk = min(4096, length - i * 4096)
-                var slotFlags: UInt16 = i == 0 ? flags : 0
-                if i + 1 < rxRequests.count { slotFlags |= UInt16(VIREO_NETRXF_more_data) }
-                try c.rx.ring.produceResponse { slot in
-                    slot.set(\.id, to: request.id)
-                    slot.set(\.offset, to: 0)
-                    slot.set(\.flags, to: copied ? slotFlags : 0)
-                    slot.set(\.status, to: copied ? Int16(chunk) : Int16(VIREO_NETIF_RSP_ERROR))
+                try Self.respond(c, scratch, count: taken, length: length, flags: flags, copied: copied)
+                inbox.unpushed = true
+                if copied {
+                    inbox.counts.rxPackets += 1
+                    inbox.counts.rxBytes += length
+                } else {
+                    inbox.counts.rxErrors += 1
                 }
-            }
-            queue.removeOldest()
-            served += 1
-            if copied {
-                pending.rxPackets += 1
-                pending.rxBytes += length
-            } else {
-                pending.rxErrors += 1
+                return .delivered
+            } catch {
+                // A producer index out of range: the ring is disconnected for good; this
+                // vif's own loop fails the connection on its next pass.
+                waker?.kick()
+                return .fallback
             }
         }
-        return false
+    }
+
+    /// Releases the inbox this loop holds (the end of its transmit pass, or a route to
+    /// another vif), which pushes what it delivered there.
+    private func releaseHeldInbox() {
+        guard routing.held else { return }
+        routing.held = false
+        routing.device?.releaseInbox()
+    }
+
+    /// The end of a transmit pass's switching: the inbox released, the routed frames counted
+    /// to the switch, the route forgotten.
+    private func endRouting() {
+        releaseHeldInbox()
+        if routing.frames > 0 {
+            switchPort?.routed(frames: routing.frames, delivered: routing.delivered, dropped: routing.dropped)
+        }
+        routing = Routing()
     }
 
     // MARK: Guest -> host side
@@ -423,7 +668,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             }
             held = false
             let status = transmitParsed(c)
-            for slot in slots {
+            for i in 0..<slots.count {
+                let slot = slots[i]
                 try c.tx.ring.produceResponse { response in
                     response.set(\.id, to: slot.extra ? 0 : slot.id)
                     response.set(\.status, to: slot.extra ? Int16(VIREO_NETIF_RSP_NULL) : status)
@@ -434,6 +680,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     private func next(_ c: Connection, _ what: String) throws -> TxRequest {
+        // Each slot taken here is appended to `slots`; a packet cannot take more than the ring.
+        guard !slots.isFull else { throw ProtocolError(description: "\(what) runs past the ring's size") }
         guard let request = try c.tx.ring.consumeRequest() else {
             throw ProtocolError(description: "\(what) runs past the producer index (an unfinished packet)")
         }
@@ -444,8 +692,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     /// `parsed`, validating the copies. A packet that is merely invalid is marked so (it gets
     /// ERROR); one that breaks the ring rules throws ``ProtocolError``.
     private func parsePacket(_ c: Connection) throws {
-        slots.removeAll(keepingCapacity: true)
-        fragments.removeAll(keepingCapacity: true)
+        slots.removeAll()
+        fragments.removeAll()
         parsed = ParsedPacket()
         let first = try next(c, "a packet")
         slots.append((first.id, false))
@@ -510,29 +758,43 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         }
     }
 
-    /// Copies the parsed packet into the host buffer and hands it over; the status for its slots.
+    /// Pins the parsed packet's pages and hands the frame over; the status for its slots.
     private func transmitParsed(_ c: Connection) -> Int16 {
-        let grants = c.link.grants, frontend = c.link.domain, host = c.link.host
         if parsed.invalid != nil {
             pending.txErrors += 1
             return Int16(VIREO_NETIF_RSP_ERROR)
         }
         if parsed.controlOnly { return Int16(VIREO_NETIF_RSP_OKAY) }
-        var at = 0
-        for fragment in fragments {
-            let status = grants.copy(GrantCopySegment(source: .grant(frontend, GrantRef(fragment.ref), offset: fragment.offset),
-                                                      dest: .local(txRegion, offset: at), length: fragment.length), by: host.id)
-            guard status == .okay else {
-                pending.txErrors += 1
-                return Int16(VIREO_NETIF_RSP_ERROR)
+        let count = fragments.count
+        for i in 0..<count { txScratch.refs[i] = GrantRef(fragments[i].ref) }
+        do {
+            return try c.table.withMappedPages(UnsafeBufferPointer(rebasing: txScratch.refs[0..<count]), by: c.link.host.id,
+                                               writable: false, pages: txScratch.pages) { pages in
+                transmitMapped(pages, host: c.link.host.id)
             }
-            at += fragment.length
+        } catch {
+            pending.txErrors += 1  // a fragment's grant could not be pinned
+            return Int16(VIREO_NETIF_RSP_ERROR)
         }
-        let frame = UnsafeMutableRawBufferPointer(start: txBuffer, count: parsed.size)
+    }
+
+    /// The frame in the pinned `pages` (fragment i in page i): its first bytes are copied once
+    /// into the host buffer and checked there; then, for a frame the switch routes to one other
+    /// vif, the rest goes from these pages straight into that vif's posted pages (one copy);
+    /// otherwise it is copied after the header in the host buffer and the attachment takes the
+    /// whole frame. Every byte of the guest's is read once.
+    private func transmitMapped(_ pages: UnsafeMutableBufferPointer<SharedRegion>, host: DomainID) -> Int16 {
+        let size = parsed.size
+        let headerLength = min(size, Self.headerBytes)
+        let buffer = txRegion
+        gather(pages, from: 0, to: headerLength) { page, offset, at, count in
+            buffer.copyBytes(from: page, offset: offset, to: at, count: count)
+        }
+        let header = UnsafeRawBufferPointer(start: txBuffer, count: headerLength)
         var checksum = FrameChecksum.unknown
         if parsed.flags & UInt16(VIREO_NETTXF_csum_blank) != 0 {
             // A blank checksum only makes sense on a TCP/UDP segment someone can complete.
-            guard ChecksumFill.locate(UnsafeRawBufferPointer(frame)) != nil else {
+            guard ChecksumFill.locate(header, frameLength: size) != nil else {
                 pending.txErrors += 1
                 return Int16(VIREO_NETIF_RSP_ERROR)
             }
@@ -540,7 +802,53 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         } else if parsed.flags & UInt16(VIREO_NETTXF_data_validated) != 0 {
             checksum = .validated
         }
-        guard let attachment, attachment.transmit(frame, checksum: checksum) else {
+        guard attachment != nil else {
+            pending.txDropped += 1
+            return Int16(VIREO_NETIF_RSP_DROPPED)
+        }
+        let frame = UnsafeMutableRawBufferPointer(start: txBuffer, count: size)
+        let taken: Bool
+        if let destination = route(header) {
+            let scratch = rxScratch
+            if !routing.held {
+                destination._withUnsafeGuaranteedRef { $0.holdInbox() }
+                routing.held = true
+            }
+            // The frame into the receiver's pinned pages (page i holds frame bytes from i * 4096):
+            // the header from the checked copy, the rest straight from the sender's pages.
+            func write(into targets: UnsafeMutableBufferPointer<SharedRegion>) {
+                targets[0].copyBytes(from: buffer, offset: 0, to: 0, count: headerLength)
+                gather(pages, from: headerLength, to: size) { page, offset, at, count in
+                    var offset = offset, at = at, left = count
+                    while left > 0 {
+                        let within = at & 4095, n = min(left, 4096 - within)
+                        targets[at >> 12].copyBytes(from: page, offset: offset, to: within, count: n)
+                        offset += n
+                        at += n
+                        left -= n
+                    }
+                }
+            }
+            let delivery = destination._withUnsafeGuaranteedRef {
+                $0.deliverHeld(header: header, length: size, checksum: checksum, scratch: scratch, host: host, copy: write)
+            }
+            if delivery == .delivered {
+                taken = true
+            } else {
+                gather(pages, from: headerLength, to: size) { page, offset, at, count in
+                    buffer.copyBytes(from: page, offset: offset, to: at, count: count)
+                }
+                taken = destination._withUnsafeGuaranteedRef { $0.receive(UnsafeRawBufferPointer(frame), checksum: checksum) }
+            }
+            routing.frames += 1
+            if taken { routing.delivered += 1 } else { routing.dropped += 1 }
+        } else {
+            gather(pages, from: headerLength, to: size) { page, offset, at, count in
+                buffer.copyBytes(from: page, offset: offset, to: at, count: count)
+            }
+            taken = attachment?.transmit(frame, checksum: checksum) ?? false
+        }
+        guard taken else {
             pending.txDropped += 1
             return Int16(VIREO_NETIF_RSP_DROPPED)
         }
@@ -548,6 +856,70 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         pending.txBytes += parsed.size
         return Int16(VIREO_NETIF_RSP_OKAY)
     }
+
+    /// The vif the switch routes a frame with these first bytes to (see ``Routing``).
+    private func route(_ header: UnsafeRawBufferPointer) -> Unmanaged<NetDevice>? {
+        guard switchPort != nil else { return nil }
+        let destination = EthernetAddress(header, at: 0).key, source = EthernetAddress(header, at: 6).key
+        if destination == routing.destination && source == routing.source { return routing.target }
+        let device = switchPort?.route(header)
+        if device !== routing.device { releaseHeldInbox() }
+        routing.destination = destination
+        routing.source = source
+        routing.device = device
+        routing.target = device.map { Unmanaged.passUnretained($0) }
+        return routing.target
+    }
+
+    /// Hands `sink` the packet's bytes [start, end) piece by piece: (page, offset in the page,
+    /// offset in the frame, count), in frame order (the first slot's bytes, then each fragment's).
+    @inline(__always)
+    private func gather(_ pages: UnsafeMutableBufferPointer<SharedRegion>, from start: Int, to end: Int,
+                        _ sink: (SharedRegion, Int, Int, Int) -> Void) {
+        var at = 0
+        for i in 0..<fragments.count {
+            let fragment = fragments[i]
+            let low = max(start, at), high = min(end, at + fragment.length)
+            if low < high { sink(pages[i], fragment.offset + (low - at), low, high - low) }
+            at += fragment.length
+            if at >= end { return }
+        }
+    }
+}
+
+/// A list of at most `capacity` elements in memory allocated once: per-packet scratch that
+/// allocates nothing. Appending to a full list is a programming error (callers check ``isFull``).
+struct FixedList<Element: BitwiseCopyable> {
+    private let storage: UnsafeMutableBufferPointer<Element>
+    private(set) var count = 0
+
+    init(capacity: Int, filler: Element) {
+        storage = .allocate(capacity: capacity)
+        storage.initialize(repeating: filler)
+    }
+
+    var isFull: Bool { count == storage.count }
+
+    mutating func append(_ element: Element) {
+        precondition(count < storage.count, "a fixed list appended past its capacity")
+        storage[count] = element
+        count += 1
+    }
+
+    mutating func removeAll() { count = 0 }
+
+    subscript(index: Int) -> Element {
+        get {
+            precondition(index < count, "a fixed list read past its count")
+            return storage[index]
+        }
+        nonmutating set {
+            precondition(index < count, "a fixed list written past its count")
+            storage[index] = newValue
+        }
+    }
+
+    func deallocate() { storage.deallocate() }
 }
 
 /// netback: ``NetDevice`` hosted by ``XenbusBackend``.

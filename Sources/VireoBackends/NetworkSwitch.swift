@@ -28,9 +28,17 @@ public final class NetworkSwitch: Sendable {
         /// A vif's own configured address: never aged out, never moved by another port's frames.
         var fixed = false
     }
+    /// The vif behind a port, for ``route(_:from:)``: weak, as the port's delivery is. (The
+    /// backend, not its device: a weakly referenced object's reference counting takes a slower
+    /// path, and the device is what the vifs' loops retain per pass.)
+    private struct Vif {
+        weak var backend: NetBackend?
+    }
     private struct State {
         /// By port number (numbers are never reused; a removed port leaves nil).
         var ports: [Deliver?] = [nil]
+        /// By port number: the vif a port delivers to, for ports made by ``connect(_:)``.
+        var vifs: [Vif] = [Vif()]
         var nextPort = 1
         var table: [UInt64: Entry] = [:]
         var addressesPerPort: [Int: Int] = [:]
@@ -88,6 +96,16 @@ public final class NetworkSwitch: Sendable {
         public func transmit(_ frame: UnsafeMutableRawBufferPointer, checksum: FrameChecksum) -> Bool {
             owner.forward(frame, checksum: checksum, from: number)
         }
+        /// The vif a frame with these first bytes goes to, when that is one other vif: see
+        /// ``NetworkSwitch/route(_:from:)``.
+        func route(_ header: UnsafeRawBufferPointer) -> NetDevice? { owner.route(header, from: number) }
+        /// Counts frames that came in on this port through ``route(_:)`` and their deliveries
+        /// (`dropped`: the destination refused them).
+        func routed(frames: Int, delivered: Int, dropped: Int) {
+            owner.state.withLock { $0.stats.frames += frames }
+            if delivered > 0 { owner.deliveredCount.add(delivered, ordering: .relaxed) }
+            if dropped > 0 { owner.droppedCount.add(dropped, ordering: .relaxed) }
+        }
         /// Leaves the switch: frames are no longer delivered to it and its addresses are forgotten.
         public func remove() { owner.removePort(number) }
     }
@@ -110,6 +128,7 @@ public final class NetworkSwitch: Sendable {
         }
         let key = backend.mac.key, number = port.number
         state.withLock { s in
+            s.vifs[number].backend = backend
             if let old = s.table[key] { s.addressesPerPort[old.port, default: 1] -= 1 }
             s.table[key] = Entry(port: number, seen: 0, fixed: true)
             s.addressesPerPort[number, default: 0] += 1
@@ -130,6 +149,7 @@ public final class NetworkSwitch: Sendable {
             let n = s.nextPort
             s.nextPort += 1
             s.ports.append(deliver)
+            s.vifs.append(Vif())
             return n
         }
         return Port(number: number, owner: self)
@@ -137,7 +157,10 @@ public final class NetworkSwitch: Sendable {
 
     func removePort(_ number: Int) {
         state.withLock { s in
-            if number < s.ports.count { s.ports[number] = nil }
+            if number < s.ports.count {
+                s.ports[number] = nil
+                s.vifs[number] = Vif()
+            }
             s.table = s.table.filter { $0.value.port != number }
             s.addressesPerPort[number] = nil
         }
@@ -184,6 +207,29 @@ public final class NetworkSwitch: Sendable {
         if delivered > 0 { deliveredCount.add(delivered, ordering: .relaxed) }
         if dropped > 0 { droppedCount.add(dropped, ordering: .relaxed) }
         return delivered > 0 || (single == nil && flood.isEmpty)
+    }
+
+    /// The fast path of ``forward(_:checksum:from:)`` for a vif's frame, given its first bytes
+    /// (at least the 14 of the Ethernet header): when the destination is a unicast address
+    /// known for another port that is a vif, learns the source and returns that vif, which the
+    /// caller then delivers to itself, and counts (``Port/routed(frames:delivered:dropped:)``).
+    /// The caller may reuse the answer for frames with the same two addresses for a moment (a
+    /// vif's pass). nil, with nothing learned, for every other frame (flooded, discarded, to a
+    /// TAP or a capture): the caller then hands the whole frame to ``forward(_:checksum:from:)``.
+    func route(_ header: UnsafeRawBufferPointer, from port: Int) -> NetDevice? {
+        guard header.count >= 14 else { return nil }
+        let destination = EthernetAddress(header, at: 0), source = EthernetAddress(header, at: 6)
+        // A frame to its own source would have `forward` learn before it looks up: left to it.
+        guard !destination.isMulticast, destination != source else { return nil }
+        let now = clock()
+        return state.withLock { s -> NetDevice? in
+            guard port < s.ports.count, s.ports[port] != nil,
+                  let entry = s.table[destination.key], entry.fixed || now &- entry.seen <= agingNanoseconds,
+                  entry.port != port, entry.port < s.ports.count, s.ports[entry.port] != nil,
+                  let backend = s.vifs[entry.port].backend else { return nil }
+            if !source.isMulticast { learn(source.key, port: port, now: now, &s) }
+            return backend.device
+        }
     }
 
     private func learn(_ key: UInt64, port: Int, now: UInt64, _ s: inout State) {

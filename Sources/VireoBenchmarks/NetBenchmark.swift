@@ -110,12 +110,14 @@ final class NetBenchRig {
     let sender: NetBackend, receiver: NetBackend
     let fabric = NetworkSwitch(name: "bench")
     let benchmark: String
-    private var tx: FrontRing<vireo_netif_tx_request, vireo_netif_tx_response>
-    private var rx: FrontRing<vireo_netif_rx_request, vireo_netif_rx_response>
+    // The frontends' state, touched only by the driving thread: no dynamic exclusivity checks
+    // (@exclusivity(unchecked)), which are Swift's bookkeeping, not a frontend's work.
+    @exclusivity(unchecked) private var tx: FrontRing<vireo_netif_tx_request, vireo_netif_tx_response>
+    @exclusivity(unchecked) private var rx: FrontRing<vireo_netif_rx_request, vireo_netif_rx_response>
     private var txPages: [GuestFrame] = []
-    private var txRefs: [GrantRef] = []
-    private var rxRefs: [GrantRef] = []
-    private var frameBytes = 0
+    @exclusivity(unchecked) private var txRefs: [GrantRef] = []
+    @exclusivity(unchecked) private var rxRefs: [GrantRef] = []
+    @exclusivity(unchecked) private var frameBytes = 0
     private var txPort = EventPort(0), rxPort = EventPort(0)
     private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
