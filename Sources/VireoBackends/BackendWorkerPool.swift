@@ -1,12 +1,17 @@
 import Foundation
 import Glibc
 import Synchronization
+import VireoABI
+import VireoCore
 
 /// What one turn of a ``ServiceWorker`` left behind.
 public enum ServiceTurn: Sendable, Equatable {
     /// Nothing is pending (the ring's final check found no request): the worker sleeps until
     /// its next event.
     case idle
+    /// As ``idle``, and the turn found no work at all: if an event woke it, the event was
+    /// spurious. A worker whose events keep being spurious has them masked for a while.
+    case empty
     /// The turn's budget ran out with work left: the worker goes to the back of the pool's
     /// queue, behind every other ready worker.
     case more
@@ -20,6 +25,15 @@ public enum ServiceTurn: Sendable, Equatable {
 /// one turn in N, and an event storm costs one queue check per event while the worker is
 /// already ready, and one ring check per turn otherwise (SECURITY 12). The queue holds each
 /// worker at most once: it is bounded by the number of workers.
+///
+/// A storm of events with no work behind them would still cost the host a dispatch per event
+/// and a turn per dispatch. So, as Linux does for XSA-332 with its "late EOI" of spurious
+/// events, a worker woken by events for ``spuriousThreshold`` turns in a row that found nothing
+/// has its event channels masked (the peer's sends then only set a pending bit) and is deferred:
+/// after 1 ms, doubling with every further spurious turn up to 64 ms, its ports are unmasked
+/// (an event that came meanwhile is delivered then) and it gets a turn. Any turn that finds
+/// work ends the deferral's growth. A frontend that storms thus gets its requests served late,
+/// never lost; an honest one, whose events come with requests, never meets it.
 ///
 /// Each worker is also given a turn every 100 ms while idle, a safety net as Xen's backends
 /// have none of but a lost wake-up then costs 100 ms, not a hang.
@@ -36,6 +50,10 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
     public let budget: Int
     /// How long an idle worker waits for its safety-net turn.
     static let tickNanoseconds: UInt64 = 100_000_000
+    /// Event-woken turns in a row that found nothing before the worker's events are masked.
+    public static let spuriousThreshold = 2
+    /// The first and the longest deferral of a worker whose events are spurious.
+    static let firstDeferral: UInt64 = 1_000_000, longestDeferral: UInt64 = 64_000_000
 
     private let name: String
     private let lock: UnsafeMutablePointer<pthread_mutex_t>
@@ -44,6 +62,8 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
     private var queue: [ServiceWorker?] = []
     private var head = 0
     private var members: [ObjectIdentifier: ServiceWorker] = [:]
+    private var deferred: [ServiceWorker] = []
+    private var deferralCount = 0
     private var started = false
     private var stopping = false
     private var running = 0
@@ -84,6 +104,9 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
     /// Workers waiting for a thread now (never more than the workers started on the pool).
     public var queued: Int { locked { queue.count - head } }
 
+    /// Times a worker's events were masked for being spurious (for tests and diagnostics).
+    public var deferrals: Int { locked { deferralCount } }
+
     /// Ends the pool's threads once the turns they are running finish, and waits for them. The
     /// shared pool is never stopped; a pool a test made is.
     public func stop() {
@@ -117,10 +140,11 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
 
     func wake(_ worker: ServiceWorker) {
         locked {
+            worker.eventWoken = true
             switch worker.state {
             case .idle: enqueue(worker)
             case .running: worker.rewoken = true
-            case .unstarted, .queued, .stopped: break
+            case .unstarted, .queued, .deferred, .stopped: break
             }
         }
     }
@@ -131,6 +155,10 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
             while worker.state == .running { pthread_cond_wait(settled, lock) }
             if worker.state == .queued, let index = queue[head...].firstIndex(where: { $0 === worker }) {
                 queue[index] = nil  // skipped when reached: the queue keeps its order
+            }
+            if case .deferred = worker.state {
+                deferred.removeAll { $0 === worker }
+                worker.unmaskEvents()  // the port may be bound again, under the same number
             }
             worker.state = .stopped
             worker.release()
@@ -155,21 +183,40 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
                 nextTick = now &+ Self.tickNanoseconds
                 for worker in members.values where worker.state == .idle { enqueue(worker) }
             }
+            var wakeAt = nextTick
+            if !deferred.isEmpty { wakeAt = min(wakeAt, releaseDeferred(now: now)) }
             guard let worker = takeFirst() else {
-                var deadline = timespec(tv_sec: Int(nextTick / 1_000_000_000), tv_nsec: Int(nextTick % 1_000_000_000))
+                var deadline = timespec(tv_sec: Int(wakeAt / 1_000_000_000), tv_nsec: Int(wakeAt % 1_000_000_000))
                 pthread_cond_timedwait(ready, lock, &deadline)
                 continue
             }
             worker.state = .running
             worker.rewoken = false
+            let byEvent = worker.eventWoken
+            worker.eventWoken = false
             turnCount += 1
             pthread_mutex_unlock(lock)
             let turn = worker.turn(budget: budget)
             pthread_mutex_lock(lock)
+            if turn == .empty && byEvent {
+                worker.spurious += 1
+            } else if turn != .empty {
+                worker.spurious = 0
+            }
             if turn == nil {
                 worker.state = .stopped  // it failed and reported it; its stop() finds it stopped
                 members[ObjectIdentifier(worker)] = nil
-            } else if turn == .more || worker.rewoken {
+            } else if turn == .more || (worker.rewoken && worker.spurious == 0) {
+                enqueue(worker)
+            } else if worker.spurious >= Self.spuriousThreshold && worker.canMaskEvents {
+                let extra = min(worker.spurious - Self.spuriousThreshold, 6)
+                let delay = min(Self.firstDeferral << UInt64(extra), Self.longestDeferral)
+                worker.state = .deferred(until: Self.now() &+ delay)
+                worker.maskEvents()
+                deferred.append(worker)
+                deferralCount += 1
+                pthread_cond_signal(ready)  // an idle thread's wait may end later than this deferral
+            } else if worker.rewoken {
                 enqueue(worker)
             } else {
                 worker.state = .idle
@@ -179,6 +226,23 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
         running -= 1
         pthread_cond_broadcast(settled)
         pthread_mutex_unlock(lock)
+    }
+
+    /// Unmasks and queues every deferred worker whose time has come; returns when the next
+    /// one's comes (or `UInt64.max`).
+    private func releaseDeferred(now: UInt64) -> UInt64 {
+        var next = UInt64.max
+        deferred.removeAll { worker in
+            guard case .deferred(let until) = worker.state else { return true }
+            if until > now {
+                next = min(next, until)
+                return false
+            }
+            worker.unmaskEvents()
+            enqueue(worker)
+            return true
+        }
+        return next
     }
 
     private func takeFirst() -> ServiceWorker? {
@@ -216,13 +280,16 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
 /// that wake it are bound (``FrontendLink/bindEvent(_:waking:)``), started once the connection
 /// is whole, stopped in ``XenbusDevice/disconnect(_:)``.
 public final class ServiceWorker: @unchecked Sendable {  // `state`, `rewoken` and `body` are guarded by the pool's lock
-    enum State { case unstarted, idle, queued, running, stopped }
+    enum State: Equatable { case unstarted, idle, queued, running, deferred(until: UInt64), stopped }
 
     public let name: String
     /// The pool whose threads run this worker's turns.
     public let pool: BackendWorkerPool
     var state = State.unstarted
     var rewoken = false
+    var eventWoken = false
+    var spurious = 0
+    private var channels: [(host: HostEventDomain, port: EventPort)] = []
     private var body: (@Sendable (Int) throws(BackendError) -> ServiceTurn)?
     private var failed: (@Sendable (BackendError) -> Void)?
     private let stopping = Atomic<Bool>(false)
@@ -276,11 +343,28 @@ public final class ServiceWorker: @unchecked Sendable {  // `state`, `rewoken` a
         }
     }
 
+    /// Registers a port whose events wake this worker, to be masked while its events are
+    /// spurious (``FrontendLink/bindEvent(_:waking:)`` does it; before ``start(for:budgeted:)``).
+    public func wakes(on port: EventPort, of host: HostEventDomain) {
+        channels.append((host, port))
+    }
+
+    var canMaskEvents: Bool { !channels.isEmpty }
+
+    func maskEvents() {
+        for channel in channels { try? channel.host.mask(channel.port) }
+    }
+
+    func unmaskEvents() {
+        for channel in channels { try? channel.host.unmask(channel.port) }
+    }
+
     /// Drops the turn's closure (which holds the ring, and through it this worker) once no
     /// turn can run again: the connection's mappings end with the connection.
     func release() {
         body = nil
         failed = nil
+        channels = []
     }
 
     /// Wakes the worker for a turn (any thread). Costs a lock and a check when it is already

@@ -290,7 +290,10 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
                     return .more
                 }
                 if try queue.mapped.ring.finalCheckForRequests() { continue }
-                if served == 0 { counters.emptyTurns.add(1, ordering: .relaxed) }
+                if left == budget {
+                    counters.emptyTurns.add(1, ordering: .relaxed)
+                    return .empty
+                }
                 return .idle
             }
             return .idle

@@ -462,7 +462,9 @@ public struct FrontendLink {
         let handler: @Sendable (EventPort) -> Void
         if let worker { handler = { _ in worker.wake() } } else { handler = { _ in waker.kick() } }
         do {
-            return try host.bindInterdomain(remoteDomain: domain, remotePort: remote, handler: handler)
+            let port = try host.bindInterdomain(remoteDomain: domain, remotePort: remote, handler: handler)
+            worker?.wakes(on: port, of: host)
+            return port
         } catch {
             throw BackendError("\(path)/\(key) \(remote.rawValue): cannot bind: \(error)")
         }
