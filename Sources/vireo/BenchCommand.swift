@@ -14,7 +14,7 @@ struct BenchCommand: AsyncParsableCommand {
     /// Every benchmark the CLI knows. Later layers add theirs here.
     static let registry = BenchmarkRegistry([
         RingBenchmark(), GrantBenchmark(), StoreBenchmark(), RawExitBenchmark(), HypercallBenchmark(), BootBenchmark(), BlockBenchmark(),
-        NetBenchmark(), CPUBenchmark(), DensityBenchmark(),
+        NetBenchmark(), CPUBenchmark(), DensityBenchmark(), EventChannelBenchmark(),
     ])
 
     @Argument(help: "The benchmark to run (see --list).")
