@@ -1,7 +1,9 @@
 import Foundation
 import Synchronization
 import Testing
+import VireoABI
 import VireoBackends
+import VireoCore
 
 /// A list the workers' turns append to, in the order they ran.
 private final class TurnLog: Sendable {
@@ -119,6 +121,55 @@ private func eventually(_ condition: () -> Bool) -> Bool {
         worker.wake()
         usleep(50_000)
         #expect(turns.now == count)
+    }
+
+    /// SECURITY 12, late EOI: a guest's events that keep finding nothing get its port masked in
+    /// dom0 (the worker deferred); an event with work behind it that comes while masked is
+    /// served once the deferral ends, not lost; stop() leaves the port unmasked.
+    @Test func spuriousEventsMaskThePortForAWhileAndLoseNothing() throws {
+        let hub = EventChannels(), grants = GrantTables()
+        let host = try HostEventDomain(hub: hub)
+        let guest = try SimulatedGuest(id: DomainID(1), ramPages: 16, hub: hub, grantTables: grants)
+        let dispatcher = HostEventDispatcher(host, name: "test-late-eoi")
+        defer { dispatcher.stop() }
+        let pool = BackendWorkerPool(threads: 1, name: "test-late-eoi")
+        defer { pool.stop() }
+        let work = Cell(), served = Cell(), empty = Cell()
+        let worker = try ServiceWorker(name: "late-eoi", pool: pool)
+        let guestPort = try guest.allocUnbound(remote: host.id)
+        let port = try host.bindInterdomain(remoteDomain: guest.id, remotePort: guestPort) { _ in worker.wake() }
+        worker.wakes(on: port, of: host)
+        worker.start(onFailure: { _ in }, budgeted: { _ in
+            let pending = work.now
+            guard pending > 0 else {
+                empty.add(1)
+                return .empty
+            }
+            work.set(0)
+            served.add(pending)
+            return .idle
+        })
+        // The storm: events with nothing behind them, until the port is masked.
+        #expect(eventually {
+            try? guest.notify(guestPort)
+            usleep(100)
+            return pool.deferrals > 0
+        })
+        let stormTurns = empty.now
+        // A request (the work) and its event while the port may be masked: served later, once.
+        work.set(1)
+        try guest.notify(guestPort)
+        #expect(eventually { served.now == 1 }, "the event that came during the deferral was served")
+        #expect(stormTurns < 100, "\(stormTurns) empty turns before the mask")
+        // Spurious again: masked again, then stopped while deferred: the port is left unmasked.
+        #expect(eventually {
+            try? guest.notify(guestPort)
+            usleep(100)
+            return host.events.isMasked(port)
+        })
+        worker.stop()
+        #expect(!host.events.isMasked(port), "stop() unmasked the port")
+        try host.close(port)
     }
 
     /// A turn that throws ends the worker and hands the error over once.
