@@ -199,7 +199,7 @@ private final class TwoGuestRig {
                          count: { shared.stormCompleted.add($0, ordering: .relaxed) })
         rig.stormEvents(a, shared)
 
-        let phase = 0.03, settle: UInt32 = 6_000
+        let phase = 0.026, settle: UInt32 = 5_000
         func measure(_ storm: Int) -> (b: Double, a: Double) {
             shared.storm.store(storm, ordering: .relaxed)
             usleep(settle)
@@ -212,7 +212,7 @@ private final class TwoGuestRig {
             return (Double(b1 - b0) / seconds, Double(a1 - a0) / seconds)
         }
         var alone: [Double] = [], busy: [Double] = [], events: [Double] = [], full: [Double] = [], fullA: [Double] = []
-        for _ in 0..<24 {
+        for _ in 0..<32 {
             alone.append(measure(0).b)
             busy.append(measure(3).b)
             events.append(measure(1).b)
