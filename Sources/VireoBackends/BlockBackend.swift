@@ -25,11 +25,14 @@ import VireoStore
 /// carries on; a ring whose producer index is out of range is disconnected (Closing).
 ///
 /// Threads: XenbusBackend's control loop (XenStore, state, connection; ``serve(_:)`` has
-/// nothing to do) and one ``ServiceWorker`` per ring while Connected. A ring's worker takes
-/// each request in turn, does its I/O synchronously and publishes responses as it goes, so
-/// rings run in parallel and a frontend keeps up to a ring's worth of requests queued per
-/// ring; within a ring requests complete in order, which is also what makes WRITE_BARRIER's
-/// "after every earlier write" hold.
+/// nothing to do) and one ``ServiceWorker`` per ring while Connected, taking turns on a
+/// ``BackendWorkerPool`` (the process's shared one, a thread per core, unless one is given).
+/// A ring's turn takes each request in turn, up to the pool's budget, does its I/O
+/// synchronously and publishes responses as it goes; with work left it goes to the back of
+/// the pool's queue, so rings of every frontend share the threads round-robin and one that
+/// keeps its ring full, or storms with events, cannot starve the others (SECURITY 12; see
+/// Docs/block.md). Within a ring requests complete in order, which is also what makes
+/// WRITE_BARRIER's "after every earlier write" hold.
 public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutable but for the counters; a connection's queues belong to their workers
     public typealias Request = vireo_blkif_request
     public typealias Response = vireo_blkif_response
@@ -49,6 +52,9 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
     /// Bytes per discardable extent (`discard-granularity`): the file system's block size,
     /// at least the sector size.
     public let discardGranularity: Int
+
+    /// The pool whose threads serve the rings.
+    public let pool: BackendWorkerPool
 
     private let fd: Int32
     private let indirectPagesPerRequest: Int
@@ -70,6 +76,11 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
         /// Times the service loop found requests waiting (each batch is answered with one push
         /// and at most one notification per queue).
         public var batches = 0
+        /// Turns that ended because the budget ran out with requests left (the ring went
+        /// behind the others).
+        public var turnsCut = 0
+        /// Turns that found no request at all (a spurious event, or the 100 ms safety net).
+        public var emptyTurns = 0
     }
     private let counters = Counters()
     public var statistics: Statistics { counters.snapshot() }
@@ -108,11 +119,12 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
 
     /// Opens `path` (read-write unless `readOnly`) as device `number`. The image's size is
     /// rounded down to whole sectors of `sectorSize` (512 or 4096 bytes). `maxQueues` (1...16)
-    /// rings and indirect requests of up to `maxIndirectSegments` (11...4096) segments are offered.
+    /// rings and indirect requests of up to `maxIndirectSegments` (11...4096) segments are offered;
+    /// the rings take turns on `pool`.
     /// - Throws: ``BackendError`` naming the file when it cannot be opened or is empty, or the
     ///   option that is out of range.
     public init(path: String, readOnly: Bool, number: UInt32 = 51712, sectorSize: Int = 512, maxQueues: Int = 4,
-                maxIndirectSegments: Int = 256) throws(BackendError) {
+                maxIndirectSegments: Int = 256, pool: BackendWorkerPool = .shared) throws(BackendError) {
         guard sectorSize == 512 || sectorSize == 4096 else {
             throw BackendError("sector size \(sectorSize): only 512 and 4096 are served")
         }
@@ -135,6 +147,7 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
             throw BackendError("the disk image '\(path)' is smaller than one \(sectorSize)-byte sector")
         }
         self.fd = fd
+        self.pool = pool
         self.number = number
         self.sectors = sectors
         self.readOnly = readOnly
@@ -198,7 +211,7 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
             for index in 0..<count {
                 let directory = count == 1 ? "" : "queue-\(index)/"
                 let mapped: MappedBackRing<Request, Response> = try link.mapRing(directory + "ring-ref")
-                let worker = try ServiceWorker(name: "blkback-\(link.domain.rawValue)-q\(index)")
+                let worker = try ServiceWorker(name: "blkback-\(link.domain.rawValue)-q\(index)", pool: pool)
                 let port = try link.bindEvent(directory + "event-channel", waking: worker)
                 opened.append(Queue(index: index, mapped: mapped, port: port, worker: worker,
                                     scratch: Scratch(segments: maxIndirectSegments, indirectPages: indirectPagesPerRequest),
@@ -209,7 +222,9 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
             throw error
         }
         for queue in opened {
-            queue.worker.start(for: link) { [self] () throws(BackendError) in try serveRing(queue) }
+            queue.worker.start(for: link, budgeted: { [self] (budget: Int) throws(BackendError) -> ServiceTurn in
+                try serveRing(queue, budget: budget)
+            })
         }
         connectedQueues.store(opened.count, ordering: .releasing)
         return Connection(queues: opened)
@@ -233,15 +248,20 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
     /// for a whole batch's round trip), without a push and a possible notification per
     /// request; a notification is sent only when the frontend asked for one (`rsp_event`), and
     /// the final check before sleeping catches requests that raced with it. A frontend that
-    /// keeps the ring full cannot hold the thread: it stops between requests when asked.
+    /// keeps the ring full cannot hold the thread: it stops between requests when asked, and
+    /// after `budget` requests the turn ends with the responses pushed and ``ServiceTurn/more``
+    /// (the ring goes behind the others). A turn that finds nothing (a spurious event) costs one
+    /// look at the producer index and the final check.
     /// Throws when the ring broke the protocol (the worker reports it to the control loop,
     /// which disconnects the device).
-    private func serveRing(_ queue: Queue) throws(BackendError) {
+    private func serveRing(_ queue: Queue, budget: Int) throws(BackendError) -> ServiceTurn {
         let worker = queue.worker
+        var left = budget
         do {
             while !worker.isStopping {
                 var served = 0, errors = 0, notified = 0
-                while !worker.isStopping, let request = try queue.mapped.ring.consumeRequest() {
+                while !worker.isStopping, left > 0, let request = try queue.mapped.ring.consumeRequest() {
+                    left -= 1
                     let (status, operation) = handle(request, queue)
                     try queue.mapped.ring.produceResponse { slot in
                         slot.set(\.id, to: request.id)
@@ -265,9 +285,18 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
                     if errors > 0 { counters.errors.add(errors, ordering: .relaxed) }
                 }
                 if notified > 0 { counters.notifications.add(notified, ordering: .relaxed) }
+                if left == 0 {
+                    counters.turnsCut.add(1, ordering: .relaxed)
+                    return .more
+                }
                 if try queue.mapped.ring.finalCheckForRequests() { continue }
-                return
+                if left == budget {
+                    counters.emptyTurns.add(1, ordering: .relaxed)
+                    return .empty
+                }
+                return .idle
             }
+            return .idle
         } catch {
             throw BackendError("ring protocol error on queue \(queue.index): \(error)")
         }
@@ -448,12 +477,12 @@ public typealias BlockBackend = XenbusBackend<BlockDevice>
 
 extension XenbusBackend where Device == BlockDevice {
     /// Serves the image at `path` as device `device` (51712 = xvda) of domain `frontend`: see
-    /// ``BlockDevice/init(path:readOnly:number:sectorSize:maxQueues:maxIndirectSegments:)``.
+    /// ``BlockDevice/init(path:readOnly:number:sectorSize:maxQueues:maxIndirectSegments:pool:)``.
     public convenience init(path: String, readOnly: Bool, frontend: DomainID, device: UInt32 = 51712, sectorSize: Int = 512,
-                            maxQueues: Int = 4, maxIndirectSegments: Int = 256,
+                            maxQueues: Int = 4, maxIndirectSegments: Int = 256, pool: BackendWorkerPool = .shared,
                             store: XenStore, grants: GrantTables, host: HostEventDomain) throws(BackendError) {
         let disk = try BlockDevice(path: path, readOnly: readOnly, number: device, sectorSize: sectorSize, maxQueues: maxQueues,
-                                   maxIndirectSegments: maxIndirectSegments)
+                                   maxIndirectSegments: maxIndirectSegments, pool: pool)
         try self.init(disk, frontend: frontend, handle: device, store: store, grants: grants, host: host)
     }
 
@@ -466,6 +495,7 @@ private final class Counters: Sendable {
     let requests = Atomic<Int>(0), errors = Atomic<Int>(0), notifications = Atomic<Int>(0)
     let flushes = Atomic<Int>(0), barriers = Atomic<Int>(0)
     let discards = Atomic<Int>(0), indirect = Atomic<Int>(0), batches = Atomic<Int>(0)
+    let turnsCut = Atomic<Int>(0), emptyTurns = Atomic<Int>(0)
 
     func snapshot() -> BlockDevice.Statistics {
         var s = BlockDevice.Statistics()
@@ -477,6 +507,8 @@ private final class Counters: Sendable {
         s.discards = discards.load(ordering: .relaxed)
         s.indirect = indirect.load(ordering: .relaxed)
         s.batches = batches.load(ordering: .relaxed)
+        s.turnsCut = turnsCut.load(ordering: .relaxed)
+        s.emptyTurns = emptyTurns.load(ordering: .relaxed)
         return s
     }
 }

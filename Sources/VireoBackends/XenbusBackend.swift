@@ -110,7 +110,7 @@ public struct NextPass: Sendable, Equatable {
 /// never slept.) The state is read when the watch fired and, as a safety net, once a second.
 ///
 /// Threads: ``run()`` is the control loop (XenStore, state, connection, and ``XenbusDevice/serve(_:)``);
-/// a device may serve on threads of its own too (``ServiceWorker``, blkback's thread per ring).
+/// a device may serve on a ``BackendWorkerPool`` too (``ServiceWorker``s: blkback's rings take turns there).
 /// Callers with a loop of their own (tests, benchmarks) call ``poll()`` instead of ``run()``,
 /// then ``finish()``.
 public final class XenbusBackend<Device: XenbusDevice>: BackendService, @unchecked Sendable {
@@ -458,9 +458,13 @@ public struct FrontendLink {
     /// events wake the backend's control loop, or `worker` when one is given.
     public func bindEvent(_ key: String, waking worker: ServiceWorker? = nil) throws(BackendError) -> EventPort {
         let remote = EventPort(UInt32(try number(key)))
-        let wake = worker?.wakePipe ?? waker
+        let waker = self.waker
+        let handler: @Sendable (EventPort) -> Void
+        if let worker { handler = { _ in worker.wake() } } else { handler = { _ in waker.kick() } }
         do {
-            return try host.bindInterdomain(remoteDomain: domain, remotePort: remote) { _ in wake.kick() }
+            let port = try host.bindInterdomain(remoteDomain: domain, remotePort: remote, handler: handler)
+            worker?.wakes(on: port, of: host)
+            return port
         } catch {
             throw BackendError("\(path)/\(key) \(remote.rawValue): cannot bind: \(error)")
         }
@@ -504,56 +508,5 @@ public final class MappedBackRing<Request: BitwiseCopyable, Response: BitwiseCop
         } catch {
             throw BackendError("ring protocol error: \(error)")
         }
-    }
-}
-
-/// A thread of a device's own while it is connected, beside the control loop: blkback serves
-/// each ring on one (as Xen's blkback runs a kernel thread per ring), so rings run in parallel
-/// and a slow request on one does not hold the XenStore handshake. Made in ``XenbusDevice/connect(_:)``
-/// before the event channels that wake it are bound (``FrontendLink/bindEvent(_:waking:)``),
-/// started once the connection is whole, stopped in ``XenbusDevice/disconnect(_:)``.
-public final class ServiceWorker: Sendable {
-    public let name: String
-    let wakePipe: WakePipe
-    private let stopping = Atomic<Bool>(false)
-    private let finished = Atomic<Bool>(true)
-
-    public init(name: String) throws(BackendError) {
-        self.name = name
-        wakePipe = try WakePipe(for: name)
-    }
-
-    /// Whether ``stop()`` was asked: a pass that serves many requests checks it between them,
-    /// so a frontend that keeps its ring full cannot hold a disconnection.
-    public var isStopping: Bool { stopping.load(ordering: .relaxed) }
-
-    /// Starts the thread: `pass` runs when the worker is woken (its events) and at least every
-    /// 100 ms, until ``stop()``. A thrown error ends the thread and is reported to the control
-    /// loop, which drops the connection `link` belongs to (the device goes to Closing with
-    /// `<frontend path>: <error>` as its failure).
-    public func start(for link: FrontendLink, _ pass: @escaping @Sendable () throws(BackendError) -> Void) {
-        finished.store(false, ordering: .releasing)
-        let reports = link.reports, generation = link.generation, path = link.path
-        ServiceThread.start(name: name) { [self] in
-            while !stopping.load(ordering: .acquiring) {
-                do { try pass() } catch {
-                    reports.report("\(path): \(error)", generation: generation)
-                    break
-                }
-                if stopping.load(ordering: .acquiring) { break }
-                wakePipe.wait(milliseconds: 100)
-            }
-            finished.store(true, ordering: .releasing)
-        }
-    }
-
-    /// Wakes the thread for a pass (any thread).
-    public func wake() { wakePipe.kick() }
-
-    /// Asks the thread to end after the request it is serving and waits until it has.
-    public func stop() {
-        stopping.store(true, ordering: .releasing)
-        wakePipe.kick()
-        while !finished.load(ordering: .acquiring) { usleep(200) }
     }
 }

@@ -93,6 +93,19 @@ public struct RawExitBenchmark: Benchmark {
             ])
     }
 
+    /// Nanoseconds per raw I/O exit round trip (this benchmark's `out` loop on a fresh bare
+    /// vCPU, batches of 1000 for `seconds`): the baseline other benchmarks set beside theirs.
+    public static func nanosecondsPerExit(seconds: Double) throws -> Double {
+        let memory = try GuestMemory(ramBytes: 64 * 1024)
+        try memory.write(loop, at: GuestPhysicalAddress(0x1000))
+        let kvm = try KVMSystem()
+        let vm = try kvm.makeVirtualMachine(memory: memory)
+        let vcpu = try vm.makeVirtualCPU(id: 0)
+        try vcpu.setCPUID(XenCPUID.guestCPUID(supported: kvm.supportedCPUID(), vcpu: 0, domain: DomainID(1)))
+        try vcpu.setPVHEntryState(entry: 0x1000, startInfo: GuestPhysicalAddress(0))
+        return try Measure.rate(seconds: seconds) { try exits(vcpu, 1000) }.nanosecondsPerOperation
+    }
+
     /// Runs `count` guest exits; each must be the loop's `out`.
     static func exits(_ vcpu: KVMVirtualCPU, _ count: Int) throws -> UInt64 {
         var done = 0

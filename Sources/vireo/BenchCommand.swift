@@ -14,7 +14,7 @@ struct BenchCommand: AsyncParsableCommand {
     /// Every benchmark the CLI knows. Later layers add theirs here.
     static let registry = BenchmarkRegistry([
         RingBenchmark(), GrantBenchmark(), StoreBenchmark(), RawExitBenchmark(), HypercallBenchmark(), BootBenchmark(), BlockBenchmark(),
-        NetBenchmark(), CPUBenchmark(), DensityBenchmark(), SchedBenchmark(),
+        NetBenchmark(), CPUBenchmark(), DensityBenchmark(), SchedBenchmark(), EventChannelBenchmark(),
     ])
 
     @Argument(help: "The benchmark to run (see --list).")

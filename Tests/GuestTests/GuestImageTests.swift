@@ -5,11 +5,11 @@ import VireoGuestBuilder
 /// The images `vireo guest build` writes are PVH guests every loader accepts: ELF64 x86-64,
 /// loaded at 1 MiB, with the PHYS32_ENTRY note pointing into the code, and no SSE/MMX/x87.
 @Suite struct GuestImageTests {
-    static let guests = ["hello", "hello-c", "hypercalls", "hello-kit", "cpubench", "netecho", "trap", "heap", "hostile", "xenstore", "timer", "upcall", "smp", "console-echo"]
+    static let guests = ["hello", "hello-c", "hypercalls", "evtchnping", "hello-kit", "cpubench", "netecho", "trap", "heap", "hostile", "xenstore", "timer", "upcall", "smp", "console-echo"]
     static let phys32Entry: UInt32 = 18  // XEN_ELFNOTE_PHYS32_ENTRY
 
     @Test func theSamplesAreEveryDirectoryUnderSamples() throws {
-        #expect(try GuestSupport.repository.sampleNames() == ["blkcheck", "cpubench", "hello", "hello-c", "hello-kit", "hypercalls", "idle", "netecho"])
+        #expect(try GuestSupport.repository.sampleNames() == ["blkcheck", "cpubench", "evtchnping", "hello", "hello-c", "hello-kit", "hypercalls", "idle", "netecho"])
     }
 
     @Test(arguments: guests) func imageIsAnELF64PVHGuest(name: String) throws {

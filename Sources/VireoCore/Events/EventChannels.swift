@@ -253,6 +253,16 @@ public final class EventChannels: Sendable {
         let me = try lookup(caller)
         let index = try me.index(port)
         let upcall = try EventDomain.withPort(me, index,
+            // Step 1 without the peer's lock: a peer port already pending makes this send a
+            // no-op, so a storm at a peer that is not consuming (a masked port, a busy backend)
+            // does not take the peer's lock for every event, which the peer's other channels
+            // need. The full barrier orders the caller's earlier writes (a ring's entries)
+            // before the bit is read, as the locked test-and-set in markPending does: a receiver
+            // that clears the bit after this read then sees those writes.
+            peek: { (peer: EventDomain, peerPort: Int) -> Upcall?? in
+                Barrier.full()
+                return peer.isPendingUnlocked(peerPort) ? .some(nil) : nil
+            },
             local: { (s: inout EventDomain.State) throws(XenError) -> Upcall? in
                 let channel = s.channel(index)
                 switch channel.binding {

@@ -125,6 +125,14 @@ final class EventDomain: Sendable {
         return raiseSelector(word, vcpu: vcpu, s)
     }
 
+    /// Whether `port`'s pending bit is set, read without this domain's lock: for a sender that
+    /// holds the lock of the domain at the other end of the channel, which pins the binding
+    /// (closing either end takes both domains' locks), so the bit is this channel's.
+    func isPendingUnlocked(_ port: Int) -> Bool {
+        let (word, bit) = TwoLevelLayout.position(of: UInt32(port))
+        return sharedInfo.testBit(bit, inWordAt: pendingWord(word))
+    }
+
     /// Send steps 3-5: the selector bit for `word`, then the upcall flag.
     private func raiseSelector(_ word: Int, vcpu: Int, _ s: State) -> Upcall? {
         guard let info = s.vcpuInfo[vcpu] else { return nil }
@@ -210,8 +218,12 @@ final class EventDomain: Sendable {
     ///
     /// When the peer sorts first in the lock order, this domain's lock is dropped, both are
     /// taken in order, and the binding is read again; if it changed, the whole thing restarts.
+    ///
+    /// `peek`, when given, runs first for a connected port with only this domain locked (the
+    /// binding pinned); a result from it finishes the operation without the peer's lock.
     static func withPort<R: Sendable>(
         _ domain: EventDomain, _ port: Int, allowDead: Bool = false,
+        peek: ((EventDomain, Int) -> R?)? = nil,
         local: (inout State) throws(XenError) -> R,
         remote: (inout State, EventDomain, inout State, Int) throws(XenError) -> R
     ) throws(XenError) -> R {
@@ -221,6 +233,7 @@ final class EventDomain: Sendable {
                 guard case .interdomain(let peer, let peerPort) = s.channel(port).binding, peer !== domain else {
                     return .done(try local(&s))
                 }
+                if let peek, let result = peek(peer, peerPort) { return .done(result) }
                 guard domain.locksBefore(peer) else { return .lockBoth(peer) }
                 return .done(try peer.state.withLock { (ps: inout State) throws(XenError) -> R in
                     try remote(&s, peer, &ps, peerPort)

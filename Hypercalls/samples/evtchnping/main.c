@@ -1,0 +1,99 @@
+/*
+ * evtchnping: an event-channel ping-pong guest for `vireo bench evtchn`. The host allocates an
+ * unbound port in its own domain (dom0) for this guest and names it on the command line
+ * ("port=N rounds=M", rounds 1000 by default); the host's end echoes every event back. The
+ * guest places shared_info (XENMEM_add_to_physmap), binds the host's port
+ * (EVTCHNOP_bind_interdomain), then M times: EVTCHNOP_send on its port, SCHEDOP_poll on it
+ * until it is pending (the echo), and clears the pending bit (having acknowledged the vCPU's
+ * upcall_pending and selector first, as an upcall handler does). It prints
+ * "evtchnping: M round trips ok" and powers off; any failure prints "evtchnping: FAIL ..." and
+ * crashes the domain. The host times the rounds (two runs of different lengths, so booting
+ * cancels out).
+ */
+#include <vireo/vireo.h>
+#include <vireo_guest.h>
+
+static void say(const char *text) { vireo_guest_console_write(text, strlen(text)); }
+
+static void say_number(const char *before, unsigned long n, const char *after) {
+    char digits[24];
+    int d = 0;
+    do { digits[d++] = (char)('0' + n % 10); n /= 10; } while (n);
+    char line[96];
+    size_t len = 0;
+    for (const char *p = before; *p && len < 40; p++) line[len++] = *p;
+    while (d) line[len++] = digits[--d];
+    for (const char *p = after; *p && len < 94; p++) line[len++] = *p;
+    vireo_guest_console_write(line, len);
+}
+
+static _Noreturn void fail(const char *what, long code) {
+    say("evtchnping: FAIL ");
+    say(what);
+    say_number(" (", (unsigned long)(code < 0 ? -code : code), code < 0 ? ", negative)\n" : ")\n");
+    vireo_guest_shutdown(VIREO_SHUTDOWN_crash);
+}
+
+/* The value of "key=" on the command line (decimal), or `otherwise`. */
+static unsigned long option(const char *cmdline, const char *key, unsigned long otherwise) {
+    size_t k = strlen(key);
+    for (const char *p = cmdline; *p; p++) {
+        if ((p == cmdline || p[-1] == ' ') && memcmp(p, key, k) == 0 && p[k] == '=') {
+            unsigned long n = 0;
+            for (p += k + 1; *p >= '0' && *p <= '9'; p++) n = n * 10 + (unsigned long)(*p - '0');
+            return n;
+        }
+    }
+    return otherwise;
+}
+
+int main(int argc, char **argv) {
+    (void)argc;
+    (void)argv;
+    if (!vireo_guest_has_hypercalls()) fail("no hypervisor with hypercalls", 0);
+    const char *cmdline = vireo_guest_cmdline();
+    unsigned long remote = option(cmdline, "port", 0), rounds = option(cmdline, "rounds", 1000);
+    if (remote == 0) fail("no port= on the command line", 0);
+
+    /* shared_info in the hole above RAM, as Xen guests place it (inside the boot stub's 1 GiB
+     * identity map for any RAM size a sample uses). */
+    struct vireo_xen_memory_domain self = { .domid = VIREO_DOMID_SELF };
+    long pages = vireo_guest_hypercall(VIREO_HYPERVISOR_memory_op, VIREO_XENMEM_current_reservation,
+                                       (uint64_t)(uintptr_t)&self, 0, 0, 0);
+    if (pages <= 0) fail("XENMEM_current_reservation", pages);
+    struct vireo_xen_add_to_physmap place = {
+        .domid = VIREO_DOMID_SELF, .space = VIREO_XENMAPSPACE_shared_info, .idx = 0, .gpfn = (uint64_t)pages + 16 };
+    long r = vireo_guest_hypercall(VIREO_HYPERVISOR_memory_op, VIREO_XENMEM_add_to_physmap, (uint64_t)(uintptr_t)&place, 0, 0, 0);
+    if (r != 0) fail("XENMEM_add_to_physmap(shared_info)", r);
+    volatile struct vireo_shared_info *shared = (volatile struct vireo_shared_info *)(uintptr_t)(place.gpfn << 12);
+
+    struct vireo_evtchn_bind_interdomain bind = { .remote_dom = 0, .remote_port = (vireo_evtchn_port_t)remote };
+    r = vireo_guest_hypercall(VIREO_HYPERVISOR_event_channel_op, VIREO_EVTCHNOP_bind_interdomain,
+                              (uint64_t)(uintptr_t)&bind, 0, 0, 0);
+    if (r != 0) fail("EVTCHNOP_bind_interdomain", r);
+    vireo_evtchn_port_t port = bind.local_port;
+    volatile vireo_xen_ulong_t *word = &shared->evtchn_pending[port / 64];
+    vireo_xen_ulong_t bit = (vireo_xen_ulong_t)1 << (port % 64);
+    /* A new interdomain port starts pending: nothing has been sent yet, so let it go. */
+    __atomic_fetch_and(word, ~bit, __ATOMIC_SEQ_CST);
+
+    struct vireo_evtchn_send send = { .port = port };
+    struct vireo_sched_poll poll = { .ports = (uint64_t)(uintptr_t)&port, .nr_ports = 1, .timeout = 0 };
+    volatile struct vireo_vcpu_info *vcpu = &shared->vcpu_info[0];
+    for (unsigned long i = 0; i < rounds; i++) {
+        /* Acknowledge as an upcall handler would (upcall_pending, then the selector), before
+         * looking at the port: an echo after this raises them again, and wakes the poll. */
+        __atomic_store_n(&vcpu->evtchn_upcall_pending, 0, __ATOMIC_SEQ_CST);
+        __atomic_exchange_n(&vcpu->evtchn_pending_sel, 0, __ATOMIC_SEQ_CST);
+        r = vireo_guest_hypercall(VIREO_HYPERVISOR_event_channel_op, VIREO_EVTCHNOP_send, (uint64_t)(uintptr_t)&send, 0, 0, 0);
+        if (r != 0) fail("EVTCHNOP_send", r);
+        /* SCHEDOP_poll returns at once if the port is pending, else when it becomes so. */
+        while (!(*word & bit)) {
+            r = vireo_guest_hypercall(VIREO_HYPERVISOR_sched_op, VIREO_SCHEDOP_poll, (uint64_t)(uintptr_t)&poll, 0, 0, 0);
+            if (r != 0) fail("SCHEDOP_poll", r);
+        }
+        __atomic_fetch_and(word, ~bit, __ATOMIC_SEQ_CST);
+    }
+    say_number("evtchnping: ", rounds, " round trips ok\n");
+    return 0;
+}
