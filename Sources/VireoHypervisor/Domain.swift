@@ -284,6 +284,10 @@ public final class Domain: @unchecked Sendable {  // mutable state sits behind `
         return (UInt32((nsPerSecond << 32) / ticks), shift)
     }
 
+    /// Marks vCPU `vcpu` as in SCHEDOP_poll, or no longer: while it polls, any of the domain's
+    /// ports becoming pending wakes it through the upcall hook (Xen's evtchn_check_pollers).
+    public func setPolling(vcpu: Int, _ polling: Bool) { hub.setPolling(id, vcpu: vcpu, polling) }
+
     /// Publishes vCPU `vcpu`'s pvclock record: at guest TSC `tsc`, system time is now. The
     /// record is a seqlock: version odd while it is written (vireo/xen.h).
     public func publishTime(vcpu: Int, guestTSC tsc: UInt64, tscHz: UInt64) {

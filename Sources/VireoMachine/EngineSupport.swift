@@ -122,6 +122,9 @@ struct VCPUServices {
         case .block:
             return .sleep(result: 0, ports: nil, deadline: nil)
         case .poll(let ports, let deadline):
+            // Before any look at the ports: an event from now on wakes this vCPU even if its
+            // port is masked (checkSleep clears the mark when the poll ends).
+            domain.setPolling(vcpu: vcpu, true)
             return .sleep(result: 0, ports: ports, deadline: deadline)
         case .shutdown:
             return .completion(.stop)
@@ -165,6 +168,12 @@ struct VCPUServices {
     }
 
     func checkSleep(vcpu: Int, ports: [EventPort]?, deadline: UInt64?) -> SleepCheck {
+        let check = sleepCheck(vcpu: vcpu, ports: ports, deadline: deadline)
+        if check == .ready, ports != nil { domain.setPolling(vcpu: vcpu, false) }  // the poll ends
+        return check
+    }
+
+    private func sleepCheck(vcpu: Int, ports: [EventPort]?, deadline: UInt64?) -> SleepCheck {
         let events = eventState
         if isReady(vcpu: vcpu, ports: ports, events: events) { return .ready }
         let next = domain.fireDueTimers()

@@ -310,3 +310,56 @@ import VireoHypercalls
         #expect(throws: XenError.ESRCH) { try hub.registerVcpuInfo(domain: DomainID(8), vcpu: 0, region: record33) }
     }
 }
+
+/// SCHEDOP_poll's wake-ups (Xen's evtchn_check_pollers): a vCPU marked as polling is woken by
+/// any of its domain's ports becoming pending, masked or not, and by nothing once unmarked.
+@Suite struct EventChannelPollTests {
+    @Test func aPollingVCPUWakesForAMaskedPortAndAnUpcallAlreadyRaised() throws {
+        let hub = EventChannels()
+        let a = try EventTestDomain(hub, id: 1)
+        var b = try EventTestDomain(hub, id: 2)
+        let p = try hub.allocUnbound(caller: b.id, in: .calling, remote: a.id)
+        let q = try hub.bindInterdomain(caller: a.id, remoteDomain: b.id, remotePort: p)
+
+        // Not polling, masked: the event stays pending and nobody is called.
+        b.events.mask(p)
+        try hub.send(caller: a.id, port: q)
+        #expect(b.upcalls.total == 0)
+        #expect(b.events.isPending(p))
+
+        // Polling vCPU 1, masked: the poller is called although no upcall is raised.
+        #expect(b.events.clearPending(p))
+        hub.setPolling(b.id, vcpu: 1, true)
+        try hub.send(caller: a.id, port: q)
+        #expect(b.upcalls.all == [0, 1])
+        // Already pending: nothing new to look at, no call (as Xen returns early).
+        try hub.send(caller: a.id, port: q)
+        #expect(b.upcalls.all == [0, 1])
+
+        // Unmasked while pending: EVTCHNOP_unmask raises vCPU 0's upcall. Its flag stays up,
+        // so later events make no 0->1 change and call no upcall; the poller is still woken by each.
+        b.events.unmask(p) { try? hub.unmask(caller: b.id, port: $0) }
+        #expect(b.events.upcallPending(vcpu: 0))
+        #expect(b.upcalls.all == [1, 1])
+        #expect(b.events.clearPending(p))
+        try hub.send(caller: a.id, port: q)
+        #expect(b.upcalls.all == [1, 2])
+        #expect(b.events.clearPending(p))
+        try hub.send(caller: a.id, port: q)
+        #expect(b.upcalls.all == [1, 3])
+
+        // No longer polling: a new event calls nobody (the flag is still up).
+        hub.setPolling(b.id, vcpu: 1, false)
+        #expect(b.events.clearPending(p))
+        try hub.send(caller: a.id, port: q)
+        #expect(b.upcalls.all == [1, 3])
+        #expect(b.events.isPending(p))
+
+        // The flag down again: an event raises vCPU 0's upcall, and a poller beside it is called too.
+        hub.setPolling(b.id, vcpu: 1, true)
+        #expect(b.events.scanPending(vcpu: 0) == [p])  // acknowledges and takes the event
+        #expect(!b.events.upcallPending(vcpu: 0))
+        try hub.send(caller: a.id, port: q)
+        #expect(b.upcalls.all == [2, 4])
+    }
+}

@@ -356,6 +356,13 @@ public final class EventChannels: Sendable {
         return bound
     }
 
+    /// SCHEDOP_poll's bookkeeping (Xen's `poll_mask`): while vCPU `vcpu` of `domain` polls, a
+    /// port of the domain that becomes pending calls the domain's upcall hook for that vCPU,
+    /// masked port or not, so the poller looks at its ports. Set it before looking at them.
+    public func setPolling(_ domain: DomainID, vcpu: Int, _ polling: Bool) {
+        (try? lookup(domain))?.setPolling(vcpu: vcpu, polling)
+    }
+
     // MARK: Lookups
 
     private func lookup(_ id: DomainID) throws(XenError) -> EventDomain {

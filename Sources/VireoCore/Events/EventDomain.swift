@@ -1,11 +1,24 @@
 import Synchronization
 import VireoABI
 
-/// An upcall to make once every lock is released: the receiving domain's hook and the vCPU.
+/// An upcall to make once every lock is released: the receiving domain's hook and the vCPU,
+/// plus the vCPUs in SCHEDOP_poll that the event may concern (woken through the same hook).
 struct Upcall: Sendable {
     let hook: @Sendable (Int) -> Void
-    let vcpu: Int
-    func fire() { hook(vcpu) }
+    var vcpu: Int?
+    var pollers: (low: UInt64, high: UInt64) = (0, 0)
+
+    func fire() {
+        if let vcpu { hook(vcpu) }
+        for (base, bits) in [(0, pollers.low), (64, pollers.high)] {
+            var rest = bits
+            while rest != 0 {
+                let index = base + rest.trailingZeroBitCount
+                rest &= rest &- 1
+                if index != vcpu { hook(index) }
+            }
+        }
+    }
 }
 
 /// One registered domain's event channels: its port table, VIRQ bindings and vcpu_info
@@ -15,6 +28,11 @@ struct Upcall: Sendable {
 /// the same ID gets a new object. Interdomain bindings point at the peer's object, not its ID,
 /// so nothing can reach a new domain through a binding made with an old one.
 final class EventDomain: Sendable {
+    /// The vCPUs in SCHEDOP_poll (bit `vcpu` of the pair; 128 vCPUs at most): Xen's poll_mask.
+    /// A port that becomes pending wakes them whether it is masked or not (evtchn_check_pollers).
+    let pollingLow = Atomic<UInt64>(0)
+    let pollingHigh = Atomic<UInt64>(0)
+
     enum Binding: Sendable {
         case free
         /// Port 0: never handed out.
@@ -120,9 +138,36 @@ final class EventDomain: Sendable {
         // 1. Already pending: the receiver has not consumed the last event and will see this
         //    one with it. This is what turns an event storm into a single upcall.
         if sharedInfo.testAndSetBit(bit, inWordAt: pendingWord(word)) { return nil }
+        // A vCPU polling (SCHEDOP_poll) wakes to look at its ports, masked or not. The pending
+        // bit's locked set above is a full barrier before this load; a poller sets its bit
+        // before it looks at its ports, so one of the two sees the other.
+        var wake = pollers().map { Upcall(hook: upcall, vcpu: nil, pollers: $0) }
         // 2. Masked: stays pending, re-examined at unmask.
-        if sharedInfo.testBit(bit, inWordAt: maskWord(word)) { return nil }
-        return raiseSelector(word, vcpu: vcpu, s)
+        if sharedInfo.testBit(bit, inWordAt: maskWord(word)) { return wake }
+        if let raised = raiseSelector(word, vcpu: vcpu, s) {
+            if wake == nil { return raised }
+            wake?.vcpu = raised.vcpu
+        }
+        return wake
+    }
+
+    /// The polling vCPUs, nil when none (the common case: two loads).
+    private func pollers() -> (low: UInt64, high: UInt64)? {
+        let low = pollingLow.load(ordering: .sequentiallyConsistent)
+        let high = pollingHigh.load(ordering: .sequentiallyConsistent)
+        return low | high == 0 ? nil : (low, high)
+    }
+
+    /// Marks `vcpu` as in SCHEDOP_poll (or no longer).
+    func setPolling(vcpu: Int, _ on: Bool) {
+        guard (0..<128).contains(vcpu) else { return }
+        let bit = UInt64(1) << UInt64(vcpu % 64)
+        switch (vcpu < 64, on) {
+        case (true, true): pollingLow.bitwiseOr(bit, ordering: .sequentiallyConsistent)
+        case (true, false): pollingLow.bitwiseAnd(~bit, ordering: .sequentiallyConsistent)
+        case (false, true): pollingHigh.bitwiseOr(bit, ordering: .sequentiallyConsistent)
+        case (false, false): pollingHigh.bitwiseAnd(~bit, ordering: .sequentiallyConsistent)
+        }
     }
 
     /// Whether `port`'s pending bit is set, read without this domain's lock: for a sender that
