@@ -72,6 +72,8 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
         public var batches = 0
     }
     private let counters = Counters()
+    /// The domain's I/O counters (the toolstack's metrics), when given.
+    let io: IOCounters?
     public var statistics: Statistics { counters.snapshot() }
 
     /// Rings connected now (0 when not Connected).
@@ -112,7 +114,8 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
     /// - Throws: ``BackendError`` naming the file when it cannot be opened or is empty, or the
     ///   option that is out of range.
     public init(path: String, readOnly: Bool, number: UInt32 = 51712, sectorSize: Int = 512, maxQueues: Int = 4,
-                maxIndirectSegments: Int = 256) throws(BackendError) {
+                maxIndirectSegments: Int = 256, counters io: IOCounters? = nil) throws(BackendError) {
+        self.io = io
         guard sectorSize == 512 || sectorSize == 4096 else {
             throw BackendError("sector size \(sectorSize): only 512 and 4096 are served")
         }
@@ -263,6 +266,10 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
                     counters.requests.add(served, ordering: .relaxed)
                     counters.batches.add(1, ordering: .relaxed)
                     if errors > 0 { counters.errors.add(errors, ordering: .relaxed) }
+                    if let io {
+                        io.requests.add(served, ordering: .relaxed)
+                        if errors > 0 { io.errors.add(errors, ordering: .relaxed) }
+                    }
                 }
                 if notified > 0 { counters.notifications.add(notified, ordering: .relaxed) }
                 if try queue.mapped.ring.finalCheckForRequests() { continue }
@@ -407,8 +414,13 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
                     let offset = Int(scratch.first[i]) * 512, bytes = (Int(scratch.last[i] - scratch.first[i]) + 1) * 512
                     scratch.vectors[i] = pages[i].ioVector(offset: offset, count: bytes)
                 }
-                return Self.transferFully(fd: fd, scratch.vectors, count: count, at: off_t(first) * 512, read: read)
-                    ? Self.okay : Self.error
+                guard Self.transferFully(fd: fd, scratch.vectors, count: count, at: off_t(first) * 512, read: read) else { return Self.error }
+                if let io {
+                    if read { io.blockReadBytes.add(Int(end - first) * 512, ordering: .relaxed) } else {
+                        io.blockWrittenBytes.add(Int(end - first) * 512, ordering: .relaxed)
+                    }
+                }
+                return Self.okay
             }
         } catch {
             return Self.error  // a bad reference, a grant to another domain, a read into a read-only grant
@@ -450,10 +462,10 @@ extension XenbusBackend where Device == BlockDevice {
     /// Serves the image at `path` as device `device` (51712 = xvda) of domain `frontend`: see
     /// ``BlockDevice/init(path:readOnly:number:sectorSize:maxQueues:maxIndirectSegments:)``.
     public convenience init(path: String, readOnly: Bool, frontend: DomainID, device: UInt32 = 51712, sectorSize: Int = 512,
-                            maxQueues: Int = 4, maxIndirectSegments: Int = 256,
+                            maxQueues: Int = 4, maxIndirectSegments: Int = 256, counters: IOCounters? = nil,
                             store: XenStore, grants: GrantTables, host: HostEventDomain) throws(BackendError) {
         let disk = try BlockDevice(path: path, readOnly: readOnly, number: device, sectorSize: sectorSize, maxQueues: maxQueues,
-                                   maxIndirectSegments: maxIndirectSegments)
+                                   maxIndirectSegments: maxIndirectSegments, counters: counters)
         try self.init(disk, frontend: frontend, handle: device, store: store, grants: grants, host: host)
     }
 
