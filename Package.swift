@@ -86,7 +86,7 @@ let package = Package(
         .target(
             name: "VireoDaemon",
             dependencies: [
-                "VireoToolstack", "VireoMachine", "VireoHypervisor", "VireoStore", "VireoBackends", "VireoABI",
+                "VireoToolstack", "VireoMachine", "VireoHypervisor", "VireoStore", "VireoBackends", "VireoCore", "VireoABI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -122,7 +122,7 @@ let package = Package(
         .testTarget(name: "VireoSoftCPUTests", dependencies: ["VireoSoftCPU", "VireoKVM", "VireoCore", "VireoABI"]),
         .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoStoreTests", dependencies: ["VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
-        .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "GuestKitTests", dependencies: ["GuestKit", "VireoBackends", "VireoHypervisor", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "VireoToolstackTests", dependencies: ["VireoToolstack"]),

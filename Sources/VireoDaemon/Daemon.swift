@@ -3,6 +3,7 @@ import Glibc
 import Logging
 import VireoABI
 import VireoBackends
+import VireoCore
 import VireoHypervisor
 import VireoMachine
 import VireoStore
@@ -45,8 +46,17 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         var generation = 0
         /// The write end of the pipe whose read end feeds the console ring's input (this run).
         var consoleInput: Int32 = -1
-        /// Disks attached to the running domain (`block-attach`), by device number.
-        var hotplugged: [UInt32: (backend: BlockBackend, thread: Thread)] = [:]
+        /// The running domain's disks and vifs ("vbd/51712", "vif/0"): the config's and those
+        /// attached since; emptied when the run ends.
+        var devices: [String: AttachedDevice] = [:]
+        /// Whether devices may be attached (from the start of a run until its devices stop).
+        var devicesOpen = false
+        /// Every run's I/O through its backends (requests, bytes, errors), over all runs.
+        let io = IOCounters()
+        /// This run's event counters (the hub's for the domain) and earlier runs' counts.
+        var events: EventCounters?
+        var pastEventsSent = 0
+        var pastEventsReceived = 0
         var threadDone = true
         init(record: DomainRecord, consoleBytes: Int) {
             self.record = record
@@ -57,13 +67,13 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     public let options: Options
     public let host: EmbeddedHost
     let logger: Logger
-    private let lock = NSLock()
+    let lock = NSLock()
     private var domains: [UInt16: Managed] = [:]
     private var nextID: UInt16 = 1
     private var stopping = false
     /// The consoles of domains just forgotten: (id, name, output, when), newest last, at most 32.
     private var recentlyGone: [(id: UInt16, name: String, console: ConsoleBuffer, at: Date)] = []
-    private let toolstack: XenStoreConnection
+    let toolstack: XenStoreConnection
     public let started = Date()
 
     var domainsDirectory: URL { options.stateDirectory.appendingPathComponent("domains") }
@@ -118,7 +128,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     private func recordURL(_ id: UInt16) -> URL { domainsDirectory.appendingPathComponent("\(id).json") }
 
     /// Writes a record atomically (a crash leaves the old or the new file, never half of one).
-    private func persist(_ record: DomainRecord) {
+    func persist(_ record: DomainRecord) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.dateEncodingStrategy = .iso8601
@@ -137,7 +147,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     public func consoleLogURL(name: String) -> URL { consoleDirectory.appendingPathComponent("\(name).log") }
 
     /// Runs `body` under the lock, passing its typed error on.
-    private func locked<T>(_ body: () throws(APIError) -> T) throws(APIError) -> T {
+    func locked<T>(_ body: () throws(APIError) -> T) throws(APIError) -> T {
         lock.lock()
         defer { lock.unlock() }
         return try body()
@@ -163,7 +173,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         return lock.withLock { info(locked: managed) }
     }
 
-    private func info(locked managed: Managed) -> DomainInfo {
+    func info(locked managed: Managed) -> DomainInfo {
         let record = managed.record, spec = record.spec
         let cpu = managed.pastCPUNanoseconds &+ (managed.handle?.cpuTimeNanoseconds ?? 0)
         return DomainInfo(id: record.id, name: spec.name, state: record.state, memoryMiB: spec.memoryMiB, vcpus: spec.vcpus,
@@ -173,24 +183,12 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                           consoleBytes: managed.console.endOffset, restarts: record.restarts,
                           lastShutdown: record.lastShutdown, failure: record.failure,
                           onPoweroff: spec.onPoweroff.rawValue, onReboot: spec.onReboot.rawValue, onCrash: spec.onCrash.rawValue,
-                          disks: spec.disks.map { .init(vdev: $0.vdev, target: $0.target, access: $0.readOnly ? "ro" : "rw") })
+                          disks: spec.disks.map { .init(vdev: $0.vdev, target: $0.target, access: $0.readOnly ? "ro" : "rw") },
+                          vifs: spec.vifs.map { .init(devid: $0.devid ?? 0, mac: Self.mac(of: $0, domain: record.id).description,
+                                                      bridge: $0.bridge, switchName: $0.switchName, vifname: $0.vifname) })
     }
 
     // MARK: Creating
-
-    /// A config's vifs as the embedded host's networks: `switch=NAME` a port of that in-process
-    /// switch, else a TAP named `vifname=` or, as xl names it, `vifDOMID.HANDLE`; `mac=` and
-    /// `rate=` as given.
-    static func networks(_ vifs: [DomainSpec.Vif], domain: Int) throws(BackendError) -> [NetworkSpec] {
-        var networks: [NetworkSpec] = []
-        for (handle, vif) in vifs.enumerated() {
-            var text = vif.switchName.map { "switch:\($0)" } ?? "tap:\(vif.vifname ?? "vif\(domain).\(handle)")"
-            if let mac = vif.mac { text += ",mac=\(mac)" }
-            if let rate = vif.rate { text += ",rate=\(rate)" }
-            networks.append(try NetworkSpec(parsing: text))
-        }
-        return networks
-    }
 
     /// Creates and starts a domain from an xl.cfg file's text; returns once its guest runs
     /// (or the build failed, which removes it again and is the error).
@@ -201,7 +199,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         let parsed: (spec: DomainSpec, warnings: [ConfigWarning])
         do { parsed = try DomainSpec.parse(config, file: fileName) } catch { throw .badRequest("\(error)", field: "config") }
         var spec = parsed.spec
-        var warnings = parsed.warnings.map(\.description)
+        let warnings = parsed.warnings.map(\.description)
         // Relative paths in the file are relative to the file, as the operator wrote them there.
         let base = file.flatMap { $0.hasPrefix("/") ? URL(fileURLWithPath: $0).deletingLastPathComponent() : nil }
         func resolve(_ path: String) -> String {
@@ -231,12 +229,9 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                 throw .badRequest("\(fileName): disk '\(disk.vdev)': '\(disk.target)' is not a readable image file", field: "disk")
             }
         }
-        do { _ = try Self.networks(spec.vifs, domain: 1) } catch {
-            throw .badRequest("\(fileName): vif: \(error.description)", field: "vif")
-        }
-        for vif in spec.vifs where vif.bridge != nil {
-            warnings.append("\(fileName): vif: bridge=\(vif.bridge ?? "") is not applied by vireod yet: the vif gets its TAP; "
-                            + "add it to the bridge yourself (ip link set TAP master BRIDGE)")
+        try Self.assignDevids(&spec.vifs)
+        for vif in spec.vifs {
+            do { _ = try Self.network(vif, domain: 1) } catch { throw .badRequest("\(fileName): vif: \(error.description)", field: "vif") }
         }
         let managed: Managed = try locked { () throws(APIError) -> Managed in
             guard !stopping else { throw APIError(503, "vireod is stopping") }
@@ -330,8 +325,10 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     if lock.withLock({ managed.handle !== handle }) { return }
                     usleep(500)
                 }
+                let events = host.hub.counters(of: DomainID(id))
                 lock.withLock {
                     guard managed.handle === handle else { return }
+                    managed.events = events
                     managed.record.state = .running
                     persist(managed.record)
                 }
@@ -340,11 +337,23 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             watcher.start()
             let outcome: EmbeddedHost.Outcome
             do {
+                // The disks' and vifs' backends are the daemon's, so it can detach them.
+                var devices: [AttachedDevice] = []
+                do {
+                    for disk in spec.disks { devices.append(try diskDevice(disk, domain: id, io: managed.io)) }
+                    for vif in spec.vifs { devices.append(try vifDevice(vif, domain: id, io: managed.io)) }
+                } catch {
+                    for device in devices { device.stopAndWait() }
+                    throw error
+                }
+                lock.withLock {
+                    managed.devices = Dictionary(devices.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
+                    managed.devicesOpen = true
+                }
                 outcome = try host.run(
                     config: DomainConfig(id: DomainID(id), name: spec.name, memoryBytes: UInt64(spec.memoryMiB) << 20, vcpus: spec.vcpus),
                     kernel: kernel, commandLine: spec.cmdline,
-                    disks: spec.disks.map { EmbeddedHost.Disk(path: $0.target, readOnly: $0.readOnly, device: $0.device) },
-                    networks: try Self.networks(spec.vifs, domain: Int(id)),
+                    devices: devices,
                     consoleInput: input[0] >= 0 ? input[0] : nil,
                     engine: spec.engine == .kvm ? .kvm : spec.engine == .soft ? .soft : ExecutionEngine.automatic, handle: handle,
                     console: { bytes in
@@ -359,6 +368,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     })
             } catch {
                 let failure = "\(error)"
+                stopDevices(managed)
                 closeInput(managed, input)
                 lock.withLock { managed.handle = nil }
                 while !watcher.isFinished { usleep(500) }
@@ -379,13 +389,16 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             closeInput(managed, input)
             first = false
             firstRun.report(nil)
-            stopHotplugged(managed)
+            stopDevices(managed)
             flushDisks(lock.withLock { managed.record.spec })
             let destroyed = handle.destroyRequested
             let (stopping, generation) = lock.withLock { () -> (Bool, Int) in
                 managed.pastExits += handle.exits
                 managed.pastHypercalls += handle.hypercalls
                 managed.pastCPUNanoseconds &+= handle.cpuTimeNanoseconds
+                managed.pastEventsSent += managed.events?.sent.load(ordering: .relaxed) ?? 0
+                managed.pastEventsReceived += managed.events?.received.load(ordering: .relaxed) ?? 0
+                managed.events = nil
                 managed.handle = nil
                 return (self.stopping, managed.generation)
             }
@@ -479,7 +492,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     /// After a run: every writable disk image is synced to stable storage (fdatasync through a
     /// descriptor of our own flushes the file's dirty pages, whoever wrote them).
-    private func flushDisks(_ spec: DomainSpec) {
+    func flushDisks(_ spec: DomainSpec) {
         for disk in spec.disks where !disk.readOnly {
             let fd = open(disk.target, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { continue }
@@ -490,7 +503,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     // MARK: Operations
 
-    private func requireRunning(_ managed: Managed, for verb: String) throws(APIError) -> DomainHandle {
+    func requireRunning(_ managed: Managed, for verb: String) throws(APIError) -> DomainHandle {
         try locked { () throws(APIError) -> DomainHandle in
             guard !stopping else { throw APIError(503, "vireod is stopping") }
             guard [.running, .paused].contains(managed.record.state), let handle = managed.handle else {
@@ -607,99 +620,6 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         return ConsoleChunk(data: String(decoding: bytes, as: UTF8.self), next: next, missed: missed, state: state)
     }
 
-    // MARK: Disks attached while running
-
-    /// `xl block-attach`: serves one more disk to the running domain. The backend publishes
-    /// its nodes and the frontend's (`device/vbd/DEV`), as at create; a guest that watches
-    /// its `device/vbd` sees the new disk. The disk joins the domain's spec, so a restart has it.
-    /// - Throws: 400 (bad disk string or image, field `disk`), 404, 409 (not running, or the
-    ///   device is in use).
-    public func blockAttach(_ key: String, disk text: String) throws(APIError) -> DomainInfo {
-        let managed = try find(key)
-        _ = try requireRunning(managed, for: "block-attach")
-        let parsed: DomainSpec.Disk
-        do { parsed = try DomainSpec.Disk.parse(text, source: "disk").disk } catch { throw .badRequest("\(error)", field: "disk") }
-        guard parsed.target.hasPrefix("/") else {
-            throw .badRequest("disk '\(text)': give the image's absolute path", field: "disk")
-        }
-        var status = stat()
-        guard stat(parsed.target, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
-            throw .badRequest("disk '\(text)': '\(parsed.target)' is not an image file", field: "disk")
-        }
-        let id = DomainID(managed.record.id)
-        let backend: BlockBackend = try locked { () throws(APIError) -> BlockBackend in
-            guard managed.handle != nil else { throw .conflict("domain '\(managed.record.spec.name)' stopped") }
-            if let other = managed.record.spec.disks.first(where: { $0.device == parsed.device }) {
-                throw .conflict("domain '\(managed.record.spec.name)' has a disk on \(other.vdev) already (\(other.target))")
-            }
-            do {
-                return try BlockBackend(path: parsed.target, readOnly: parsed.readOnly, frontend: id, device: parsed.device,
-                                        store: host.store, grants: host.grants, host: host.host)
-            } catch {
-                throw .badRequest("disk '\(text)': \(error)", field: "disk")
-            }
-        }
-        do { try backend.create() } catch { throw APIError(500, "disk '\(text)': cannot publish its XenStore nodes: \(error)") }
-        let thread = Thread { backend.run() }
-        thread.name = "vireod-vbd\(id.rawValue)-\(parsed.device)"
-        thread.start()
-        logger.info("disk attached", metadata: ["id": "\(id.rawValue)", "vdev": "\(parsed.vdev)", "target": "\(parsed.target)"])
-        return lock.withLock {
-            managed.hotplugged[parsed.device] = (backend, thread)
-            managed.record.spec.disks.append(parsed)
-            persist(managed.record)
-            return info(locked: managed)
-        }
-    }
-
-    /// `xl block-detach` (forced): stops the disk's backend, syncs the image and removes the
-    /// backend's and the frontend's nodes. Only disks attached with ``blockAttach`` can go.
-    public func blockDetach(_ key: String, vdev: String) throws(APIError) -> DomainInfo {
-        let managed = try find(key)
-        _ = try requireRunning(managed, for: "block-detach")
-        guard let device = DomainSpec.Disk.deviceNumber(vdev) else {
-            throw .badRequest("vdev '\(vdev)' is not a Xen disk name (xvda, xvdb, ... or a number)", field: "vdev")
-        }
-        let (attached, disk) = try locked { () throws(APIError) -> ((backend: BlockBackend, thread: Thread), DomainSpec.Disk) in
-            guard let disk = managed.record.spec.disks.first(where: { $0.device == device }) else {
-                throw .notFound("domain '\(managed.record.spec.name)' has no disk \(vdev)", field: "vdev")
-            }
-            guard let attached = managed.hotplugged.removeValue(forKey: device) else {
-                throw .conflict("\(vdev) was attached at create; only disks attached with block-attach can be detached yet")
-            }
-            return (attached, disk)
-        }
-        attached.backend.stop()
-        while !attached.thread.isFinished { usleep(1000) }
-        flushDisks(DomainSpec(name: "", kernel: "", disks: [disk]))
-        removeDeviceNodes(domain: managed.record.id, device: device)
-        logger.info("disk detached", metadata: ["id": "\(managed.record.id)", "vdev": "\(vdev)"])
-        return lock.withLock {
-            managed.record.spec.disks.removeAll { $0.device == device }
-            persist(managed.record)
-            return info(locked: managed)
-        }
-    }
-
-    /// After a run: the disks attached while it ran stop with it (they stay in the spec).
-    private func stopHotplugged(_ managed: Managed) {
-        let attached = lock.withLock { () -> [UInt32: (backend: BlockBackend, thread: Thread)] in
-            defer { managed.hotplugged = [:] }
-            return managed.hotplugged
-        }
-        for (_, entry) in attached { entry.backend.stop() }
-        for (device, entry) in attached {
-            while !entry.thread.isFinished { usleep(1000) }
-            removeDeviceNodes(domain: managed.record.id, device: device)
-        }
-    }
-
-    private func removeDeviceNodes(domain: UInt16, device: UInt32) {
-        for path in ["/local/domain/\(host.host.id.rawValue)/backend/vbd/\(domain)/\(device)", "/local/domain/\(domain)/device/vbd/\(device)"] {
-            _ = host.store.request(XenStoreMessage(.rm, path), from: toolstack)
-        }
-    }
-
     /// Sends bytes to the guest's console input (the ring's `in` side, as `vireo run` forwards
     /// stdin). Returns how many were taken: the pipe holds 64 KiB until the guest reads.
     /// - Throws: 409 unless running; 400 for more than 64 KiB at once.
@@ -755,6 +675,21 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     /// Prometheus text exposition format (version 0.0.4).
     public func metrics() -> String {
         let all = list()
+        // The I/O and event counters, read under the lock beside the list (by ID).
+        let counters: [UInt16: (sent: Int, received: Int, requests: Int, blockRead: Int, blockWritten: Int,
+                                netTx: Int, netRx: Int, errors: Int)] = lock.withLock {
+            domains.mapValues { m in
+                (m.pastEventsSent + (m.events?.sent.load(ordering: .relaxed) ?? 0),
+                 m.pastEventsReceived + (m.events?.received.load(ordering: .relaxed) ?? 0),
+                 m.io.requests.load(ordering: .relaxed), m.io.blockReadBytes.load(ordering: .relaxed),
+                 m.io.blockWrittenBytes.load(ordering: .relaxed), m.io.netTransmitBytes.load(ordering: .relaxed),
+                 m.io.netReceiveBytes.load(ordering: .relaxed), m.io.errors.load(ordering: .relaxed))
+            }
+        }
+        func counter(_ d: DomainInfo, _ pick: ((sent: Int, received: Int, requests: Int, blockRead: Int, blockWritten: Int,
+                                                netTx: Int, netRx: Int, errors: Int)) -> Int) -> String {
+            counters[d.id].map { "\(pick($0))" } ?? "0"
+        }
         var out = ""
         func family(_ name: String, _ type: String, _ help: String, _ rows: [(String, String)]) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
@@ -770,6 +705,22 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         family("vireo_domain_console_bytes_total", "counter", "Console bytes the domain wrote.", all.map { (labels($0), "\($0.consoleBytes)") })
         family("vireo_domain_restarts_total", "counter", "Times the domain was restarted by its on_* actions.",
                all.map { (labels($0), "\($0.restarts)") })
+        family("vireo_domain_events_sent_total", "counter", "Event-channel sends the domain made.",
+               all.map { (labels($0), counter($0) { $0.sent }) })
+        family("vireo_domain_events_received_total", "counter", "Event-channel sends that reached the domain (from its backends, peers, or its own IPIs).",
+               all.map { (labels($0), counter($0) { $0.received }) })
+        family("vireo_domain_ring_requests_total", "counter", "Ring requests its backends served: blkback requests, netback frames sent and received.",
+               all.map { (labels($0), counter($0) { $0.requests }) })
+        family("vireo_domain_block_read_bytes_total", "counter", "Bytes blkback read from the domain's disk images for it.",
+               all.map { (labels($0), counter($0) { $0.blockRead }) })
+        family("vireo_domain_block_written_bytes_total", "counter", "Bytes blkback wrote to the domain's disk images for it.",
+               all.map { (labels($0), counter($0) { $0.blockWritten }) })
+        family("vireo_domain_net_transmit_bytes_total", "counter", "Bytes of the frames the domain sent that its vifs' host sides took.",
+               all.map { (labels($0), counter($0) { $0.netTx }) })
+        family("vireo_domain_net_receive_bytes_total", "counter", "Bytes of the frames put into the domain's receive pages.",
+               all.map { (labels($0), counter($0) { $0.netRx }) })
+        family("vireo_domain_io_errors_total", "counter", "Error responses its backends gave and frames dropped or refused, both ways.",
+               all.map { (labels($0), counter($0) { $0.errors }) })
         family("vireo_domain_memory_bytes", "gauge", "Guest memory.", all.map { (labels($0), "\(UInt64($0.memoryMiB) << 20)") })
         family("vireod_uptime_seconds", "gauge", "Seconds since vireod started.", [("", String(format: "%.3f", Date().timeIntervalSince(started)))])
         return out
