@@ -350,3 +350,17 @@ extension Daemon {
         vif.mac.flatMap(EthernetAddress.init(parsing:)) ?? .generated(domain: domain, handle: vif.devid ?? 0)
     }
 }
+
+extension Daemon {
+    /// Raises the soft limit on open descriptors to the hard limit: each live domain holds a
+    /// few (its guest memory's memfd, console log, console-input pipe, its backends' wake pipes),
+    /// so a thousand domains need more than the usual soft limit of 1024. Returns the new
+    /// limit when it was raised.
+    public static func raiseDescriptorLimit() -> UInt64? {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return nil }
+        limit.rlim_cur = limit.rlim_max
+        guard setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return nil }
+        return UInt64(limit.rlim_cur)
+    }
+}
