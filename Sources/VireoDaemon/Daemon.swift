@@ -470,10 +470,21 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
     }
 
-    /// After a run (its input thread has ended): both ends of its console-input pipe closed.
+    /// After a run (its input thread has ended): both ends of its console-input pipe closed
+    /// (the write end unless ``endInput(_:)`` closed it already).
     private func closeInput(_ managed: Managed, _ input: [Int32]) {
-        lock.withLock { managed.consoleInput = -1 }
-        for fd in input where fd >= 0 { close(fd) }
+        endInput(managed)
+        if input[0] >= 0 { close(input[0]) }
+    }
+
+    /// Closes the write end of the run's console-input pipe: its reader sees the end of input
+    /// and returns at once, rather than at its next 100 ms poll (destroy waited for that).
+    private func endInput(_ managed: Managed) {
+        let writeEnd = lock.withLock { () -> Int32 in
+            defer { managed.consoleInput = -1 }
+            return managed.consoleInput
+        }
+        if writeEnd >= 0 { close(writeEnd) }
     }
 
     private func finish(_ managed: Managed, state: DomainState, reason: String, failure: String?) {
@@ -606,6 +617,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
         if let handle {
             handle.destroy()
+            endInput(managed)
             // Its thread forgets it once the vCPUs and backends have stopped.
             let deadline = Date().addingTimeInterval(20)
             while !lock.withLock({ managed.threadDone }) && Date() < deadline { usleep(1000) }
