@@ -127,7 +127,7 @@ let package = Package(
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "VireoToolstackTests", dependencies: ["VireoToolstack"]),
         .testTarget(name: "VireoMachineTests", dependencies: ["VireoMachine", "VireoBackends", "VireoGuestBuilder", "VireoHypervisor", "VireoABI"]),
-        .testTarget(name: "VireoDaemonTests", dependencies: ["VireoDaemon", "VireoToolstack", "VireoStore"]),
+        .testTarget(name: "VireoDaemonTests", dependencies: ["VireoDaemon", "VireoToolstack", "VireoStore", "VireoBackends", "VireoLinux"]),
         .testTarget(name: "TutorialTests", dependencies: ["VireoBackends", "VireoMachine", "VireoGuestBuilder", "VireoHypervisor", "VireoCore", "VireoABI"]),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.

@@ -15,7 +15,10 @@ final class AttachedDevice: BackendService, @unchecked Sendable {  // immutable 
     let kind: String
     /// The device's handle: the disk's device number, the vif's devid.
     let devid: UInt32
-    let backend: any BackendService
+    let name: String
+    /// The backend until the device is let go: the run that served a config's device keeps
+    /// this wrapper to its end, so the backend (and a TAP it holds) must not live as long.
+    private let held: Mutex<(any BackendService)?>
     let backendPath: String
     let frontendPath: String
     /// Undoes the host side beyond the backend (a switch port), once.
@@ -27,28 +30,34 @@ final class AttachedDevice: BackendService, @unchecked Sendable {  // immutable 
          release: (@Sendable () -> Void)? = nil) {
         self.kind = kind
         self.devid = devid
-        self.backend = backend
+        name = backend.name
+        held = Mutex(backend)
         self.backendPath = backendPath
         self.frontendPath = frontendPath
         self.release = release
     }
 
     var key: String { "\(kind)/\(devid)" }
-    var name: String { backend.name }
-    func create() throws(BackendError) { try backend.create() }
+    /// The backend, while the device is held (nil once ``stopAndWait()`` let it go).
+    var backend: (any BackendService)? { held.withLock { $0 } }
+    func create() throws(BackendError) {
+        guard let backend else { throw BackendError("\(name): detached") }
+        try backend.create()
+    }
     func run() {
         phase.store(1, ordering: .releasing)
-        backend.run()
+        backend?.run()
         phase.store(2, ordering: .releasing)
     }
-    func stop() { backend.stop() }
+    func stop() { backend?.stop() }
 
     /// Stops the backend, waits until its run (if it was started) has returned, then lets the
-    /// host side go.
+    /// host side go and drops the backend (a TAP closes with it, leaving its bridge).
     func stopAndWait() {
-        backend.stop()
+        backend?.stop()
         while phase.load(ordering: .acquiring) == 1 { usleep(1000) }
         if !released.exchange(true, ordering: .acquiringAndReleasing) { release?() }
+        held.withLock { $0 = nil }
     }
 }
 

@@ -1,5 +1,7 @@
 import Foundation
+import Glibc
 import Testing
+import VireoLinux
 import VireoBackends
 import VireoToolstack
 @testable import VireoDaemon
@@ -24,8 +26,9 @@ import VireoToolstack
             try device.create()  // its nodes, InitWait; not run: only the test's "frontend" acts
         }
         deinit {
+            let backend = device.backend as? BlockBackend
             device.stopAndWait()
-            (device.backend as? BlockBackend)?.finish()
+            backend?.finish()
             daemon.stop()
             try? FileManager.default.removeItem(at: directory)
         }
@@ -75,5 +78,60 @@ import VireoToolstack
         _ = try rig.daemon.storeRead(path: rig.device.frontendPath)
         rig.daemon.removeNodes(rig.device)  // the guest's directory gone (its domain released)
         #expect(rig.daemon.askToClose(rig.device, timeout: 10) == .closed)
+    }
+}
+
+/// A vif's host side through the daemon, as root in a network namespace of its own (the test's
+/// thread alone moves into it; the host's interfaces are never touched): `bridge=` puts the TAP
+/// on the bridge, a missing bridge is refused by name (and its TAP goes), and the TAP goes with
+/// the device when it is let go, even while a run still holds the device's wrapper.
+@Suite(.serialized) struct VifHostSideTests {
+    @Test func aVifsTapJoinsItsBridgeAndGoesWithTheDevice() throws {
+        guard getuid() == 0, access("/dev/net/tun", R_OK | W_OK) == 0 else {
+            print("VifHostSideTests skipped: needs root and /dev/net/tun")
+            return
+        }
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireod-vif-\(UUID().uuidString.prefix(8))")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let daemon = try Daemon(options: .init(stateDirectory: directory.appendingPathComponent("state")))
+        defer { daemon.stop() }
+        final class Box: @unchecked Sendable { var error: (any Error)?; var done = false }  // written before `done`, under `lock`
+        let box = Box(), lock = NSCondition()
+        let thread = Thread {
+            do {
+                guard vireo_unshare_network() == 0 else { throw BackendError("unshare: \(String(cString: strerror(errno)))") }
+                let sock = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+                var name = Array("vbr-vireod".utf8) + [0]
+                let made = name.withUnsafeMutableBytes { vireo_ioctl_ptr(sock, 0x89a0, $0.baseAddress) }  // SIOCBRADDBR
+                close(sock)
+                guard made == 0 else { throw BackendError("SIOCBRADDBR: \(String(cString: strerror(errno)))") }
+                var vif = try DomainSpec.Vif.parse("vifname=vtap-vireod, bridge=vbr-vireod", source: "test").vif
+                vif.devid = 0
+                let device = try daemon.vifDevice(vif, domain: 9, io: IOCounters())
+                #expect(if_nametoindex("vtap-vireod") != 0, "the TAP exists")
+                device.stopAndWait()  // the wrapper lives on (as a run's list would hold it)
+                #expect(if_nametoindex("vtap-vireod") == 0, "the TAP went with the device")
+                #expect(device.backend == nil)
+                var missing = vif
+                missing.bridge = "vbr-none"
+                do {
+                    _ = try daemon.vifDevice(missing, domain: 9, io: IOCounters())
+                    Issue.record("a missing bridge was accepted")
+                } catch {
+                    #expect("\(error)".hasPrefix("bridge 'vbr-none' does not exist"), "\(error)")
+                }
+                #expect(if_nametoindex("vtap-vireod") == 0, "the refused vif's TAP is gone too")
+            } catch {
+                lock.withLock { box.error = error }
+            }
+            lock.withLock {
+                box.done = true
+                lock.broadcast()
+            }
+        }
+        thread.start()
+        lock.withLock { while !box.done { lock.wait() } }
+        if let error = box.error { throw error }
+        #expect(if_nametoindex("vtap-vireod") == 0 && if_nametoindex("vbr-vireod") == 0, "the host's namespace never saw them")
     }
 }
