@@ -86,7 +86,7 @@ let package = Package(
         .target(
             name: "VireoDaemon",
             dependencies: [
-                "VireoToolstack", "VireoMachine", "VireoHypervisor", "VireoStore", "VireoBackends", "VireoABI",
+                "VireoToolstack", "VireoMachine", "VireoHypervisor", "VireoStore", "VireoBackends", "VireoCore", "VireoABI",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -122,12 +122,12 @@ let package = Package(
         .testTarget(name: "VireoSoftCPUTests", dependencies: ["VireoSoftCPU", "VireoKVM", "VireoCore", "VireoABI"]),
         .testTarget(name: "VireoKVMTests", dependencies: ["VireoKVM", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "VireoStoreTests", dependencies: ["VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
-        .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
+        .testTarget(name: "VireoBackendsTests", dependencies: ["VireoBackends", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls", "VireoLinux"]),
         .testTarget(name: "GuestKitTests", dependencies: ["GuestKit", "VireoBackends", "VireoHypervisor", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "VireoToolstackTests", dependencies: ["VireoToolstack"]),
         .testTarget(name: "VireoMachineTests", dependencies: ["VireoMachine", "VireoBackends", "VireoBenchmarks", "VireoGuestBuilder", "VireoHypervisor", "VireoABI"]),
-        .testTarget(name: "VireoDaemonTests", dependencies: ["VireoDaemon", "VireoToolstack", "VireoStore"]),
+        .testTarget(name: "VireoDaemonTests", dependencies: ["VireoDaemon", "VireoToolstack", "VireoStore", "VireoBackends", "VireoLinux"]),
         .testTarget(name: "TutorialTests", dependencies: ["VireoBackends", "VireoMachine", "VireoGuestBuilder", "VireoHypervisor", "VireoCore", "VireoABI"]),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
         // Guest images built and booted (under QEMU when present); Fixtures are guests, not tests.

@@ -83,6 +83,8 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
         public var emptyTurns = 0
     }
     private let counters = Counters()
+    /// The domain's I/O counters (the toolstack's metrics), when given.
+    let io: IOCounters?
     public var statistics: Statistics { counters.snapshot() }
 
     /// Rings connected now (0 when not Connected).
@@ -124,7 +126,8 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
     /// - Throws: ``BackendError`` naming the file when it cannot be opened or is empty, or the
     ///   option that is out of range.
     public init(path: String, readOnly: Bool, number: UInt32 = 51712, sectorSize: Int = 512, maxQueues: Int = 4,
-                maxIndirectSegments: Int = 256, pool: BackendWorkerPool = .shared) throws(BackendError) {
+                maxIndirectSegments: Int = 256, pool: BackendWorkerPool = .shared, counters io: IOCounters? = nil) throws(BackendError) {
+        self.io = io
         guard sectorSize == 512 || sectorSize == 4096 else {
             throw BackendError("sector size \(sectorSize): only 512 and 4096 are served")
         }
@@ -283,6 +286,10 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
                     counters.requests.add(served, ordering: .relaxed)
                     counters.batches.add(1, ordering: .relaxed)
                     if errors > 0 { counters.errors.add(errors, ordering: .relaxed) }
+                    if let io {
+                        io.requests.add(served, ordering: .relaxed)
+                        if errors > 0 { io.errors.add(errors, ordering: .relaxed) }
+                    }
                 }
                 if notified > 0 { counters.notifications.add(notified, ordering: .relaxed) }
                 if left == 0 {
@@ -436,8 +443,13 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
                     let offset = Int(scratch.first[i]) * 512, bytes = (Int(scratch.last[i] - scratch.first[i]) + 1) * 512
                     scratch.vectors[i] = pages[i].ioVector(offset: offset, count: bytes)
                 }
-                return Self.transferFully(fd: fd, scratch.vectors, count: count, at: off_t(first) * 512, read: read)
-                    ? Self.okay : Self.error
+                guard Self.transferFully(fd: fd, scratch.vectors, count: count, at: off_t(first) * 512, read: read) else { return Self.error }
+                if let io {
+                    if read { io.blockReadBytes.add(Int(end - first) * 512, ordering: .relaxed) } else {
+                        io.blockWrittenBytes.add(Int(end - first) * 512, ordering: .relaxed)
+                    }
+                }
+                return Self.okay
             }
         } catch {
             return Self.error  // a bad reference, a grant to another domain, a read into a read-only grant
@@ -477,12 +489,12 @@ public typealias BlockBackend = XenbusBackend<BlockDevice>
 
 extension XenbusBackend where Device == BlockDevice {
     /// Serves the image at `path` as device `device` (51712 = xvda) of domain `frontend`: see
-    /// ``BlockDevice/init(path:readOnly:number:sectorSize:maxQueues:maxIndirectSegments:pool:)``.
+    /// ``BlockDevice/init(path:readOnly:number:sectorSize:maxQueues:maxIndirectSegments:pool:counters:)``.
     public convenience init(path: String, readOnly: Bool, frontend: DomainID, device: UInt32 = 51712, sectorSize: Int = 512,
-                            maxQueues: Int = 4, maxIndirectSegments: Int = 256, pool: BackendWorkerPool = .shared,
+                            maxQueues: Int = 4, maxIndirectSegments: Int = 256, pool: BackendWorkerPool = .shared, counters: IOCounters? = nil,
                             store: XenStore, grants: GrantTables, host: HostEventDomain) throws(BackendError) {
         let disk = try BlockDevice(path: path, readOnly: readOnly, number: device, sectorSize: sectorSize, maxQueues: maxQueues,
-                                   maxIndirectSegments: maxIndirectSegments, pool: pool)
+                                   maxIndirectSegments: maxIndirectSegments, pool: pool, counters: counters)
         try self.init(disk, frontend: frontend, handle: device, store: store, grants: grants, host: host)
     }
 

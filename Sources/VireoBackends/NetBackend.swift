@@ -150,6 +150,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     private let stats = Mutex(Statistics())
     @exclusivity(unchecked) private var pending = Statistics()  // this pass's counts, added to `stats` at its end
     public var statistics: Statistics { stats.withLock { $0 } }
+    /// The domain's I/O counters (the toolstack's metrics), when given; added to once per pass.
+    let io: IOCounters?
 
     // The service state (here, `attachment`, `pending`, the connection's rings) is touched
     // only by the control loop's thread, so it skips Swift's dynamic exclusivity checks
@@ -241,7 +243,9 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     /// vif `handle` (0 = the first, Linux's eth0) of domain `frontend` (for its generated MAC).
-    public init(frontend: DomainID, handle: UInt32 = 0, configuration: Configuration = Configuration()) throws(BackendError) {
+    public init(frontend: DomainID, handle: UInt32 = 0, configuration: Configuration = Configuration(),
+                counters io: IOCounters? = nil) throws(BackendError) {
+        self.io = io
         guard configuration.queueFrames > 0, configuration.queueBytes >= Self.frameBytes else {
             throw BackendError("vif: the receive queue needs at least 1 frame and 64 KiB")
         }
@@ -384,10 +388,13 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             r = Receiving()
             return counts
         }
-        stats.withLock { $0.add(delivered) }
+        record(delivered)
         endRouting()
         let dropped = queue.removeAll()
-        if dropped > 0 { stats.withLock { $0.rxDropped += dropped } }
+        if dropped > 0 {
+            stats.withLock { $0.rxDropped += dropped }
+            io?.errors.add(dropped, ordering: .relaxed)
+        }
         held = false
         try? c.link.host.close(c.port)
     }
@@ -395,6 +402,19 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     private func flushStatistics() {
         let add = pending
         pending = Statistics()
+        record(add)
+    }
+
+    /// Adds `add` to the device's statistics and to the domain's traffic counters (``io``).
+    private func record(_ add: Statistics) {
+        if let io {
+            let frames = add.txPackets + add.rxPackets
+            let errors = add.txErrors + add.txDropped + add.rxErrors + add.rxDropped
+            if frames > 0 { io.requests.add(frames, ordering: .relaxed) }
+            if add.txBytes > 0 { io.netTransmitBytes.add(add.txBytes, ordering: .relaxed) }
+            if add.rxBytes > 0 { io.netReceiveBytes.add(add.rxBytes, ordering: .relaxed) }
+            if errors > 0 { io.errors.add(errors, ordering: .relaxed) }
+        }
         stats.withLock { $0.add(add) }
     }
 
@@ -412,6 +432,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     private func enqueue(_ frame: UnsafeRawBufferPointer, checksum: FrameChecksum, kick: Bool) -> Bool {
         guard accepting.load(ordering: .acquiring), frame.count >= 14, frame.count <= Int(VIREO_XEN_NETIF_MAX_TX_SIZE) else {
             stats.withLock { $0.rxDropped += 1 }
+            io?.errors.add(1, ordering: .relaxed)
             return false
         }
         switch queue.push(frame, checksum: checksum) {
@@ -420,6 +441,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             return true
         case .full:
             stats.withLock { $0.rxDropped += 1 }
+            io?.errors.add(1, ordering: .relaxed)
             return false
         }
     }
@@ -553,7 +575,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             counts.notifications += 1
             try? host.send(port)
         }
-        if counts != Statistics() { stats.withLock { $0.add(counts) } }
+        if counts != Statistics() { record(counts) }
     }
 
     /// What ``deliverHeld(header:length:checksum:scratch:host:copy:)`` did with a frame.
@@ -930,8 +952,8 @@ extension XenbusBackend where Device == NetDevice {
 
     /// A vif `handle` (0 = the first, Linux's eth0) of domain `frontend`: see ``NetDevice``.
     public convenience init(frontend: DomainID, handle: UInt32 = 0, configuration: NetDevice.Configuration = .init(),
-                            store: XenStore, grants: GrantTables, host: HostEventDomain) throws(BackendError) {
-        let vif = try NetDevice(frontend: frontend, handle: handle, configuration: configuration)
+                            counters: IOCounters? = nil, store: XenStore, grants: GrantTables, host: HostEventDomain) throws(BackendError) {
+        let vif = try NetDevice(frontend: frontend, handle: handle, configuration: configuration, counters: counters)
         try self.init(vif, frontend: frontend, handle: handle, store: store, grants: grants, host: host)
         vif.waker = wake
     }

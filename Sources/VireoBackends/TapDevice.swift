@@ -81,6 +81,36 @@ public final class TapDevice: NetworkAttachment, @unchecked Sendable {  // `buff
         guard ok else { throw BackendError("tap '\(name)': cannot bring it up: \(String(cString: strerror(errno)))") }
     }
 
+    /// Adds the interface to the Linux bridge `bridge`, as Xen's vif-bridge script does
+    /// (`ip link set TAP master BRIDGE`): SIOCBRADDIF on the bridge with the TAP's index.
+    /// Needs CAP_NET_ADMIN. - Throws: ``BackendError`` naming the bridge when it does not
+    /// exist or is not a bridge, or the reason the kernel gave.
+    public func addToBridge(_ bridge: String) throws(BackendError) {
+        guard !bridge.isEmpty, bridge.utf8.count < Self.nameCapacity, !bridge.utf8.contains(0), !bridge.contains("/") else {
+            throw BackendError("bridge '\(bridge)': a bridge name is 1 to 15 bytes, without '/'")
+        }
+        guard if_nametoindex(bridge) != 0 else { throw BackendError("bridge '\(bridge)' does not exist (create it: ip link add \(bridge) type bridge)") }
+        let index = if_nametoindex(name)
+        guard index != 0 else { throw BackendError("tap '\(name)': gone before it could join bridge '\(bridge)'") }
+        let sock = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard sock >= 0 else { throw BackendError("bridge '\(bridge)': cannot open a socket: \(String(cString: strerror(errno)))") }
+        defer { close(sock) }
+        // ifreq: the bridge's name (16 bytes), then ifr_ifindex (an int) in the union.
+        var request = [UInt8](repeating: 0, count: 40)
+        for (i, byte) in bridge.utf8.enumerated() { request[i] = byte }
+        withUnsafeBytes(of: Int32(bitPattern: index).littleEndian) { for i in 0..<4 { request[16 + i] = $0[i] } }
+        let result = request.withUnsafeMutableBytes { vireo_ioctl_ptr(sock, Self.bridgeAddInterface, $0.baseAddress) }
+        guard result == 0 else {
+            let code = errno
+            if code == EOPNOTSUPP || code == EINVAL || code == ENODEV {
+                throw BackendError("bridge '\(bridge)' is not a Linux bridge (tap '\(name)' cannot join it: \(String(cString: strerror(code))))")
+            }
+            throw BackendError("bridge '\(bridge)': cannot add tap '\(name)': \(String(cString: strerror(code)))")
+        }
+    }
+
+    private static let bridgeAddInterface: UInt = 0x89a2  // SIOCBRADDIF (<linux/sockios.h>)
+
     /// Writes one frame to the TAP, after filling in a checksum the guest left blank (a TAP
     /// without virtio-net headers passes frames to the kernel as complete). False when the
     /// kernel refused it (its queue full, the interface down).

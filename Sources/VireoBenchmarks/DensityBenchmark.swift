@@ -25,7 +25,8 @@ public struct DensityBenchmark: Benchmark {
         }
         _ = try BenchmarkGuests.image("idle", benchmark: name, log: options.log)
         let kernel = FileManager.default.currentDirectoryPath + "/.build/guests/idle.elf"
-        let count = options.quick ? 10 : 200
+        let count = options.count ?? (options.quick ? 10 : 200)
+        _ = Daemon.raiseDescriptorLimit()  // a thousand domains hold more descriptors than the usual 1024
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-density-\(getpid())")
         defer { try? FileManager.default.removeItem(at: directory) }
         var logger = Logger(label: "vireod")
@@ -52,6 +53,7 @@ public struct DensityBenchmark: Benchmark {
         let bareRate = Double(bareRuns) / (Double(Measure.now() - bareStart) / 1e9)
 
         let before = Self.residentKiB()
+        let (threadsBefore, descriptorsBefore) = (Self.threadCount(), Self.descriptorCount())
         let cpuBefore = Self.processCPUSeconds()
         options.log("density: creating \(count) idle domains through vireod")
         let start = Measure.now()
@@ -71,7 +73,7 @@ public struct DensityBenchmark: Benchmark {
         while Date() < deadline {
             ready = (0..<count).filter { (try? daemon.console("density-\($0)", offset: nil).data.contains("ready")) == true }.count
             if ready == count { break }
-            usleep(100_000)
+            usleep(count > 200 ? 1_000_000 : 100_000)
         }
         let allReadySeconds = Double(Measure.now() - start) / 1e9
         guard ready == count else {
@@ -79,10 +81,15 @@ public struct DensityBenchmark: Benchmark {
         }
         usleep(200_000)
         let after = Self.residentKiB()
+        let (threadsAfter, descriptorsAfter) = (Self.threadCount(), Self.descriptorCount())
         let live = daemon.list().filter { $0.state == .running }.count
         let overheadKiB = Double((after.total - before.total) - (after.guest - before.guest)) / Double(count)
         let guestKiB = Double(after.guest - before.guest) / Double(count)
-        options.log("density: \(live) live; destroying them")
+        func perDomain(_ a: Int, _ b: Int) -> Double { Double(a - b) / Double(count) }
+        options.log("density: \(live) live; per domain beyond guest RAM: \(Int(overheadKiB)) KiB resident "
+                    + "(thread stacks \(Int(perDomain(after.stacks, before.stacks))) KiB, malloc heap \(Int(perDomain(after.heap, before.heap))) KiB, "
+                    + "other anonymous \(Int(perDomain(after.otherAnonymous, before.otherAnonymous))) KiB), "
+                    + "\(perDomain(threadsAfter, threadsBefore)) threads, \(perDomain(descriptorsAfter, descriptorsBefore)) descriptors; destroying them")
         let destroyStart = Measure.now()
         for i in 0..<count { _ = try client.request("POST", "/v1/domains/density-\(i)/destroy") }
         let destroySeconds = Double(Measure.now() - destroyStart) / 1e9
@@ -100,14 +107,22 @@ public struct DensityBenchmark: Benchmark {
                 ("all_idle_seconds", .number(allReadySeconds)),
                 ("destroys_per_second", .number(Double(count) / destroySeconds)),
                 ("guest_mib", .integer(Int64(Self.guestMiB))),
+                ("stack_kib_per_domain", .number(perDomain(after.stacks, before.stacks))),
+                ("heap_kib_per_domain", .number(perDomain(after.heap, before.heap))),
+                ("other_anonymous_kib_per_domain", .number(perDomain(after.otherAnonymous, before.otherAnonymous))),
+                ("threads_per_domain", .number(perDomain(threadsAfter, threadsBefore))),
+                ("descriptors_per_domain", .number(perDomain(descriptorsAfter, descriptorsBefore))),
             ])
     }
 
-    /// This process's resident KiB, and the part of it that is guest memory (the memfd
-    /// mappings of the benchmark's domains), from /proc/self/smaps.
-    static func residentKiB() -> (total: Int, guest: Int) {
+    /// This process's resident KiB from /proc/self/smaps, split by where it lives: guest memory
+    /// (the memfd mappings of the benchmark's domains), thread stacks (anonymous mappings of
+    /// exactly the default 8 MiB stack), the malloc heap (`[heap]` and glibc's per-thread arenas,
+    /// anonymous mappings inside a 64 MiB-aligned arena reservation), and other anonymous memory
+    /// (decode caches, ring and frame buffers, mmap'd allocations).
+    static func residentKiB() -> (total: Int, guest: Int, stacks: Int, heap: Int, otherAnonymous: Int) {
         // procfs files report size 0: read to the end in chunks.
-        guard let file = fopen("/proc/self/smaps", "r") else { return (0, 0) }
+        guard let file = fopen("/proc/self/smaps", "r") else { return (0, 0, 0, 0, 0) }
         defer { fclose(file) }
         var bytes: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 1 << 16)
@@ -117,19 +132,47 @@ public struct DensityBenchmark: Benchmark {
             bytes += chunk[..<n]
         }
         let text = String(decoding: bytes, as: UTF8.self)
-        var total = 0, guest = 0, inGuest = false
+        enum Kind { case guest, stack, heap, anonymous, file }
+        var total = 0, guest = 0, stacks = 0, heap = 0, other = 0
+        var kind = Kind.file, start: UInt64 = 0
         for line in text.split(separator: "\n") {
             let fields = line.split(separator: " ", omittingEmptySubsequences: true)
             guard let first = fields.first else { continue }
-            if first == "Rss:" {
+            if first == "Size:" {
+                // An arena's mapping starts on a 64 MiB boundary; a thread stack is 8 MiB.
+                let kib = fields.count > 1 ? Int(fields[1]) ?? 0 : 0
+                if kind == .anonymous && kib == 8192 { kind = .stack } else if kind == .anonymous && start % (64 << 20) == 0 { kind = .heap }
+            } else if first == "Rss:" {
                 let kib = fields.count > 1 ? Int(fields[1]) ?? 0 : 0
                 total += kib
-                if inGuest { guest += kib }
+                switch kind {
+                case .guest: guest += kib
+                case .stack: stacks += kib
+                case .heap: heap += kib
+                case .anonymous: other += kib
+                case .file: break
+                }
             } else if !first.hasSuffix(":"), first.contains("-") {
-                inGuest = line.contains("memfd:vireo-density-")  // a mapping's header line (Domain names the memfd)
+                // A mapping's header: range, perms, offset, device, inode, [path].
+                start = UInt64(first.split(separator: "-").first ?? "", radix: 16) ?? 0
+                let path = fields.count > 5 ? fields[5...].joined(separator: " ") : ""
+                if path.contains("memfd:vireo-density-") { kind = .guest }  // Domain names the memfd
+                else if path == "[heap]" { kind = .heap }
+                else if path.isEmpty || path == "[stack]" { kind = .anonymous }
+                else { kind = .file }
             }
         }
-        return (total, guest)
+        return (total, guest, stacks, heap, other)
+    }
+
+    static func threadCount() -> Int {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Threads:") }) else { return 0 }
+        return Int(line.split(separator: "\t").last?.trimmingCharacters(in: .whitespaces) ?? "") ?? 0
+    }
+
+    static func descriptorCount() -> Int {
+        (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 0
     }
 
     static func processCPUSeconds() -> Double {

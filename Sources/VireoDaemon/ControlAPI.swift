@@ -47,6 +47,8 @@ public final class ControlAPI: Sendable {
         ("POST", "/v1/domains/{domain}/console"),
         ("POST", "/v1/domains/{domain}/block-attach"), ("POST", "/v1/domains/{domain}/block-detach"),
         ("GET", "/v1/domains/{domain}/sched-credit"), ("PUT", "/v1/domains/{domain}/sched-credit"),
+        ("POST", "/v1/domains/{domain}/network-attach"),
+        ("POST", "/v1/domains/{domain}/network-detach"),
         ("GET", "/v1/store"), ("PUT", "/v1/store"), ("GET", "/v1/version"), ("GET", "/metrics"),
     ]
 
@@ -92,6 +94,22 @@ public final class ControlAPI: Sendable {
         } catch {
             throw .badRequest("the body is not valid JSON", field: "body")
         }
+    }
+
+    /// A detach's `?timeout=S`: how long the frontend has to close (0 forces at once).
+    static func detachTimeout(_ request: APIRequest) throws(APIError) -> Double {
+        guard let text = request.query["timeout"] else { return Daemon.detachTimeout }
+        guard let value = Double(text), value >= 0, value <= 3600 else {
+            throw .badRequest("timeout '\(text)': give seconds, 0 to 3600", field: "timeout")
+        }
+        return value
+    }
+
+    /// A detach's answer: the domain, and `Vireo-Detach: closed` or `forced` saying how it went.
+    static func detached(_ result: (DomainInfo, Daemon.Detach)) -> APIResponse {
+        var response = json(200, result.0)
+        response.headers.append(("Vireo-Detach", result.1.rawValue))
+        return response
     }
 
     private func route(_ request: APIRequest) throws(APIError) -> APIResponse {
@@ -174,7 +192,15 @@ public final class ControlAPI: Sendable {
             case "block-detach":
                 try allow("POST")
                 let body = try decode(BlockDetachRequest.self, request.body)
-                return Self.json(200, try daemon.blockDetach(domain, vdev: body.vdev))
+                return Self.detached(try daemon.blockDetach(domain, vdev: body.vdev, timeout: try Self.detachTimeout(request)))
+            case "network-attach":
+                try allow("POST")
+                let body = try decode(NetworkAttachRequest.self, request.body)
+                return Self.json(200, try daemon.networkAttach(domain, vif: body.vif))
+            case "network-detach":
+                try allow("POST")
+                let body = try decode(NetworkDetachRequest.self, request.body)
+                return Self.detached(try daemon.networkDetach(domain, device: body.device, timeout: try Self.detachTimeout(request)))
             case "sched-credit":
                 try allow("GET", "PUT")
                 if method == "GET" { return Self.json(200, try daemon.schedCredit(domain)) }

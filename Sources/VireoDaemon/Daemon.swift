@@ -1,8 +1,10 @@
 import Foundation
 import Glibc
 import Logging
+import Synchronization
 import VireoABI
 import VireoBackends
+import VireoCore
 import VireoHypervisor
 import VireoMachine
 import VireoStore
@@ -48,8 +50,17 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         var generation = 0
         /// The write end of the pipe whose read end feeds the console ring's input (this run).
         var consoleInput: Int32 = -1
-        /// Disks attached to the running domain (`block-attach`), by device number.
-        var hotplugged: [UInt32: (backend: BlockBackend, thread: Thread)] = [:]
+        /// The running domain's disks and vifs ("vbd/51712", "vif/0"): the config's and those
+        /// attached since; emptied when the run ends.
+        var devices: [String: AttachedDevice] = [:]
+        /// Whether devices may be attached (from the start of a run until its devices stop).
+        var devicesOpen = false
+        /// Every run's I/O through its backends (requests, bytes, errors), over all runs.
+        let io = IOCounters()
+        /// This run's event counters (the hub's for the domain) and earlier runs' counts.
+        var events: EventCounters?
+        var pastEventsSent = 0
+        var pastEventsReceived = 0
         var threadDone = true
         init(record: DomainRecord, consoleBytes: Int) {
             self.record = record
@@ -62,14 +73,16 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     /// The pool of host threads every SoftCPU domain of this daemon runs on (Docs/scheduling.md).
     public let scheduler: CreditScheduler
     let logger: Logger
-    private let lock = NSLock()
+    let lock = NSLock()
     private var domains: [UInt16: Managed] = [:]
     private var nextID: UInt16 = 1
     private var stopping = false
     /// The consoles of domains just forgotten: (id, name, output, when), newest last, at most 32.
     private var recentlyGone: [(id: UInt16, name: String, console: ConsoleBuffer, at: Date)] = []
-    private let toolstack: XenStoreConnection
+    let toolstack: XenStoreConnection
     public let started = Date()
+    /// Kernel images by path, weakly: shared while domains boot them (``kernelImage(_:)``).
+    private let kernels = Mutex<[String: KernelImage.Entry]>([:])
 
     var domainsDirectory: URL { options.stateDirectory.appendingPathComponent("domains") }
     var consoleDirectory: URL { options.stateDirectory.appendingPathComponent("console") }
@@ -124,7 +137,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     private func recordURL(_ id: UInt16) -> URL { domainsDirectory.appendingPathComponent("\(id).json") }
 
     /// Writes a record atomically (a crash leaves the old or the new file, never half of one).
-    private func persist(_ record: DomainRecord) {
+    func persist(_ record: DomainRecord) {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
         encoder.dateEncodingStrategy = .iso8601
@@ -143,7 +156,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     public func consoleLogURL(name: String) -> URL { consoleDirectory.appendingPathComponent("\(name).log") }
 
     /// Runs `body` under the lock, passing its typed error on.
-    private func locked<T>(_ body: () throws(APIError) -> T) throws(APIError) -> T {
+    func locked<T>(_ body: () throws(APIError) -> T) throws(APIError) -> T {
         lock.lock()
         defer { lock.unlock() }
         return try body()
@@ -169,7 +182,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         return lock.withLock { info(locked: managed) }
     }
 
-    private func info(locked managed: Managed) -> DomainInfo {
+    func info(locked managed: Managed) -> DomainInfo {
         let record = managed.record, spec = record.spec
         let cpu = managed.pastCPUNanoseconds &+ (managed.handle?.cpuTimeNanoseconds ?? 0)
         return DomainInfo(id: record.id, name: spec.name, state: record.state, memoryMiB: spec.memoryMiB, vcpus: spec.vcpus,
@@ -179,24 +192,12 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                           consoleBytes: managed.console.endOffset, restarts: record.restarts,
                           lastShutdown: record.lastShutdown, failure: record.failure,
                           onPoweroff: spec.onPoweroff.rawValue, onReboot: spec.onReboot.rawValue, onCrash: spec.onCrash.rawValue,
-                          disks: spec.disks.map { .init(vdev: $0.vdev, target: $0.target, access: $0.readOnly ? "ro" : "rw") })
+                          disks: spec.disks.map { .init(vdev: $0.vdev, target: $0.target, access: $0.readOnly ? "ro" : "rw") },
+                          vifs: spec.vifs.map { .init(devid: $0.devid ?? 0, mac: Self.mac(of: $0, domain: record.id).description,
+                                                      bridge: $0.bridge, switchName: $0.switchName, vifname: $0.vifname) })
     }
 
     // MARK: Creating
-
-    /// A config's vifs as the embedded host's networks: `switch=NAME` a port of that in-process
-    /// switch, else a TAP named `vifname=` or, as xl names it, `vifDOMID.HANDLE`; `mac=` and
-    /// `rate=` as given.
-    static func networks(_ vifs: [DomainSpec.Vif], domain: Int) throws(BackendError) -> [NetworkSpec] {
-        var networks: [NetworkSpec] = []
-        for (handle, vif) in vifs.enumerated() {
-            var text = vif.switchName.map { "switch:\($0)" } ?? "tap:\(vif.vifname ?? "vif\(domain).\(handle)")"
-            if let mac = vif.mac { text += ",mac=\(mac)" }
-            if let rate = vif.rate { text += ",rate=\(rate)" }
-            networks.append(try NetworkSpec(parsing: text))
-        }
-        return networks
-    }
 
     /// Creates and starts a domain from an xl.cfg file's text; returns once its guest runs
     /// (or the build failed, which removes it again and is the error).
@@ -207,7 +208,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         let parsed: (spec: DomainSpec, warnings: [ConfigWarning])
         do { parsed = try DomainSpec.parse(config, file: fileName) } catch { throw .badRequest("\(error)", field: "config") }
         var spec = parsed.spec
-        var warnings = parsed.warnings.map(\.description)
+        let warnings = parsed.warnings.map(\.description)
         // Relative paths in the file are relative to the file, as the operator wrote them there.
         let base = file.flatMap { $0.hasPrefix("/") ? URL(fileURLWithPath: $0).deletingLastPathComponent() : nil }
         func resolve(_ path: String) -> String {
@@ -228,7 +229,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                 throw APIError(503, "\(fileName): engine = \"kvm\", but /dev/kvm is not usable here (use soft or auto)")
             }
         }
-        guard let kernel = FileManager.default.contents(atPath: spec.kernel) else {
+        guard let kernel = kernelImage(spec.kernel) else {
             throw .badRequest("\(fileName): kernel: cannot read '\(spec.kernel)'", field: "kernel")
         }
         for disk in spec.disks {
@@ -237,12 +238,9 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                 throw .badRequest("\(fileName): disk '\(disk.vdev)': '\(disk.target)' is not a readable image file", field: "disk")
             }
         }
-        do { _ = try Self.networks(spec.vifs, domain: 1) } catch {
-            throw .badRequest("\(fileName): vif: \(error.description)", field: "vif")
-        }
-        for vif in spec.vifs where vif.bridge != nil {
-            warnings.append("\(fileName): vif: bridge=\(vif.bridge ?? "") is not applied by vireod yet: the vif gets its TAP; "
-                            + "add it to the bridge yourself (ip link set TAP master BRIDGE)")
+        try Self.assignDevids(&spec.vifs)
+        for vif in spec.vifs {
+            do { _ = try Self.network(vif, domain: 1) } catch { throw .badRequest("\(fileName): vif: \(error.description)", field: "vif") }
         }
         let managed: Managed = try locked { () throws(APIError) -> Managed in
             guard !stopping else { throw APIError(503, "vireod is stopping") }
@@ -261,13 +259,31 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
         logger.info("creating domain", metadata: ["domain": "\(spec.name)", "id": "\(managed.record.id)", "file": "\(fileName)"])
         let firstRun = FirstRun()
-        let thread = Thread { [self] in lifecycle(managed, kernel: Array(kernel), firstRun: firstRun) }
+        let thread = Thread { [self] in lifecycle(managed, kernel: kernel, firstRun: firstRun) }
         thread.name = "vireod-dom\(managed.record.id)"
         thread.start()
         if let failure = firstRun.wait() {
             throw .badRequest("\(fileName): cannot start domain '\(spec.name)': \(failure)")
         }
         return (lock.withLock { info(locked: managed) }, warnings)
+    }
+
+    /// A kernel file's bytes, read once and shared by every live domain that boots the same
+    /// unchanged file (same path, size and modification time): the idle sample is 190 KiB, and
+    /// a copy per domain, kept for its restarts, was a third of a domain's host memory. An
+    /// image no domain holds any more is read again next time. Nil when it cannot be read.
+    func kernelImage(_ path: String) -> KernelImage? {
+        var info = stat()
+        guard stat(path, &info) == 0, (info.st_mode & S_IFMT) == S_IFREG else { return nil }
+        let key = KernelImage.Key(size: Int(info.st_size), seconds: info.st_mtim.tv_sec, nanoseconds: info.st_mtim.tv_nsec)
+        if let image = kernels.withLock({ $0[path].flatMap { $0.key == key ? $0.image : nil } }) { return image }
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        let image = KernelImage(bytes: Array(data))
+        kernels.withLock { table in
+            table = table.filter { $0.value.image != nil }  // forget images no domain holds
+            table[path] = .init(key: key, image: image)
+        }
+        return image
     }
 
     /// Lowest free ID from `nextID` on, wrapping before Xen's reserved IDs. Under the lock.
@@ -303,7 +319,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     /// Runs the domain until it is gone or kept stopped: each run on the shared host, then
     /// its on_* action (destroy: forget; restart: run again; preserve: keep the record).
-    private func lifecycle(_ managed: Managed, kernel: [UInt8], firstRun: FirstRun) {
+    private func lifecycle(_ managed: Managed, kernel: KernelImage, firstRun: FirstRun) {
         let id = managed.record.id
         var recentRestarts: [Date] = []
         var first = true
@@ -336,8 +352,10 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     if lock.withLock({ managed.handle !== handle }) { return }
                     usleep(500)
                 }
+                let events = host.hub.counters(of: DomainID(id))
                 lock.withLock {
                     guard managed.handle === handle else { return }
+                    managed.events = events
                     managed.record.state = .running
                     persist(managed.record)
                 }
@@ -346,11 +364,23 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             watcher.start()
             let outcome: EmbeddedHost.Outcome
             do {
+                // The disks' and vifs' backends are the daemon's, so it can detach them.
+                var devices: [AttachedDevice] = []
+                do {
+                    for disk in spec.disks { devices.append(try diskDevice(disk, domain: id, io: managed.io)) }
+                    for vif in spec.vifs { devices.append(try vifDevice(vif, domain: id, io: managed.io)) }
+                } catch {
+                    for device in devices { device.stopAndWait() }
+                    throw error
+                }
+                lock.withLock {
+                    managed.devices = Dictionary(devices.map { ($0.key, $0) }, uniquingKeysWith: { a, _ in a })
+                    managed.devicesOpen = true
+                }
                 outcome = try host.run(
                     config: DomainConfig(id: DomainID(id), name: spec.name, memoryBytes: UInt64(spec.memoryMiB) << 20, vcpus: spec.vcpus),
-                    kernel: kernel, commandLine: spec.cmdline,
-                    disks: spec.disks.map { EmbeddedHost.Disk(path: $0.target, readOnly: $0.readOnly, device: $0.device) },
-                    networks: try Self.networks(spec.vifs, domain: Int(id)),
+                    kernel: kernel.bytes, commandLine: spec.cmdline,
+                    devices: devices,
                     consoleInput: input[0] >= 0 ? input[0] : nil,
                     engine: spec.engine == .kvm ? .kvm : spec.engine == .soft ? .soft : ExecutionEngine.automatic, handle: handle,
                     scheduler: scheduler, credit: CreditParameters(weight: spec.cpuWeight ?? CreditScheduler.defaultWeight, cap: spec.cap ?? 0),
@@ -366,6 +396,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                     })
             } catch {
                 let failure = "\(error)"
+                stopDevices(managed)
                 closeInput(managed, input)
                 lock.withLock { managed.handle = nil }
                 while !watcher.isFinished { usleep(500) }
@@ -386,13 +417,16 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
             closeInput(managed, input)
             first = false
             firstRun.report(nil)
-            stopHotplugged(managed)
+            stopDevices(managed)
             flushDisks(lock.withLock { managed.record.spec })
             let destroyed = handle.destroyRequested
             let (stopping, generation) = lock.withLock { () -> (Bool, Int) in
                 managed.pastExits += handle.exits
                 managed.pastHypercalls += handle.hypercalls
                 managed.pastCPUNanoseconds &+= handle.cpuTimeNanoseconds
+                managed.pastEventsSent += managed.events?.sent.load(ordering: .relaxed) ?? 0
+                managed.pastEventsReceived += managed.events?.received.load(ordering: .relaxed) ?? 0
+                managed.events = nil
                 managed.handle = nil
                 return (self.stopping, managed.generation)
             }
@@ -443,10 +477,21 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
     }
 
-    /// After a run (its input thread has ended): both ends of its console-input pipe closed.
+    /// After a run (its input thread has ended): both ends of its console-input pipe closed
+    /// (the write end unless ``endInput(_:)`` closed it already).
     private func closeInput(_ managed: Managed, _ input: [Int32]) {
-        lock.withLock { managed.consoleInput = -1 }
-        for fd in input where fd >= 0 { close(fd) }
+        endInput(managed)
+        if input[0] >= 0 { close(input[0]) }
+    }
+
+    /// Closes the write end of the run's console-input pipe: its reader sees the end of input
+    /// and returns at once, rather than at its next 100 ms poll (destroy waited for that).
+    private func endInput(_ managed: Managed) {
+        let writeEnd = lock.withLock { () -> Int32 in
+            defer { managed.consoleInput = -1 }
+            return managed.consoleInput
+        }
+        if writeEnd >= 0 { close(writeEnd) }
     }
 
     private func finish(_ managed: Managed, state: DomainState, reason: String, failure: String?) {
@@ -486,7 +531,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     /// After a run: every writable disk image is synced to stable storage (fdatasync through a
     /// descriptor of our own flushes the file's dirty pages, whoever wrote them).
-    private func flushDisks(_ spec: DomainSpec) {
+    func flushDisks(_ spec: DomainSpec) {
         for disk in spec.disks where !disk.readOnly {
             let fd = open(disk.target, O_RDONLY | O_CLOEXEC)
             guard fd >= 0 else { continue }
@@ -497,7 +542,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     // MARK: Operations
 
-    private func requireRunning(_ managed: Managed, for verb: String) throws(APIError) -> DomainHandle {
+    func requireRunning(_ managed: Managed, for verb: String) throws(APIError) -> DomainHandle {
         try locked { () throws(APIError) -> DomainHandle in
             guard !stopping else { throw APIError(503, "vireod is stopping") }
             guard [.running, .paused].contains(managed.record.state), let handle = managed.handle else {
@@ -626,6 +671,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
         if let handle {
             handle.destroy()
+            endInput(managed)
             // Its thread forgets it once the vCPUs and backends have stopped.
             let deadline = Date().addingTimeInterval(20)
             while !lock.withLock({ managed.threadDone }) && Date() < deadline { usleep(1000) }
@@ -659,99 +705,6 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
         let (bytes, next, missed) = buffer.read(from: offset)
         return ConsoleChunk(data: String(decoding: bytes, as: UTF8.self), next: next, missed: missed, state: state)
-    }
-
-    // MARK: Disks attached while running
-
-    /// `xl block-attach`: serves one more disk to the running domain. The backend publishes
-    /// its nodes and the frontend's (`device/vbd/DEV`), as at create; a guest that watches
-    /// its `device/vbd` sees the new disk. The disk joins the domain's spec, so a restart has it.
-    /// - Throws: 400 (bad disk string or image, field `disk`), 404, 409 (not running, or the
-    ///   device is in use).
-    public func blockAttach(_ key: String, disk text: String) throws(APIError) -> DomainInfo {
-        let managed = try find(key)
-        _ = try requireRunning(managed, for: "block-attach")
-        let parsed: DomainSpec.Disk
-        do { parsed = try DomainSpec.Disk.parse(text, source: "disk").disk } catch { throw .badRequest("\(error)", field: "disk") }
-        guard parsed.target.hasPrefix("/") else {
-            throw .badRequest("disk '\(text)': give the image's absolute path", field: "disk")
-        }
-        var status = stat()
-        guard stat(parsed.target, &status) == 0, (status.st_mode & S_IFMT) == S_IFREG else {
-            throw .badRequest("disk '\(text)': '\(parsed.target)' is not an image file", field: "disk")
-        }
-        let id = DomainID(managed.record.id)
-        let backend: BlockBackend = try locked { () throws(APIError) -> BlockBackend in
-            guard managed.handle != nil else { throw .conflict("domain '\(managed.record.spec.name)' stopped") }
-            if let other = managed.record.spec.disks.first(where: { $0.device == parsed.device }) {
-                throw .conflict("domain '\(managed.record.spec.name)' has a disk on \(other.vdev) already (\(other.target))")
-            }
-            do {
-                return try BlockBackend(path: parsed.target, readOnly: parsed.readOnly, frontend: id, device: parsed.device,
-                                        store: host.store, grants: host.grants, host: host.host)
-            } catch {
-                throw .badRequest("disk '\(text)': \(error)", field: "disk")
-            }
-        }
-        do { try backend.create() } catch { throw APIError(500, "disk '\(text)': cannot publish its XenStore nodes: \(error)") }
-        let thread = Thread { backend.run() }
-        thread.name = "vireod-vbd\(id.rawValue)-\(parsed.device)"
-        thread.start()
-        logger.info("disk attached", metadata: ["id": "\(id.rawValue)", "vdev": "\(parsed.vdev)", "target": "\(parsed.target)"])
-        return lock.withLock {
-            managed.hotplugged[parsed.device] = (backend, thread)
-            managed.record.spec.disks.append(parsed)
-            persist(managed.record)
-            return info(locked: managed)
-        }
-    }
-
-    /// `xl block-detach` (forced): stops the disk's backend, syncs the image and removes the
-    /// backend's and the frontend's nodes. Only disks attached with ``blockAttach`` can go.
-    public func blockDetach(_ key: String, vdev: String) throws(APIError) -> DomainInfo {
-        let managed = try find(key)
-        _ = try requireRunning(managed, for: "block-detach")
-        guard let device = DomainSpec.Disk.deviceNumber(vdev) else {
-            throw .badRequest("vdev '\(vdev)' is not a Xen disk name (xvda, xvdb, ... or a number)", field: "vdev")
-        }
-        let (attached, disk) = try locked { () throws(APIError) -> ((backend: BlockBackend, thread: Thread), DomainSpec.Disk) in
-            guard let disk = managed.record.spec.disks.first(where: { $0.device == device }) else {
-                throw .notFound("domain '\(managed.record.spec.name)' has no disk \(vdev)", field: "vdev")
-            }
-            guard let attached = managed.hotplugged.removeValue(forKey: device) else {
-                throw .conflict("\(vdev) was attached at create; only disks attached with block-attach can be detached yet")
-            }
-            return (attached, disk)
-        }
-        attached.backend.stop()
-        while !attached.thread.isFinished { usleep(1000) }
-        flushDisks(DomainSpec(name: "", kernel: "", disks: [disk]))
-        removeDeviceNodes(domain: managed.record.id, device: device)
-        logger.info("disk detached", metadata: ["id": "\(managed.record.id)", "vdev": "\(vdev)"])
-        return lock.withLock {
-            managed.record.spec.disks.removeAll { $0.device == device }
-            persist(managed.record)
-            return info(locked: managed)
-        }
-    }
-
-    /// After a run: the disks attached while it ran stop with it (they stay in the spec).
-    private func stopHotplugged(_ managed: Managed) {
-        let attached = lock.withLock { () -> [UInt32: (backend: BlockBackend, thread: Thread)] in
-            defer { managed.hotplugged = [:] }
-            return managed.hotplugged
-        }
-        for (_, entry) in attached { entry.backend.stop() }
-        for (device, entry) in attached {
-            while !entry.thread.isFinished { usleep(1000) }
-            removeDeviceNodes(domain: managed.record.id, device: device)
-        }
-    }
-
-    private func removeDeviceNodes(domain: UInt16, device: UInt32) {
-        for path in ["/local/domain/\(host.host.id.rawValue)/backend/vbd/\(domain)/\(device)", "/local/domain/\(domain)/device/vbd/\(device)"] {
-            _ = host.store.request(XenStoreMessage(.rm, path), from: toolstack)
-        }
     }
 
     /// Sends bytes to the guest's console input (the ring's `in` side, as `vireo run` forwards
@@ -809,6 +762,21 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     /// Prometheus text exposition format (version 0.0.4).
     public func metrics() -> String {
         let all = list()
+        // The I/O and event counters, read under the lock beside the list (by ID).
+        let counters: [UInt16: (sent: Int, received: Int, requests: Int, blockRead: Int, blockWritten: Int,
+                                netTx: Int, netRx: Int, errors: Int)] = lock.withLock {
+            domains.mapValues { m in
+                (m.pastEventsSent + (m.events?.sent.load(ordering: .relaxed) ?? 0),
+                 m.pastEventsReceived + (m.events?.received.load(ordering: .relaxed) ?? 0),
+                 m.io.requests.load(ordering: .relaxed), m.io.blockReadBytes.load(ordering: .relaxed),
+                 m.io.blockWrittenBytes.load(ordering: .relaxed), m.io.netTransmitBytes.load(ordering: .relaxed),
+                 m.io.netReceiveBytes.load(ordering: .relaxed), m.io.errors.load(ordering: .relaxed))
+            }
+        }
+        func counter(_ d: DomainInfo, _ pick: ((sent: Int, received: Int, requests: Int, blockRead: Int, blockWritten: Int,
+                                                netTx: Int, netRx: Int, errors: Int)) -> Int) -> String {
+            counters[d.id].map { "\(pick($0))" } ?? "0"
+        }
         var out = ""
         func family(_ name: String, _ type: String, _ help: String, _ rows: [(String, String)]) {
             out += "# HELP \(name) \(help)\n# TYPE \(name) \(type)\n"
@@ -824,6 +792,22 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         family("vireo_domain_console_bytes_total", "counter", "Console bytes the domain wrote.", all.map { (labels($0), "\($0.consoleBytes)") })
         family("vireo_domain_restarts_total", "counter", "Times the domain was restarted by its on_* actions.",
                all.map { (labels($0), "\($0.restarts)") })
+        family("vireo_domain_events_sent_total", "counter", "Event-channel sends the domain made.",
+               all.map { (labels($0), counter($0) { $0.sent }) })
+        family("vireo_domain_events_received_total", "counter", "Event-channel sends that reached the domain (from its backends, peers, or its own IPIs).",
+               all.map { (labels($0), counter($0) { $0.received }) })
+        family("vireo_domain_ring_requests_total", "counter", "Ring requests its backends served: blkback requests, netback frames sent and received.",
+               all.map { (labels($0), counter($0) { $0.requests }) })
+        family("vireo_domain_block_read_bytes_total", "counter", "Bytes blkback read from the domain's disk images for it.",
+               all.map { (labels($0), counter($0) { $0.blockRead }) })
+        family("vireo_domain_block_written_bytes_total", "counter", "Bytes blkback wrote to the domain's disk images for it.",
+               all.map { (labels($0), counter($0) { $0.blockWritten }) })
+        family("vireo_domain_net_transmit_bytes_total", "counter", "Bytes of the frames the domain sent that its vifs' host sides took.",
+               all.map { (labels($0), counter($0) { $0.netTx }) })
+        family("vireo_domain_net_receive_bytes_total", "counter", "Bytes of the frames put into the domain's receive pages.",
+               all.map { (labels($0), counter($0) { $0.netRx }) })
+        family("vireo_domain_io_errors_total", "counter", "Error responses its backends gave and frames dropped or refused, both ways.",
+               all.map { (labels($0), counter($0) { $0.errors }) })
         family("vireo_domain_memory_bytes", "gauge", "Guest memory.", all.map { (labels($0), "\(UInt64($0.memoryMiB) << 20)") })
         family("vireod_uptime_seconds", "gauge", "Seconds since vireod started.", [("", String(format: "%.3f", Date().timeIntervalSince(started)))])
         return out
@@ -860,5 +844,24 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         host.shutdown()
         scheduler.shutdown()
         logger.info("stopped")
+    }
+}
+
+/// A kernel file's bytes, shared by the domains that boot it (``Daemon/kernelImage(_:)``).
+final class KernelImage: Sendable {
+    let bytes: [UInt8]
+    init(bytes: [UInt8]) { self.bytes = bytes }
+
+    /// What identifies an unchanged file: its size and modification time.
+    struct Key: Equatable, Sendable {
+        var size: Int
+        var seconds: Int
+        var nanoseconds: Int
+    }
+
+    /// The cache's entry: the file's key and, while any domain holds it, the image.
+    struct Entry: Sendable {
+        var key: Key
+        weak var image: KernelImage?
     }
 }

@@ -63,9 +63,23 @@ public struct DomainInfo: Codable, Sendable, Equatable {
         public var target: String
         public var access: String
     }
+    /// Its vifs: at create and attached since.
+    public var vifs: [VifInfo]
+
+    public struct VifInfo: Codable, Sendable, Equatable {
+        public var devid: UInt32
+        public var mac: String
+        public var bridge: String?
+        public var switchName: String?
+        public var vifname: String?
+        enum CodingKeys: String, CodingKey {
+            case devid, mac, bridge, vifname
+            case switchName = "switch"
+        }
+    }
 
     enum CodingKeys: String, CodingKey {
-        case id, name, state, vcpus, kernel, cmdline, created, exits, hypercalls, restarts, failure, disks
+        case id, name, state, vcpus, kernel, cmdline, created, exits, hypercalls, restarts, failure, disks, vifs
         case memoryMiB = "memory_mib", configFile = "config_file", cpuSeconds = "cpu_seconds"
         case consoleBytes = "console_bytes", lastShutdown = "last_shutdown"
         case onPoweroff = "on_poweroff", onReboot = "on_reboot", onCrash = "on_crash"
@@ -99,6 +113,18 @@ public struct BlockAttachRequest: Codable, Sendable {
 public struct BlockDetachRequest: Codable, Sendable {
     public var vdev: String
     public init(vdev: String) { self.vdev = vdev }
+}
+
+/// `POST /v1/domains/{domain}/network-attach`: one vif, as xl writes it.
+public struct NetworkAttachRequest: Codable, Sendable {
+    public var vif: String
+    public init(vif: String) { self.vif = vif }
+}
+
+/// `POST /v1/domains/{domain}/network-detach`: the vif's devid or MAC address.
+public struct NetworkDetachRequest: Codable, Sendable {
+    public var device: String
+    public init(device: String) { self.device = device }
 }
 
 /// `POST /v1/domains/{domain}/console`: bytes for the guest's console input, and how many

@@ -19,6 +19,8 @@ unsigned int vireo_mfd_cloexec(void) { return MFD_CLOEXEC; }
 int vireo_ioctl_ptr(int fd, unsigned long request, void *arg) { return ioctl(fd, request, arg); }
 int vireo_ioctl_int(int fd, unsigned long request, unsigned long arg) { return ioctl(fd, request, arg); }
 
+int vireo_unshare_network(void) { return unshare(CLONE_NEWNET); }
+
 int vireo_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns) {
     struct timespec ts, *tsp = 0;
     if (timeout_ns >= 0) {

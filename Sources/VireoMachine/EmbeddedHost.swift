@@ -43,7 +43,10 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     }
 
     public init() throws {
-        host = try HostEventDomain(hub: hub)
+        // The host's end of every domain's store and console channels (and one per backend
+        // ring) is a port of dom0: the 2-level ABI's whole 4096, not a guest's default 1024,
+        // which ran out at 511 idle domains.
+        host = try HostEventDomain(hub: hub, portLimit: EventChannels.maxPortLimit)
         store = XenStore()
         let grants = self.grants, mappings = self.mappings, hostID = host.id
         // The store page of a domain, through its reserved grant (GNTTAB_RESERVED_XENSTORE).

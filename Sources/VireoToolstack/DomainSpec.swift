@@ -38,7 +38,12 @@ public struct DomainSpec: Equatable, Sendable, Codable {
         public var switchName: String?
         /// A rate limit as xl writes it ("10Mb/s", "1MB/s@20ms").
         public var rate: String?
-        public init(mac: String? = nil, bridge: String? = nil, vifname: String? = nil, switchName: String? = nil, rate: String? = nil) {
+        /// The vif's device ID (its handle: `device/vif/DEVID`), as xl's `devid=`; nil: the
+        /// toolstack gives the lowest free one.
+        public var devid: UInt32?
+        public init(mac: String? = nil, bridge: String? = nil, vifname: String? = nil, switchName: String? = nil, rate: String? = nil,
+                    devid: UInt32? = nil) {
+            self.devid = devid
             self.mac = mac
             self.bridge = bridge
             self.vifname = vifname
@@ -322,6 +327,14 @@ extension DomainSpec.Disk {
 }
 
 extension DomainSpec.Vif {
+    /// One vif as `xl network-attach` takes it (the same string as an entry of `vif = [...]`);
+    /// errors and warnings are placed at `source`, column 1.
+    public static func parse(_ text: String, source: String) throws(ConfigError) -> (vif: Self, warnings: [ConfigWarning]) {
+        var warnings: [ConfigWarning] = []
+        let vif = try parse(text, at: SourceLocation(file: source, line: 1, column: 1), warnings: &warnings)
+        return (vif, warnings)
+    }
+
     /// An xl vif string: `mac=00:16:3e:00:00:01, bridge=br0, vifname=vif1, rate=10Mb/s`, and
     /// Vireo's `switch=NAME`.
     static func parse(_ text: String, at location: SourceLocation, warnings: inout [ConfigWarning]) throws(ConfigError) -> Self {
@@ -349,6 +362,11 @@ extension DomainSpec.Vif {
                 vif.vifname = part.value
             case "switch": vif.switchName = part.value
             case "rate": vif.rate = part.value
+            case "devid":
+                guard let devid = UInt32(part.value), devid < 256 else {
+                    throw ConfigError(location, "vif '\(text)': devid '\(part.value)' is not a number from 0 to 255")
+                }
+                vif.devid = devid
             case "type":
                 guard part.value == "vif" else { throw ConfigError(location, "vif '\(text)': type '\(part.value)' is not supported (vif only)") }
             case "model", "script", "ip", "backend", "gatewaydev", "mtu":

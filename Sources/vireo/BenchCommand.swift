@@ -29,10 +29,14 @@ struct BenchCommand: AsyncParsableCommand {
     @Flag(help: "List the benchmarks.")
     var list = false
 
+    @Option(help: "How many units a scaling benchmark makes (density: live domains; default 200, 10 with --quick).")
+    var count: Int?
+
     func validate() throws {
         if !list && name == nil {
             throw ValidationError("name a benchmark, or pass --list")
         }
+        if let count, !(1...4096).contains(count) { throw ValidationError("--count \(count): give 1 to 4096") }
     }
 
     func run() async throws {
@@ -47,7 +51,7 @@ struct BenchCommand: AsyncParsableCommand {
         guard let benchmark = Self.registry[name] else {
             throw BenchmarkError.unknown(name: name, known: Self.registry.names)
         }
-        let options = BenchmarkOptions(quick: quick) { line in
+        let options = BenchmarkOptions(quick: quick, count: count) { line in
             var text = line + "\n"
             text.withUTF8 { _ = write(STDERR_FILENO, $0.baseAddress, $0.count) }
         }

@@ -262,17 +262,74 @@ struct BlockAttachCommand: DaemonVerb {
     }
 }
 
-/// `vireo block-detach DOMAIN VDEV`: removes a disk attached with block-attach.
+/// How long a detach gives the frontend to close (`--timeout`, `--force`), and what the
+/// daemon said it did.
+struct DetachOptions: ParsableArguments {
+    @Option(help: "Seconds the guest has to close the device before it is forced away (default 10, as xl).") var timeout: Double?
+    @Flag(name: .shortAndLong, help: "Force the device away at once, without asking the guest.") var force = false
+
+    var query: String {
+        if force { return "?timeout=0" }
+        return timeout.map { "?timeout=\($0)" } ?? ""
+    }
+
+    /// A detach the guest did not answer in time is said on stderr (it still succeeded).
+    func report(_ response: DaemonClient.Response, _ what: String) {
+        if response.headers["vireo-detach"] == "forced" && !force {
+            FileHandle.standardError.write(Data("vireo: the guest did not close \(what) in time: forced away\n".utf8))
+        }
+    }
+}
+
+/// `vireo block-detach DOMAIN VDEV`: asks the guest to close the disk, then removes it.
 struct BlockDetachCommand: DaemonVerb {
     static let configuration = CommandConfiguration(
-        commandName: "block-detach", abstract: "Detach a disk attached with block-attach (forced: its backend stops, its nodes go).")
+        commandName: "block-detach",
+        abstract: "Detach a disk: the guest is asked to close it (Closing, then Closed), then its backend stops and its nodes go.")
     @OptionGroup var daemon: DaemonOptions
+    @OptionGroup var detach: DetachOptions
     @Argument(help: "The domain: ID or name.") var domain: String
-    @Argument(help: "The disk's vdev (xvdb...).") var vdev: String
+    @Argument(help: "The disk's vdev (xvda, xvdb...).") var vdev: String
 
     func run() throws {
         let body = try JSONEncoder().encode(BlockDetachRequest(vdev: vdev))
-        _ = try call("POST", "/v1/domains/\(Self.escape(domain))/block-detach", body: Array(body))
+        detach.report(try call("POST", "/v1/domains/\(Self.escape(domain))/block-detach\(detach.query)", body: Array(body)), vdev)
+    }
+}
+
+/// `vireo network-attach DOMAIN VIF`: one more vif for a running domain, in xl's vif syntax.
+struct NetworkAttachCommand: DaemonVerb {
+    static let configuration = CommandConfiguration(
+        commandName: "network-attach",
+        abstract: "Attach a network interface to a running domain ('mac=00:16:3e:01:02:03, bridge=br0', 'switch=lan', ...).")
+    @OptionGroup var daemon: DaemonOptions
+    @Argument(help: "The domain: ID or name.") var domain: String
+    @Argument(help: "The vif, as in xl.cfg's vif list.") var vif: String
+
+    func run() throws {
+        let body = try JSONEncoder().encode(NetworkAttachRequest(vif: vif))
+        let before = try decode(DomainInfo.self, try call("GET", "/v1/domains/\(Self.escape(domain))")).vifs.map(\.devid)
+        let info = try decode(DomainInfo.self, try call("POST", "/v1/domains/\(Self.escape(domain))/network-attach", body: Array(body)))
+        if let added = info.vifs.first(where: { !before.contains($0.devid) }) {
+            print("attached vif \(added.devid) (mac \(added.mac))")
+        }
+    }
+}
+
+/// `vireo network-detach DOMAIN DEVID|MAC`: asks the guest to close the vif, then removes it.
+struct NetworkDetachCommand: DaemonVerb {
+    static let configuration = CommandConfiguration(
+        commandName: "network-detach",
+        abstract: "Detach a network interface (by devid or MAC): the guest is asked to close it, then its backend and host side go.")
+    @OptionGroup var daemon: DaemonOptions
+    @OptionGroup var detach: DetachOptions
+    @Argument(help: "The domain: ID or name.") var domain: String
+    @Argument(help: "The vif's devid (0, 1, ...) or MAC address.") var device: String
+
+    func run() throws {
+        let body = try JSONEncoder().encode(NetworkDetachRequest(device: device))
+        detach.report(try call("POST", "/v1/domains/\(Self.escape(domain))/network-detach\(detach.query)", body: Array(body)),
+                      "vif \(device)")
     }
 }
 

@@ -14,6 +14,8 @@ struct Vireo: AsyncParsableCommand {
         version: "vireo \(version) (guest ABI \(vireoABIVersion), Xen interface 4.14)",
         subcommands: [RunCommand.self, CreateCommand.self, ListCommand.self, ShutdownCommand.self, RebootCommand.self,
                       DestroyCommand.self, PauseCommand.self, UnpauseCommand.self, ConsoleCommand.self, TopCommand.self, SchedCreditCommand.self, BlockAttachCommand.self, BlockDetachCommand.self,
+                      NetworkAttachCommand.self,
+                      NetworkDetachCommand.self,
                       GuestCommand.self, StoreCommand.self, ABICommand.self, BenchCommand.self]
     )
 

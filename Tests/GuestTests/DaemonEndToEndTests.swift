@@ -58,6 +58,33 @@ import Testing
             try GuestSupport.run(GuestSupport.vireo, arguments + ["--socket", socket], timeout: timeout)
         }
 
+        /// `GET /metrics` straight off the socket (HTTP/1.1, `Connection: close`): the body.
+        func metrics() -> String {
+            let fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+            guard fd >= 0 else { return "" }
+            defer { Glibc.close(fd) }
+            var address = sockaddr_un()
+            address.sun_family = sa_family_t(AF_UNIX)
+            withUnsafeMutableBytes(of: &address.sun_path) { path in
+                for (i, byte) in socket.utf8.prefix(path.count - 1).enumerated() { path[i] = byte }
+            }
+            let connected = withUnsafePointer(to: &address) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            guard connected == 0 else { return "" }
+            let request = Array("GET /metrics HTTP/1.1\r\nHost: vireod\r\nConnection: close\r\n\r\n".utf8)
+            guard request.withUnsafeBytes({ Glibc.write(fd, $0.baseAddress, $0.count) }) == request.count else { return "" }
+            var response: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            while true {
+                let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+                if n <= 0 { break }
+                response += buffer[0..<n]
+            }
+            let text = String(decoding: response, as: UTF8.self)
+            return text.range(of: "\r\n\r\n").map { String(text[$0.upperBound...]) } ?? ""
+        }
+
         /// Polls until `condition` holds for `vireo ARGS`'s output (at most `seconds`).
         func wait(_ arguments: [String], seconds: Double = 30, until condition: (String) -> Bool) throws -> String {
             let deadline = Date().addingTimeInterval(seconds)
@@ -141,7 +168,7 @@ import Testing
         #expect(vif.out.contains("state = \"2\"") && vif.out.contains("mac = \"00:16:3e:00:00:42\""), "\(vif.out)\(vif.err)")
 
         // block-attach: a second image as xvdb (51728); its backend and frontend nodes appear,
-        // and go again with block-detach. The disk given at create cannot be detached yet.
+        // and go again with block-detach. The disk given at create can be detached too.
         let second = d.directory.appendingPathComponent("second.img")
         #expect(FileManager.default.createFile(atPath: second.path, contents: Data(count: 1 << 20)))
         let attach = try d.vireo(["block-attach", "e2e-idle", "format=raw, vdev=xvdb, access=ro, target=\(second.path)"])
@@ -156,7 +183,40 @@ import Testing
         #expect(try d.vireo(["store", "read", "/local/domain/0/backend/vbd/1/51728/state"]).err.contains("no node"))
         #expect(try d.vireo(["store", "read", "/local/domain/1/device/vbd/51728/state"]).err.contains("no node"))
         #expect(try d.vireo(["block-detach", "e2e-idle", "xvdb"]).err.contains("has no disk xvdb"))
-        #expect(try d.vireo(["block-detach", "e2e-idle", "xvda"]).err.contains("was attached at create"))
+        // The idle guest never opened xvda (its frontend is Initialising): nothing to close.
+        let detachA = try d.vireo(["block-detach", "e2e-idle", "xvda"])
+        #expect(detachA.status == 0 && detachA.err.isEmpty, "\(detachA.err)")
+        #expect(try d.vireo(["store", "read", "/local/domain/0/backend/vbd/1/51712/state"]).err.contains("no node"))
+        #expect(try !d.vireo(["list", "--json", "e2e-idle"]).out.contains("\"vdev\":\"xvda\""))
+
+        // network-attach: a second vif (devid 1) on the switch; both sides' nodes appear as
+        // at create, with a generated MAC (02:16:3e, the domain, the devid).
+        let netAttach = try d.vireo(["network-attach", "e2e-idle", "switch=lan"])
+        #expect(netAttach.status == 0 && netAttach.out == "attached vif 1 (mac 02:16:3e:00:01:01)\n", "\(netAttach.out)\(netAttach.err)")
+        let vif1 = try d.vireo(["store", "ls", "/local/domain/0/backend/vif/1/1"]).out
+        #expect(vif1.contains("state = \"2\"") && vif1.contains("handle = \"1\""), "\(vif1)")
+        #expect(try d.vireo(["store", "read", "/local/domain/1/device/vif/1/mac"]).out == "02:16:3e:00:01:01\n")
+        #expect(try d.vireo(["network-attach", "e2e-idle", "devid=1, switch=lan"]).err.contains("has a vif with devid 1 already"))
+        #expect(try d.vireo(["network-attach", "e2e-idle", "colour=red"]).err.contains("unknown parameter 'colour'"))
+        #expect(try d.vireo(["network-attach", "e2e-idle", "switch=lan, bridge=br0"]).err.contains("cannot be combined"))
+        // A frontend that says Connected but never answers Closing is forced after the timeout
+        // (its backend, finding no rings, went to Closing itself; the detach still waits for
+        // the frontend's Closed).
+        #expect(try d.vireo(["store", "write", "/local/domain/1/device/vif/1/state", "4"]).status == 0)
+        let forcedVif = try d.vireo(["network-detach", "e2e-idle", "1", "--timeout", "0.5"])
+        #expect(forcedVif.status == 0 && forcedVif.err.contains("did not close vif 1 in time: forced away"), "\(forcedVif.err)")
+        #expect(try d.vireo(["store", "read", "/local/domain/0/backend/vif/1/1/state"]).err.contains("no node"))
+        #expect(try d.vireo(["store", "read", "/local/domain/1/device/vif/1/state"]).err.contains("no node"))
+        // The config's vif, by its MAC; then it is gone.
+        #expect(try d.vireo(["network-detach", "e2e-idle", "00:16:3e:00:00:42"]).status == 0)
+        #expect(try d.vireo(["store", "read", "/local/domain/0/backend/vif/1/0/state"]).err.contains("no node"))
+        #expect(try d.vireo(["network-detach", "e2e-idle", "0"]).err.contains("has no vif 0"))
+        #expect(try d.vireo(["network-detach", "e2e-idle", "eth0"]).err.contains("give a vif's devid"))
+        // The domain's traffic in the metrics: the idle guest's XenStore ring is event-driven.
+        let metrics = d.metrics()
+        let sent = metrics.split(separator: "\n").first { $0.hasPrefix("vireo_domain_events_sent_total{id=\"1\"") }
+        #expect(sent.flatMap { Int($0.split(separator: " ").last ?? "") }.map { $0 > 0 } == true, "\(metrics)")
+        #expect(metrics.contains("vireo_domain_ring_requests_total{id=\"1\",domain=\"e2e-idle\"} 0"), "no I/O yet: \(metrics)")
 
         // pause: the vCPU stops. A poweroff request written now waits until unpause.
         #expect(try d.vireo(["pause", "e2e-idle"]).status == 0)

@@ -46,13 +46,14 @@ final class BlockRig {
     private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
 
-    init(sectors: Int = 256, readOnly: Bool = false, fill: UInt8 = 0, sectorSize: Int = 512, maxQueues: Int = 4) throws {
+    init(sectors: Int = 256, readOnly: Bool = false, fill: UInt8 = 0, sectorSize: Int = 512, maxQueues: Int = 4,
+         counters: IOCounters? = nil) throws {
         image = try TempImage(sectors: sectors, fill: fill)
         guest = try SimulatedGuest(id: DomainID(1), ramPages: 512, hub: hub, grantTables: grants)
         host = try HostEventDomain(hub: hub)
         try store.introduceDomain(guest.id)
         backend = try BlockBackend(path: image.path, readOnly: readOnly, frontend: guest.id, sectorSize: sectorSize,
-                                   maxQueues: maxQueues, store: store, grants: grants, host: host)
+                                   maxQueues: maxQueues, counters: counters, store: store, grants: grants, host: host)
         try backend.create()
         guestStore = store.connect(domain: guest.id)
         let backend = self.backend
@@ -274,6 +275,26 @@ private let unsupported = Int16(VIREO_BLKIF_RSP_EOPNOTSUPP)
         #expect(after[600 * 512] == 0xA1 && after[602 * 512 - 1] == 0xA1 && after[602 * 512] == 0xB2 && after[603 * 512] == 0)
         #expect(rig.backend.statistics.notifications < rig.backend.statistics.requests, "event suppression")
         #expect(rig.backend.statistics.flushes == 1)
+    }
+
+    /// The domain's I/O counters (what vireod's metrics show): requests answered, bytes moved
+    /// each way by completed transfers, error responses.
+    @Test func theDomainsCountersSeeRequestsBytesAndErrors() throws {
+        let io = IOCounters()
+        let rig = try BlockRig(sectors: 64, counters: io)
+        try rig.connect()
+        let page = try rig.page { UInt8(truncatingIfNeeded: $0) }
+        let ref = try rig.guest.grantAccess(to: .zero, frame: page, readOnly: false)
+        let writes = (0..<3).map { BlockRig.request(VIREO_BLKIF_OP_WRITE, id: UInt64($0), sector: UInt64($0 * 8), [(ref, 0, 7)]) }
+        #expect(try rig.run(writes).values.allSatisfy { $0 == okay })
+        let reads = [BlockRig.request(VIREO_BLKIF_OP_READ, id: 10, sector: 0, [(ref, 2, 3)]),
+                     BlockRig.request(VIREO_BLKIF_OP_READ, id: 11, sector: 60, [(ref, 0, 7)])]  // past the end
+        #expect(try rig.run(reads) == [10: okay, 11: failed])
+        #expect(io.requests.load(ordering: .relaxed) == 5)
+        #expect(io.blockWrittenBytes.load(ordering: .relaxed) == 3 * 4096)
+        #expect(io.blockReadBytes.load(ordering: .relaxed) == 2 * 512, "the failed read moved nothing")
+        #expect(io.errors.load(ordering: .relaxed) == 1)
+        #expect(io.netTransmitBytes.load(ordering: .relaxed) == 0)
     }
 
     /// SECURITY 1-6: hostile requests get errors, and the backend carries on.

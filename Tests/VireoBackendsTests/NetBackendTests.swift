@@ -91,6 +91,11 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         #expect(got.first?.flags == 0, "nothing vouched for")
         #expect(one.backend.statistics.txPackets == 1 && one.backend.statistics.txBytes == frame.count)
         #expect(two.backend.statistics.rxPackets == 1 && two.backend.statistics.rxBytes == frame.count)
+        // Each domain's counters (vireod's metrics) saw the same frame, from its side.
+        let ioOne = try #require(rig.counters[1]), ioTwo = try #require(rig.counters[2])
+        #expect(ioOne.requests.load(ordering: .relaxed) == 1 && ioOne.netTransmitBytes.load(ordering: .relaxed) == frame.count)
+        #expect(ioTwo.requests.load(ordering: .relaxed) == 1 && ioTwo.netReceiveBytes.load(ordering: .relaxed) == frame.count)
+        #expect(ioOne.netReceiveBytes.load(ordering: .relaxed) == 0 && ioOne.errors.load(ordering: .relaxed) == 0)
         // The switch learned one's address: the reply is not flooded.
         let flooded = fabric.statistics.flooded
         try two.send(ethernetFrame(to: one.mac, from: two.mac, payload: 60), id: 1)
@@ -273,6 +278,7 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         #expect(got.count == 1 + 1 + 1 + 1 + 2 + 19 + 2 + 1, "every slot answered")
         #expect(one.backendState == connected)
         #expect(one.backend.statistics.txErrors == 7)
+        #expect(rig.counters[1]?.errors.load(ordering: .relaxed) ?? 0 >= 7, "error responses are the domain's I/O errors")
         #expect(try two.takeReceived().map(\.bytes) == [good])
     }
 

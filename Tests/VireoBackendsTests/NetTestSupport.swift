@@ -27,6 +27,8 @@ final class NetRig {
     let store = XenStore()
     let host: HostEventDomain
     var vifs: [NetFront] = []
+    /// Each guest's I/O counters, given to its vif's backend.
+    var counters: [UInt16: IOCounters] = [:]
 
     init() throws {
         host = try HostEventDomain(hub: hub)
@@ -36,7 +38,9 @@ final class NetRig {
     func vif(_ domain: UInt16, configuration: NetBackend.Configuration = .init()) throws -> NetFront {
         let guest = try SimulatedGuest(id: DomainID(domain), ramPages: 1024, hub: hub, grantTables: grants)
         try store.introduceDomain(guest.id)
-        let backend = try NetBackend(frontend: guest.id, configuration: configuration, store: store, grants: grants, host: host)
+        let io = IOCounters()
+        counters[domain] = io
+        let backend = try NetBackend(frontend: guest.id, configuration: configuration, counters: io, store: store, grants: grants, host: host)
         try backend.create()
         let front = NetFront(rig: self, guest: guest, backend: backend)
         vifs.append(front)

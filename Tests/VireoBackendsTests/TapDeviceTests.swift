@@ -5,6 +5,7 @@ import VireoABI
 import VireoBackends
 import VireoCore
 import VireoHypercalls
+import VireoLinux
 
 /// TAP needs root (CAP_NET_ADMIN) and /dev/net/tun; without them the suite is skipped and says why.
 private let tapUnavailable: String? = {
@@ -153,5 +154,106 @@ struct TapDeviceTests {
     @Test func badNamesAreRefusedByName() {
         #expect(throws: BackendError.self) { try TapDevice(name: "a-name-far-too-long-for-linux") }
         #expect(throws: BackendError.self) { try TapDevice(name: "bad/name") }
+    }
+}
+
+/// `bridge=` in a vif spec: the TAP joins a Linux bridge, as Xen's vif-bridge script does. Each
+/// test runs on a thread of its own that first moves into a fresh network namespace
+/// (unshare(CLONE_NEWNET) acts on the calling thread only), makes its bridge there
+/// (SIOCBRADDBR), and reads the result with `ip`, spawned from that thread: the host's
+/// interfaces are never touched. Root only; skipped with the reason otherwise.
+@Suite(.enabled(if: tapUsable(), "needs root and /dev/net/tun"), .serialized)
+struct TapBridgeTests {
+    /// Runs `body` on a new thread inside a new network namespace and waits for it.
+    static func inFreshNamespace(_ body: @escaping @Sendable () throws -> Void) throws {
+        final class Outcome: @unchecked Sendable { var error: (any Error)?; var done = false }  // written by the thread before `done`
+        let outcome = Outcome()
+        let lock = NSCondition()
+        let thread = Thread {
+            var failure: (any Error)?
+            if vireo_unshare_network() != 0 {
+                failure = BackendError("unshare(CLONE_NEWNET): \(String(cString: strerror(errno)))")
+            } else {
+                do { try body() } catch { failure = error }
+            }
+            lock.withLock {
+                outcome.error = failure
+                outcome.done = true
+                lock.broadcast()
+            }
+        }
+        thread.start()
+        lock.withLock { while !outcome.done { lock.wait() } }
+        if let error = outcome.error { throw error }
+    }
+
+    /// Creates a bridge in the calling thread's namespace.
+    static func addBridge(_ name: String) throws {
+        let sock = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { close(sock) }
+        var bytes = Array(name.utf8) + [0]
+        let result = bytes.withUnsafeMutableBytes { vireo_ioctl_ptr(sock, 0x89a0, $0.baseAddress) }  // SIOCBRADDBR
+        guard result == 0 else { throw BackendError("SIOCBRADDBR \(name): \(String(cString: strerror(errno)))") }
+    }
+
+    /// `ip -o link show NAME`, spawned from the calling thread with posix_spawn (so in its
+    /// namespace; Foundation's Process needs a loopback socket the fresh namespace lacks).
+    static func link(_ name: String) throws -> String {
+        var fds: [Int32] = [-1, -1]
+        guard pipe(&fds) == 0 else { throw BackendError("pipe: \(String(cString: strerror(errno)))") }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_adddup2(&actions, fds[1], 1)
+        posix_spawn_file_actions_adddup2(&actions, fds[1], 2)
+        posix_spawn_file_actions_addclose(&actions, fds[0])
+        let arguments = ["/usr/sbin/ip", "-o", "link", "show", name]
+        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+        defer { for pointer in argv { free(pointer) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, "/usr/sbin/ip", &actions, nil, &argv, environ)
+        close(fds[1])
+        defer { close(fds[0]) }
+        guard spawned == 0 else { throw BackendError("posix_spawn ip: \(String(cString: strerror(spawned)))") }
+        var output: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { read(fds[0], $0.baseAddress, $0.count) }
+            if n <= 0 { break }
+            output += buffer[0..<n]
+        }
+        var status: Int32 = 0
+        waitpid(pid, &status, 0)
+        return String(decoding: output, as: UTF8.self)
+    }
+
+    @Test func theTapJoinsTheBridgeTheVifNames() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/ip") else {
+            print("TapBridgeTests: /usr/sbin/ip is missing (iproute2); the bridge is checked by the ioctl's answer only")
+            return
+        }
+        try Self.inFreshNamespace {
+            try Self.addBridge("vbr-test")
+            let tap = try TapDevice(name: "vtap-test")
+            #expect(!(try Self.link("vtap-test")).contains("master"), "not on a bridge yet")
+            try tap.addToBridge("vbr-test")
+            let shown = try Self.link("vtap-test")
+            #expect(shown.contains("master vbr-test"), "\(shown)")
+        }
+        #expect(if_nametoindex("vtap-test") == 0 && if_nametoindex("vbr-test") == 0, "the host's namespace never saw them")
+    }
+
+    @Test func aMissingBridgeOrOneThatIsNotABridgeIsRefusedByName() throws {
+        try Self.inFreshNamespace {
+            let tap = try TapDevice(name: "vtap-test")
+            func refusal(_ bridge: String) -> String? {
+                do { try tap.addToBridge(bridge) } catch { return error.description }
+                return nil
+            }
+            let missing = refusal("vbr-none"), loopback = refusal("lo"), bad = refusal("a/b")
+            #expect(missing?.hasPrefix("bridge 'vbr-none' does not exist") == true, "\(missing ?? "accepted")")
+            #expect(loopback?.hasPrefix("bridge 'lo' is not a Linux bridge") == true, "\(loopback ?? "accepted")")
+            #expect(bad?.contains("a bridge name is 1 to 15 bytes") == true, "\(bad ?? "accepted")")
+        }
     }
 }

@@ -309,6 +309,29 @@ import VireoHypercalls
         #expect(throws: XenError.EINVAL) { try hub.registerVcpuInfo(domain: g.id, vcpu: 2, region: odd.slice(offset: 4, count: 32)) }
         #expect(throws: XenError.ESRCH) { try hub.registerVcpuInfo(domain: DomainID(8), vcpu: 0, region: record33) }
     }
+
+    /// Each domain's counters: a send counts as sent by the caller and received by the domain
+    /// whose port it marks; an IPI is both for the one domain; a send on an unbound port is sent
+    /// only; a refused send counts nowhere; the counts outlive the domain's removal.
+    @Test func sendsAreCountedByAndToEachDomain() throws {
+        let hub = EventChannels()
+        let a = try EventTestDomain(hub, id: 1)
+        let b = try EventTestDomain(hub, id: 2)
+        let p = try hub.allocUnbound(caller: a.id, in: .calling, remote: b.id)
+        try hub.send(caller: a.id, port: p)  // unbound: sent, reaches no one
+        let q = try hub.bindInterdomain(caller: b.id, remoteDomain: a.id, remotePort: p)
+        for _ in 0..<3 { try hub.send(caller: a.id, port: p) }
+        try hub.send(caller: b.id, port: q)
+        let ipi = try hub.bindIPI(caller: b.id, vcpu: 0)
+        try hub.send(caller: b.id, port: ipi)
+        #expect(throws: XenError.EINVAL) { try hub.send(caller: a.id, port: EventPort(900)) }
+        let ca = try #require(hub.counters(of: a.id)), cb = try #require(hub.counters(of: b.id))
+        #expect(ca.sent.load(ordering: .relaxed) == 4 && ca.received.load(ordering: .relaxed) == 1)
+        #expect(cb.sent.load(ordering: .relaxed) == 2 && cb.received.load(ordering: .relaxed) == 4)
+        try hub.removeDomain(b.id)
+        #expect(hub.counters(of: b.id) == nil)
+        #expect(cb.received.load(ordering: .relaxed) == 4, "the object keeps the final counts")
+    }
 }
 
 /// SCHEDOP_poll's wake-ups (Xen's evtchn_check_pollers): a vCPU marked as polling is woken by

@@ -111,6 +111,11 @@ import Testing
         #expect(metrics.contains("vireo_domains{state=\"lost\"} 1"))
         #expect(metrics.contains("vireo_domain_memory_bytes{id=\"1\",domain=\"old\"} 16777216"))
         #expect(metrics.contains("# TYPE vireo_domain_hypercalls_total counter\nvireo_domain_hypercalls_total{id=\"1\",domain=\"old\"} 0\n"))
+        for series in ["events_sent", "events_received", "ring_requests", "block_read_bytes", "block_written_bytes",
+                       "net_transmit_bytes", "net_receive_bytes", "io_errors"] {
+            let name = "vireo_domain_\(series)_total"
+            #expect(metrics.contains("# TYPE \(name) counter\n\(name){id=\"1\",domain=\"old\"} 0\n"), "\(name)")
+        }
         try f.expect("GET", "/v1/domains", route: "/v1/domains", status: 200)
         try f.expect("GET", "/v1/domains/old", route: "/v1/domains/{domain}", status: 200)
         try f.expect("GET", "/v1/domains/1", route: "/v1/domains/{domain}", status: 200)
@@ -183,6 +188,23 @@ import Testing
         try f.expect("PUT", "/v1/domains/old/sched-credit", route: sched, body: #"{"cap": 12801}"#, status: 400, field: "cap")
         #expect(try f.client.request("POST", "/v1/domains/old/sched-credit").status == 405)
 
+        for verb in ["network-attach", "network-detach"] {
+            let route = "/v1/domains/{domain}/\(verb)"
+            let body = verb == "network-attach" ? #"{"vif": "switch=lan"}"# : #"{"device": "0"}"#
+            let field = verb == "network-attach" ? "vif" : "device"
+            try f.expect("POST", "/v1/domains/old/\(verb)", route: route, body: body, status: 409)
+            try f.expect("POST", "/v1/domains/nosuch/\(verb)", route: route, body: body, status: 404, field: "domain")
+            try f.expect("POST", "/v1/domains/old/\(verb)", route: route, body: "", status: 400, field: "body")
+            try f.expect("POST", "/v1/domains/old/\(verb)", route: route, body: "{}", status: 400, field: field)
+            try f.expect("POST", "/v1/domains/old/\(verb)", route: route, body: "{\"\(field)\": 3}", status: 400, field: field)
+        }
+        for verb in ["block-detach", "network-detach"] {
+            let body = verb == "block-detach" ? #"{"vdev": "xvdb"}"# : #"{"device": "0"}"#
+            for bad in ["soon", "-1", "3601"] {
+                try f.expect("POST", "/v1/domains/old/\(verb)?timeout=\(bad)", route: "/v1/domains/{domain}/\(verb)", body: body,
+                             status: 400, field: "timeout")
+            }
+        }
         try f.expect("POST", "/v1/domains/old/shutdown?timeout=soon", route: "/v1/domains/{domain}/shutdown", status: 400, field: "timeout")
         try f.expect("POST", "/v1/domains/nosuch/destroy", route: "/v1/domains/{domain}/destroy", status: 404, field: "domain")
         let console = "/v1/domains/{domain}/console"

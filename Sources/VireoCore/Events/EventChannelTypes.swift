@@ -1,3 +1,4 @@
+import Synchronization
 import VireoABI
 import VireoHypercalls
 
@@ -109,4 +110,14 @@ public struct EventChannelStatus: Hashable, Sendable, CustomStringConvertible {
         }
         return "\(what), vCPU \(vcpu)"
     }
+}
+
+/// One domain's event-channel traffic (EVTCHNOP_send and the host's sends alike), counted with
+/// relaxed atomics on the send path: `sent` counts sends the domain made that succeeded
+/// (on any port kind, an unbound one included), `received` the sends that marked one of its
+/// ports pending (from a peer, or its own IPI or loopback).
+public final class EventCounters: Sendable {
+    public let sent = Atomic<Int>(0)
+    public let received = Atomic<Int>(0)
+    public init() {}
 }

@@ -96,6 +96,13 @@ public final class EventChannels: Sendable {
         }
     }
 
+    /// The event counters of a registered domain (nil when it is not): sends it made and sends
+    /// that reached it. The object outlives the domain's removal, so whoever holds it reads
+    /// the final counts after the domain is gone.
+    public func counters(of id: DomainID) -> EventCounters? {
+        registry.withLock { $0[id]?.counters }
+    }
+
     /// Whether `id` is registered.
     public func isRegistered(_ id: DomainID) -> Bool {
         registry.withLock { $0[id] != nil }
@@ -261,14 +268,18 @@ public final class EventChannels: Sendable {
             // that clears the bit after this read then sees those writes.
             peek: { (peer: EventDomain, peerPort: Int) -> Upcall?? in
                 Barrier.full()
-                return peer.isPendingUnlocked(peerPort) ? .some(nil) : nil
+                guard peer.isPendingUnlocked(peerPort) else { return nil }
+                peer.counters.received.add(1, ordering: .relaxed)  // an event all the same, merged with the last
+                return .some(nil)
             },
             local: { (s: inout EventDomain.State) throws(XenError) -> Upcall? in
                 let channel = s.channel(index)
                 switch channel.binding {
                 case .ipi:
+                    me.counters.received.add(1, ordering: .relaxed)
                     return me.markPending(index, vcpu: channel.vcpu, s)
                 case .interdomain(_, let otherEnd):  // a loopback
+                    me.counters.received.add(1, ordering: .relaxed)
                     return me.markPending(otherEnd, vcpu: s.channel(otherEnd).vcpu, s)
                 case .unbound:
                     return nil
@@ -277,8 +288,10 @@ public final class EventChannels: Sendable {
                 }
             },
             remote: { (_: inout EventDomain.State, peer: EventDomain, ps: inout EventDomain.State, peerPort: Int) -> Upcall? in
-                peer.markPending(peerPort, vcpu: ps.channel(peerPort).vcpu, ps)
+                peer.counters.received.add(1, ordering: .relaxed)
+                return peer.markPending(peerPort, vcpu: ps.channel(peerPort).vcpu, ps)
             })
+        me.counters.sent.add(1, ordering: .relaxed)
         upcall?.fire()
     }
 

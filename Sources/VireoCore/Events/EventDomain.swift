@@ -89,6 +89,8 @@ final class EventDomain: Sendable {
     /// Keeps the memory behind `sharedInfo` and every registered vcpu_info alive.
     let owner: any AnyObject & Sendable
     let state: Mutex<State>
+    /// Sends by and to this domain (``EventChannels/counters(of:)``).
+    let counters = EventCounters()
 
     init(
         id: DomainID, vcpuCount: Int, portLimit: Int, privileged: Bool, sharedInfo: SharedRegion,

@@ -17,6 +17,10 @@ unsigned int vireo_mfd_cloexec(void);
 int vireo_ioctl_ptr(int fd, unsigned long request, void *arg);
 int vireo_ioctl_int(int fd, unsigned long request, unsigned long arg);
 
+/* unshare(CLONE_NEWNET) (needs _GNU_SOURCE): the calling thread alone moves into a new, empty
+ * network namespace (tests that make bridges and TAPs without touching the host's). 0 or -1. */
+int vireo_unshare_network(void);
+
 /*
  * futex(2) on a 32-bit word: wait while *addr == expected (up to timeout_ns, or forever when
  * negative); returns 0 when woken, -1 with errno EAGAIN (value changed), ETIMEDOUT or EINTR.
