@@ -270,24 +270,48 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
         decodeCache.flush()
         var left = budget
         running: while left > 0 {
-            // Decoded instructions back to back. None of them exits, opens an interrupt shadow
-            // or changes RIP before its last access that can fault, so a fault needs no
-            // restart bookkeeping here.
+            // Blocks of decoded instructions, each run straight through with no lookup between
+            // its instructions. None of them exits, opens an interrupt shadow or changes RIP
+            // before its last access that can fault, so a fault needs no restart bookkeeping.
             // RIP stays in a register (`pc`) meanwhile.
             if !interruptShadow {
                 var pc = rip
                 var view = cacheView()
-                while left > 0, let instruction = cachedInstruction(at: pc, view) {
+                blocks: while left > 0, let (head, gpa) = blockHead(at: pc, view) {
+                    if head.pointee.tag != gpa | view.generation {
+                        buildBlock(head, gpa: gpa)
+                        view = cacheView()
+                    }
+                    let block = head.pointee
+                    if block.count == 0 { break }
+                    let first = view.entries + Int(block.start)
+                    var end = first + Int(block.count)
+                    if Int(block.retired) > left {
+                        // The budget ends inside the block: run as far as it reaches.
+                        end = first
+                        while Int(end.pointee.through) < left { end += 1 }
+                        end += 1
+                    }
+                    var e = first
                     do {
-                        pc = try executeDecoded(instruction, at: pc)
+                        try runEntries(&e, end, &pc, generation: view.generation)
+                        left -= Int((e - 1).pointee.through)
+                        if decodeCache.generation != view.generation {
+                            // A write flushed the cache (this block's page, perhaps): what
+                            // follows is looked up, and decoded, anew.
+                            view = cacheView()
+                        }
                     } catch {
                         rip = pc
-                        if let stop = raise(error) { return stop }
+                        left -= Int(e.pointee.through)
+                        if let stop = raise(error) {
+                            instructions &+= UInt64(budget - left)
+                            return stop
+                        }
                         pc = rip
                         view = cacheView()
                     }
-                    left -= Int(instruction.pointee.retired)
-                    if left & 0x3FF <= 1, kicked.load(ordering: .relaxed) {
+                    if kicked.load(ordering: .relaxed) {
                         rip = pc
                         break running
                     }
@@ -315,6 +339,19 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
         kicked.store(false, ordering: .relaxed)
         instructions &+= UInt64(budget - left)
         return .budget
+    }
+
+    /// Runs block entries from `e` up to `end` straight through, RIP in `pc`, stopping early
+    /// after a taken Jcc or a write that flushed the cache; `e` is left past the last entry
+    /// run. On a fault `pc` and `e` are the faulting instruction's.
+    @inline(never)
+    func runEntries(_ e: inout UnsafeMutablePointer<DecodedInstruction>, _ end: UnsafeMutablePointer<DecodedInstruction>,
+                    _ pc: inout UInt64, generation: UInt64) throws(CPUFault) {
+        var stop = false
+        repeat {
+            pc = try executeDecoded(e, at: pc, generation, &stop)
+            e += 1
+        } while e < end && !stop
     }
 
     /// Makes ``run(budget:)`` return soon (from any thread).

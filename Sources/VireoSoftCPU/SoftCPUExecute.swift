@@ -442,7 +442,7 @@ extension SoftCPU {
     }
 
     /// Two- and three-operand IMUL: the truncated product, CF = OF = it did not fit.
-    func imulTruncated(_ a: UInt64, _ b: UInt64, _ size: Int) -> UInt64 {
+    @inline(__always) func imulTruncated(_ a: UInt64, _ b: UInt64, _ size: Int) -> UInt64 {
         let sa = Int64(bitPattern: signExtend(a, size)), sb = Int64(bitPattern: signExtend(b, size))
         let r: UInt64, fits: Bool
         if size == 8 {
@@ -453,7 +453,9 @@ extension SoftCPU {
             r = UInt64(bitPattern: p) & sizeMask(size)
             fits = Int64(bitPattern: signExtend(r, size)) == p
         }
-        setResultFlags(r, size, cf: !fits, of: !fits)
+        // The flags stay lazy: a multiply's are rarely read before the next ALU operation.
+        lazyCarry = fits ? 0 : 1
+        setLazy(.mul, a, b, r, size)
         return r
     }
 

@@ -7,10 +7,9 @@ import VireoCore
 /// address, dropped when a write reaches their page, at every run and on serializing
 /// instructions. These tests change code under a running CPU and expect the new code to run.
 @Suite struct DecodeCacheTests {
-    /// The slot of the instruction at guest-physical `gpa`, if the cache holds it decoded.
+    /// The entry of the instruction at guest-physical `gpa`, if a live block holds it decoded.
     static func cached(_ cpu: SoftCPU, _ gpa: UInt64) -> DecodedInstruction? {
-        let entry = cpu.decodeCache.entries[DecodeCache.slot(gpa)]
-        return entry.tag == gpa | cpu.decodeCache.generation ? entry : nil
+        cpu.decodeCache.entry(at: gpa)
     }
 
     @Test func aLoopRunsFromTheCache() throws {
@@ -99,5 +98,45 @@ import VireoCore
         #expect(m.cpu.instructions == 10)  // each fused pair counts as its two instructions
         let pair = Self.cached(m.cpu, TestMachine.code + 5)
         #expect(pair?.kind == .movRR && pair?.second == .shlRI && pair?.retired == 2)
+    }
+
+    @Test func aStoreIntoItsOwnBlockStopsTheBlock() throws {
+        // nop; movl $7, 1f+1(%rip); 1: mov $1, %eax; hlt — the store and the MOV are one block,
+        // decoded before the store rewrites the MOV's immediate: the block stops after the
+        // store and the MOV runs as rewritten.
+        let code: [UInt8] = [0x90, 0xC7, 0x05, 0x01, 0, 0, 0, 0x07, 0, 0, 0, 0xB8, 0x01, 0, 0, 0, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(m.cpu[.rax] == 7)
+        #expect(m.cpu.instructions == 4)
+    }
+
+    @Test func aBudgetEndingInsideABlockStopsThere() throws {
+        // mov $40, %ecx; 1: add $3, %eax; dec %ecx; jnz 1b; hlt — run one instruction at a time
+        // and in slices of 5, against one long run: the same state at every stop.
+        let code: [UInt8] = [0xB9, 40, 0, 0, 0, 0x83, 0xC0, 0x03, 0xFF, 0xC9, 0x75, 0xF9, 0xF4]
+        let single = try TestMachine(code), sliced = try TestMachine(code)
+        for n in 1...60 {
+            #expect(single.cpu.run(budget: 1) == .budget)
+            #expect(single.cpu.instructions == UInt64(n))
+            if n % 5 == 0 {
+                #expect(sliced.cpu.run(budget: 5) == .budget)
+                #expect(sliced.cpu.instructions == UInt64(n))
+                #expect(sliced.cpu.rip == single.cpu.rip && sliced.cpu[.rax] == single.cpu[.rax])
+                #expect(sliced.cpu[.rcx] == single.cpu[.rcx])
+            }
+        }
+        #expect(single.cpu[.rax] == 3 * 20 && single.cpu[.rcx] == 20)
+    }
+
+    @Test func theCacheCommitsMemoryForTheCodeThatRan() throws {
+        // A small loop: the cache's mappings (1.5 MiB of pool and 16 KiB of block heads
+        // reserved) commit a few pages, not the reservation.
+        let code: [UInt8] = [0xB9, 0x10, 0x27, 0, 0, 0x83, 0xC0, 0x03, 0xFF, 0xC9, 0x75, 0xF9, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt)
+        let resident = m.cpu.decodeCache.residentBytes
+        #expect(resident > 0 && resident <= 8 * 4096)
+        #expect(DecodeCache.entryBytes + DecodeCache.blockBytes > 1 << 20)
     }
 }
