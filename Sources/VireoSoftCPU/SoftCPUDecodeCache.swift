@@ -85,6 +85,7 @@ enum DecodedKind: UInt8 {
 
     /// The byte or 16-bit form of a kind decoded at operand size 1 or 2, if it has one.
     var sized: DecodedKind? {
+        if anySize { return self }
         switch self {
         case .aluRR, .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR: return .aluRRn
         case .aluRI, .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI: return .aluRIn
@@ -97,7 +98,6 @@ enum DecodedKind: UInt8 {
         case .store: return .storeN
         case .storeImm: return .storeImmN
         case .incDec: return .incDecN
-        case .movzxR, .movzxM, .movsxR, .movsxM: return self
         default: return nil
         }
     }

@@ -139,4 +139,30 @@ import VireoCore
         #expect(resident > 0 && resident <= 8 * 4096)
         #expect(DecodeCache.entryBytes + DecodeCache.blockBytes > 1 << 20)
     }
+
+    @Test func byteAndWordFormsRunFromTheCache() throws {
+        // nop; mov $0x11223344, %eax; mov $0xF0, %ah; add %ah, %al; movw $0x8001, %cx;
+        // addw %cx, %ax; movzbl %ah, %edx; movsbq %al, %rsi; movb %al, 0x40000; incb 0x40000;
+        // testb $0x80, 0x40000; setnz %bl (INC of memory and SETcc: the full decoder); movzwl 0x40000, %edi; hlt
+        let code: [UInt8] = [0x90, 0xB8, 0x44, 0x33, 0x22, 0x11, 0xB4, 0xF0, 0x00, 0xE0, 0x66, 0xB9, 0x01, 0x80,
+                             0x66, 0x01, 0xC8, 0x0F, 0xB6, 0xD4, 0x48, 0x0F, 0xBE, 0xF0, 0x88, 0x04, 0x25, 0x00, 0x00, 0x04, 0x00,
+                             0xFE, 0x04, 0x25, 0x00, 0x00, 0x04, 0x00, 0xF6, 0x04, 0x25, 0x00, 0x00, 0x04, 0x00, 0x80,
+                             0x0F, 0x95, 0xC3, 0x0F, 0xB7, 0x3C, 0x25, 0x00, 0x00, 0x04, 0x00, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        // AL = 0x44 + 0xF0 = 0x34; AX = 0xF034 + 0x8001 = 0x7035 (carry out of 16 bits dropped).
+        #expect(m.cpu[.rax] == 0x1122_7035)
+        #expect(m.cpu[.rcx] & 0xFFFF == 0x8001)
+        #expect(m.cpu[.rdx] == 0x70)
+        #expect(m.cpu[.rsi] == 0x35)
+        #expect(try m.memory.load(UInt8.self, at: GuestPhysicalAddress(0x40000)) == 0x36)
+        #expect(m.cpu[.rbx] & 0xFF == 0)  // 0x36 & 0x80 == 0: SETNZ gives 0
+        #expect(m.cpu[.rdi] == 0x36)
+        #expect(Self.cached(m.cpu, TestMachine.code + 6)?.kind == .movRIn)
+        #expect(Self.cached(m.cpu, TestMachine.code + 8)?.kind == .aluRRn)
+        #expect(Self.cached(m.cpu, TestMachine.code + 14)?.kind == .aluRRn)
+        #expect(Self.cached(m.cpu, TestMachine.code + 17)?.kind == .movzxR)
+        #expect(Self.cached(m.cpu, TestMachine.code + 24)?.kind == .storeN)
+        #expect(Self.cached(m.cpu, TestMachine.code + 38)?.kind == .aluMIn)
+    }
 }
