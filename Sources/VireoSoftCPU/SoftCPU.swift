@@ -292,24 +292,32 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
                         while Int(end.pointee.through) < left { end += 1 }
                         end += 1
                     }
-                    var e = first
-                    do {
-                        try runEntries(&e, end, &pc, generation: view.generation)
-                        left -= Int((e - 1).pointee.through)
-                        if decodeCache.generation != view.generation {
-                            // A write flushed the cache (this block's page, perhaps): what
-                            // follows is looked up, and decoded, anew.
-                            view = cacheView()
-                        }
-                    } catch {
+                    let start = pc
+                    var outcome = runEntries(first, end, from: pc, generation: view.generation)
+                    // A loop whose back edge returns to the block's start runs it again
+                    // without a lookup while the budget covers it whole.
+                    while outcome.fault == nil, outcome.pc == start, outcome.entry == end,
+                          Int(block.retired) * 2 <= left, decodeCache.generation == view.generation {
+                        left -= Int(block.retired)
+                        outcome = runEntries(first, end, from: start, generation: view.generation)
+                    }
+                    pc = outcome.pc
+                    if let fault = outcome.fault {
                         rip = pc
-                        left -= Int(e.pointee.through)
-                        if let stop = raise(error) {
+                        left -= Int(outcome.entry.pointee.through)
+                        if let stop = raise(fault) {
                             instructions &+= UInt64(budget - left)
                             return stop
                         }
                         pc = rip
                         view = cacheView()
+                    } else {
+                        left -= Int((outcome.entry - 1).pointee.through)
+                        if decodeCache.generation != view.generation {
+                            // A write flushed the cache (this block's page, perhaps): what
+                            // follows is looked up, and decoded, anew.
+                            view = cacheView()
+                        }
                     }
                     if kicked.load(ordering: .relaxed) {
                         rip = pc
@@ -341,17 +349,25 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
         return .budget
     }
 
-    /// Runs block entries from `e` up to `end` straight through, RIP in `pc`, stopping early
-    /// after a taken Jcc or a write that flushed the cache; `e` is left past the last entry
-    /// run. On a fault `pc` and `e` are the faulting instruction's.
+    /// Runs block entries from `first` up to `end` straight through from RIP `start`,
+    /// stopping early after a taken Jcc or a write that flushed the cache. Returns the next
+    /// RIP and the entry after the last one run; on a fault, the faulting instruction's RIP,
+    /// its entry and the fault. (Values, not `inout`: RIP and the entry stay in registers.)
     @inline(never)
-    func runEntries(_ e: inout UnsafeMutablePointer<DecodedInstruction>, _ end: UnsafeMutablePointer<DecodedInstruction>,
-                    _ pc: inout UInt64, generation: UInt64) throws(CPUFault) {
+    func runEntries(_ first: UnsafeMutablePointer<DecodedInstruction>, _ end: UnsafeMutablePointer<DecodedInstruction>,
+                    from start: UInt64, generation: UInt64)
+        -> (pc: UInt64, entry: UnsafeMutablePointer<DecodedInstruction>, fault: CPUFault?) {
+        var e = first, pc = start
         var stop = false
-        repeat {
-            pc = try executeDecoded(e, at: pc, generation, &stop)
-            e += 1
-        } while e < end && !stop
+        do {
+            repeat {
+                pc = try executeDecoded(e, at: pc, generation, &stop)
+                e += 1
+            } while e < end && !stop
+        } catch {
+            return (pc, e, error)
+        }
+        return (pc, e, nil)
     }
 
     /// Makes ``run(budget:)`` return soon (from any thread).

@@ -128,8 +128,9 @@ enum DecodedKind: UInt8 {
 }
 
 /// A run of decoded instructions that execute one after another with no lookup between them:
-/// it starts at a guest-physical address and ends after a JMP, CALL or RET (a taken Jcc leaves
-/// it early), before
+/// it starts at a guest-physical address and ends after a CALL, a RET or a JMP that is not a
+/// forward jump within the page (which goes on at its target; a taken Jcc leaves the block
+/// early), before
 /// an instruction the cache does not decode, at the end of its page's window or after
 /// ``DecodeCache/maxBlockEntries`` entries.
 struct DecodedBlock {
@@ -358,6 +359,14 @@ extension SoftCPU {
             cache.entries[cache.used + count] = d
             count += 1
             offset += length
+            if d.kind == .jmp {
+                // A forward jump within the page: the block goes on at its target. (Not
+                // backward: a loop would unroll into the block in as many phases as fit.)
+                let target = offset &+ Int(Int64(bitPattern: d.disp))
+                guard target > offset, target <= 4096 - 16 else { break }
+                offset = target
+                continue
+            }
             if d.kind.endsBlock { break }
         }
         head.pointee = DecodedBlock(tag: gpa | generation, start: UInt32(cache.used), count: UInt16(count), retired: UInt16(retired))

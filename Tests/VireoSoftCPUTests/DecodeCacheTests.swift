@@ -165,4 +165,19 @@ import VireoCore
         #expect(Self.cached(m.cpu, TestMachine.code + 24)?.kind == .storeN)
         #expect(Self.cached(m.cpu, TestMachine.code + 38)?.kind == .aluMIn)
     }
+
+    @Test func aForwardJumpContinuesTheBlockAtItsTarget() throws {
+        // nop; mov $40, %ecx; 1: add $3, %eax; jmp 2f; mov $1, %edx; 2: dec %ecx; jnz 1b; hlt —
+        // the MOV skipped never runs; the loop is one block (ADD, JMP, DEC, JNZ) run again
+        // without a lookup, and counts every instruction.
+        let code: [UInt8] = [0x90, 0xB9, 40, 0, 0, 0, 0x83, 0xC0, 0x03, 0xEB, 0x05, 0xBA, 0x01, 0, 0, 0, 0xFF, 0xC9, 0x75, 0xF2, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(m.cpu[.rax] == 120 && m.cpu[.rcx] == 0 && m.cpu[.rdx] == 0)
+        #expect(m.cpu.instructions == 2 + 40 * 4 + 1)
+        #expect(Self.cached(m.cpu, TestMachine.code + 11) == nil)
+        let head = m.cpu.decodeCache.blocks[DecodeCache.blockSlot(TestMachine.code + 6)]
+        #expect(head.tag == (TestMachine.code + 6) | m.cpu.decodeCache.generation && head.count == 4)
+        #expect(Self.cached(m.cpu, TestMachine.code + 16)?.kind == .incDec)
+    }
 }
