@@ -59,6 +59,10 @@ enum DecodedKind: UInt8 {
     case aluRRn, aluRIn, aluRMn, aluMRn, aluMIn, movRRn, movRIn, loadN, storeN, storeImmN, incDecN
     /// MOVZX/MOVSX: `op` is the source size (1 or 2), `size` the destination's.
     case movzxR, movzxM, movsxR, movsxM
+    /// MOVS/CMPS/STOS/LODS/SCAS with or without REP/REPE/REPNE (`src`: 0, 0xF3 or 0xF2),
+    /// opcode in `op`: one entry, run by the full decoder's string code (each iteration
+    /// counts as an instruction there).
+    case string
 
     /// Kinds a fused MOV may carry as its second operation: register-only, so they never
     /// fault (a fault between the two would need RIP between them).
@@ -76,7 +80,7 @@ enum DecodedKind: UInt8 {
     var anySize: Bool {
         switch self {
         case .aluRRn, .aluRIn, .aluRMn, .aluMRn, .aluMIn, .movRRn, .movRIn, .loadN, .storeN, .storeImmN, .incDecN,
-             .movzxR, .movzxM, .movsxR, .movsxM:
+             .movzxR, .movzxM, .movsxR, .movsxM, .string:
             return true
         default:
             return false
@@ -563,6 +567,15 @@ extension SoftCPU {
             let v = try read(address(e, pc), Int(d.op))
             setSizedRegister(d.reg, size, d.kind == .movsxM ? signExtend(v, Int(d.op)) : v)
             stop = flushed(generation)
+        case .string:
+            // The decoder's state for the string code: this entry's operand size, 64-bit
+            // addresses, flat segments (the cache takes no segment override).
+            rex = d.size == 8 ? 8 : 0
+            operandOverride = d.size == 2
+            addressSize = 8
+            segmentBase = 0
+            try stringInstruction(d.op, d.src)
+            stop = flushed(generation)
         case .general:  // never in a block
             rip = pc
             try step()
@@ -692,6 +705,11 @@ extension SoftCPU {
         }
         var rex: UInt8 = 0, rexPresent = false
         var op = byte()
+        var rep: UInt8 = 0
+        if op == 0xF3 || op == 0xF2 {
+            rep = op
+            op = byte()
+        }
         let operand16 = op == 0x66
         if operand16 { op = byte() }
         if op & 0xF0 == 0x40 {
@@ -872,6 +890,10 @@ extension SoftCPU {
                 d.imm = s32() & 0xFFFF_FFFF
             }
             d.kind = .movRI
+        case 0xA4...0xA7, 0xAA...0xAF:
+            d.op = op
+            d.src = rep
+            d.kind = .string
         case 0x0F:
             let op2 = byte()
             switch op2 {
@@ -913,6 +935,9 @@ extension SoftCPU {
             d.kind = .pop
         default:
             break
+        }
+        if rep != 0, d.kind != .string {
+            d.kind = .general  // PAUSE, REP RET, POPCNT...: the full decoder
         }
         if d.size < 4, d.kind != .general {
             // Byte and 16-bit operands take the kinds that merge into the register; anything

@@ -180,4 +180,23 @@ import VireoCore
         #expect(head.tag == (TestMachine.code + 6) | m.cpu.decodeCache.generation && head.count == 4)
         #expect(Self.cached(m.cpu, TestMachine.code + 16)?.kind == .incDec)
     }
+
+    @Test func repeatedStringInstructionsRunFromTheCache() throws {
+        // nop; mov $0x40000, %edi; mov $4, %ecx; movabs $0x1122334455667788, %rax; rep stosq;
+        // mov $0x40000, %esi; mov $0x40100, %edi; mov $32, %ecx; rep movsb; hlt
+        let code: [UInt8] = [0x90, 0xBF, 0x00, 0x00, 0x04, 0x00, 0xB9, 0x04, 0, 0, 0,
+                             0x48, 0xB8, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0xF3, 0x48, 0xAB,
+                             0xBE, 0x00, 0x00, 0x04, 0x00, 0xBF, 0x00, 0x01, 0x04, 0x00, 0xB9, 0x20, 0, 0, 0,
+                             0xF3, 0xA4, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        for i in 0..<4 {
+            #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40100 + UInt64(i) * 8)) == 0x1122_3344_5566_7788)
+        }
+        #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40120)) == 0)
+        #expect(m.cpu[.rcx] == 0 && m.cpu[.rdi] == 0x40120 && m.cpu[.rsi] == 0x40020)
+        #expect(m.cpu.instructions == 9 + 4 + 32 + 1)  // each iteration counts, and the HLT
+        #expect(Self.cached(m.cpu, TestMachine.code + 21)?.kind == .string)
+        #expect(Self.cached(m.cpu, TestMachine.code + 39)?.kind == .string)
+    }
 }
