@@ -227,15 +227,41 @@ final class DecodeCache {
         Int(truncatingIfNeeded: (gpa &* 0x9E37_79B9_7F4A_7C15) >> 54)
     }
 
+    /// The most entries the pool held between two flushes, since the last trim; the most it
+    /// has held since the pages past it were last given back; flushes since the last trim.
+    var recentPeak = 0, committedPeak = 0, flushesSinceTrim = 0
+    /// Flushes (slices, mostly) between two looks at whether the pool can give pages back.
+    static let trimInterval = 64
+
     /// Drops every block (O(1): live tags carry the generation; every 65535th flush clears)
-    /// and empties the pool.
+    /// and empties the pool. Every ``trimInterval`` flushes, pool pages past what the recent
+    /// slices used go back to the host, so a burst of code (boot) does not stay committed.
     func flush() {
+        recentPeak = max(recentPeak, used)
+        committedPeak = max(committedPeak, used)
+        flushesSinceTrim += 1
+        if flushesSinceTrim >= Self.trimInterval {
+            trim(keeping: recentPeak)
+            recentPeak = 0
+            flushesSinceTrim = 0
+        }
         generation &+= 1 << 48
         used = 0
         if generation >> 48 == 0xFFFF || generation == 0 {
             generation = 1 << 48
             for i in 0..<Self.blockSlots { blocks[i].tag = Self.invalid }
         }
+    }
+
+    /// Gives the pool's pages past `keeping` entries back to the host (they read as zeros:
+    /// empty entries). Only entries past the current block's are touched.
+    func trim(keeping: Int) {
+        let stride = MemoryLayout<DecodedInstruction>.stride
+        let keep = (max(keeping, used) * stride + 4095) & ~4095
+        let committed = min((committedPeak * stride + 4095) & ~4095, Self.entryBytes)
+        guard committed > keep else { return }
+        _ = madvise(UnsafeMutableRawPointer(entries) + keep, committed - keep, MADV_DONTNEED)
+        committedPeak = max(keeping, used)
     }
 
     /// A write reached guest frame `frame`, which holds cached code.

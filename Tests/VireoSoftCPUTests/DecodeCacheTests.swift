@@ -199,4 +199,19 @@ import VireoCore
         #expect(Self.cached(m.cpu, TestMachine.code + 21)?.kind == .string)
         #expect(Self.cached(m.cpu, TestMachine.code + 39)?.kind == .string)
     }
+
+    @Test func poolPagesABurstOfCodeUsedGoBack() throws {
+        // 2000 × add $1, %eax (two pages of straight-line code: some 2000 entries), then
+        // 1: jmp 1b. The burst commits pool pages; a few dozen slices of the small loop later
+        // the pool has given them back.
+        let code: [UInt8] = (0..<2000).flatMap { _ in [0x83, 0xC0, 0x01] as [UInt8] } + [0xEB, 0xFE]
+        let m = try TestMachine(code)
+        #expect(m.cpu.run(budget: 3000) == .budget)
+        #expect(m.cpu[.rax] == 2000)
+        let burst = m.cpu.decodeCache.residentBytes
+        #expect(burst >= 80 << 10)
+        for _ in 0..<(2 * DecodeCache.trimInterval) { #expect(m.cpu.run(budget: 1000) == .budget) }
+        let idle = m.cpu.decodeCache.residentBytes
+        #expect(idle <= 6 * 4096)
+    }
 }
