@@ -107,6 +107,8 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
 
     /// Instructions retired (a REP string instruction counts once per iteration).
     public internal(set) var instructions: UInt64 = 0
+    /// Instructions the run loop handed to the full decoder (not run from the decode cache).
+    var fullDecodes: UInt64 = 0
 
     /// Instructions the engine does not implement: bytes and address, each logged once by
     /// the runner through this hook (cold path).
@@ -277,7 +279,14 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
             if !interruptShadow {
                 var pc = rip
                 var view = cacheView()
-                blocks: while left > 0, let (head, gpa) = blockHead(at: pc, view) {
+                blocks: while left > 0 {
+                    var found = blockHead(at: pc, view)
+                    if found == nil, pc & ~0xFFF != view.page, enterCodePage(pc) {
+                        // A branch to another page: its blocks, without the full decoder.
+                        view = cacheView()
+                        found = blockHead(at: pc, view)
+                    }
+                    guard let (head, gpa) = found else { break }
                     if head.pointee.tag != gpa | view.generation {
                         buildBlock(head, gpa: gpa)
                         view = cacheView()
@@ -329,6 +338,7 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
             }
             let start = rip
             let shadow = interruptShadow
+            fullDecodes &+= 1
             do {
                 try step()
             } catch {

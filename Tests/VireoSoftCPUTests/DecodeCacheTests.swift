@@ -214,4 +214,17 @@ import VireoCore
         let idle = m.cpu.decodeCache.residentBytes
         #expect(idle <= 6 * 4096)
     }
+
+    @Test func callsToAnotherPageRunFromTheCache() throws {
+        // nop; mov $100, %ecx; 1: call 0x11000; dec %ecx; jnz 1b; hlt — and at 0x11000:
+        // add $1, %eax; ret. Each call and return changes page; the blocks there are found
+        // without the full decoder, which runs the HLT alone.
+        let code: [UInt8] = [0x90, 0xB9, 100, 0, 0, 0, 0xE8, 0xF5, 0x0F, 0, 0, 0xFF, 0xC9, 0x75, 0xF7, 0xF4]
+        let m = try TestMachine(code)
+        try m.memory.write([0x83, 0xC0, 0x01, 0xC3], at: GuestPhysicalAddress(0x11000))
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(m.cpu[.rax] == 100 && m.cpu[.rcx] == 0)
+        #expect(m.cpu.instructions == 2 + 100 * 5 + 1)
+        #expect(m.cpu.fullDecodes <= 2)
+    }
 }
