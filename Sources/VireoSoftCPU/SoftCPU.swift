@@ -107,6 +107,8 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
 
     /// Instructions retired (a REP string instruction counts once per iteration).
     public internal(set) var instructions: UInt64 = 0
+    /// Instructions the run loop handed to the full decoder (not run from the decode cache).
+    var fullDecodes: UInt64 = 0
 
     /// Instructions the engine does not implement: bytes and address, each logged once by
     /// the runner through this hook (cold path).
@@ -270,24 +272,63 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
         decodeCache.flush()
         var left = budget
         running: while left > 0 {
-            // Decoded instructions back to back. None of them exits, opens an interrupt shadow
-            // or changes RIP before its last access that can fault, so a fault needs no
-            // restart bookkeeping here.
+            // Blocks of decoded instructions, each run straight through with no lookup between
+            // its instructions. None of them exits, opens an interrupt shadow or changes RIP
+            // before its last access that can fault, so a fault needs no restart bookkeeping.
             // RIP stays in a register (`pc`) meanwhile.
             if !interruptShadow {
                 var pc = rip
                 var view = cacheView()
-                while left > 0, let instruction = cachedInstruction(at: pc, view) {
-                    do {
-                        pc = try executeDecoded(instruction, at: pc)
-                    } catch {
-                        rip = pc
-                        if let stop = raise(error) { return stop }
-                        pc = rip
+                blocks: while left > 0 {
+                    var found = blockHead(at: pc, view)
+                    if found == nil, pc & ~0xFFF != view.page, enterCodePage(pc) {
+                        // A branch to another page: its blocks, without the full decoder.
+                        view = cacheView()
+                        found = blockHead(at: pc, view)
+                    }
+                    guard let (head, gpa) = found else { break }
+                    if head.pointee.tag != gpa | view.generation {
+                        buildBlock(head, gpa: gpa)
                         view = cacheView()
                     }
-                    left -= Int(instruction.pointee.retired)
-                    if left & 0x3FF <= 1, kicked.load(ordering: .relaxed) {
+                    let block = head.pointee
+                    if block.count == 0 { break }
+                    let first = view.entries + Int(block.start)
+                    var end = first + Int(block.count)
+                    if Int(block.retired) > left {
+                        // The budget ends inside the block: run as far as it reaches.
+                        end = first
+                        while Int(end.pointee.through) < left { end += 1 }
+                        end += 1
+                    }
+                    let start = pc
+                    var outcome = runEntries(first, end, from: pc, generation: view.generation)
+                    // A loop whose back edge returns to the block's start runs it again
+                    // without a lookup while the budget covers it whole.
+                    while outcome.fault == nil, outcome.pc == start, outcome.entry == end,
+                          Int(block.retired) * 2 <= left, decodeCache.generation == view.generation {
+                        left -= Int(block.retired)
+                        outcome = runEntries(first, end, from: start, generation: view.generation)
+                    }
+                    pc = outcome.pc
+                    if let fault = outcome.fault {
+                        rip = pc
+                        left -= Int(outcome.entry.pointee.through)
+                        if let stop = raise(fault) {
+                            instructions &+= UInt64(budget - left)
+                            return stop
+                        }
+                        pc = rip
+                        view = cacheView()
+                    } else {
+                        left -= Int((outcome.entry - 1).pointee.through)
+                        if decodeCache.generation != view.generation {
+                            // A write flushed the cache (this block's page, perhaps): what
+                            // follows is looked up, and decoded, anew.
+                            view = cacheView()
+                        }
+                    }
+                    if kicked.load(ordering: .relaxed) {
                         rip = pc
                         break running
                     }
@@ -297,6 +338,7 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
             }
             let start = rip
             let shadow = interruptShadow
+            fullDecodes &+= 1
             do {
                 try step()
             } catch {
@@ -315,6 +357,27 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
         kicked.store(false, ordering: .relaxed)
         instructions &+= UInt64(budget - left)
         return .budget
+    }
+
+    /// Runs block entries from `first` up to `end` straight through from RIP `start`,
+    /// stopping early after a taken Jcc or a write that flushed the cache. Returns the next
+    /// RIP and the entry after the last one run; on a fault, the faulting instruction's RIP,
+    /// its entry and the fault. (Values, not `inout`: RIP and the entry stay in registers.)
+    @inline(never)
+    func runEntries(_ first: UnsafeMutablePointer<DecodedInstruction>, _ end: UnsafeMutablePointer<DecodedInstruction>,
+                    from start: UInt64, generation: UInt64)
+        -> (pc: UInt64, entry: UnsafeMutablePointer<DecodedInstruction>, fault: CPUFault?) {
+        var e = first, pc = start
+        var stop = false
+        do {
+            repeat {
+                pc = try executeDecoded(e, at: pc, generation, &stop)
+                e += 1
+            } while e < end && !stop
+        } catch {
+            return (pc, e, error)
+        }
+        return (pc, e, nil)
     }
 
     /// Makes ``run(budget:)`` return soon (from any thread).

@@ -37,6 +37,8 @@ struct DecodedInstruction {
     var secondImm: Int32 = 0
     /// Instructions this entry retires: 1, or 2 when fused.
     var retired: UInt8 = 1
+    /// Instructions its block retires up to and including this entry.
+    var through: UInt16 = 0
 
     static let noRegister: UInt8 = 0xFF
     static let ripBase: UInt8 = 16
@@ -52,6 +54,15 @@ enum DecodedKind: UInt8 {
     case addRR, subRR, cmpRR, andRR, orRR, xorRR, testRR
     case addRI, subRI, cmpRI, andRI, orRI, xorRI
     case shlRI, shrRI, sarRI
+    // Byte and 16-bit (0x66) operand forms: registers through ``SoftCPU/sizedRegister(_:_:)``
+    // (16-19 are AH, CH, DH, BH), results merged into the register's other bits.
+    case aluRRn, aluRIn, aluRMn, aluMRn, aluMIn, movRRn, movRIn, loadN, storeN, storeImmN, incDecN
+    /// MOVZX/MOVSX: `op` is the source size (1 or 2), `size` the destination's.
+    case movzxR, movzxM, movsxR, movsxM
+    /// MOVS/CMPS/STOS/LODS/SCAS with or without REP/REPE/REPNE (`src`: 0, 0xF3 or 0xF2),
+    /// opcode in `op`: one entry, run by the full decoder's string code (each iteration
+    /// counts as an instruction there).
+    case string
 
     /// Kinds a fused MOV may carry as its second operation: register-only, so they never
     /// fault (a fault between the two would need RIP between them).
@@ -62,6 +73,45 @@ enum DecodedKind: UInt8 {
             return true
         default:
             return false
+        }
+    }
+
+    /// Kinds that handle operand sizes 1 and 2 (the others assume 4 or 8).
+    var anySize: Bool {
+        switch self {
+        case .aluRRn, .aluRIn, .aluRMn, .aluMRn, .aluMIn, .movRRn, .movRIn, .loadN, .storeN, .storeImmN, .incDecN,
+             .movzxR, .movzxM, .movsxR, .movsxM, .string:
+            return true
+        default:
+            return false
+        }
+    }
+
+    /// The byte or 16-bit form of a kind decoded at operand size 1 or 2, if it has one.
+    var sized: DecodedKind? {
+        if anySize { return self }
+        switch self {
+        case .aluRR, .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR: return .aluRRn
+        case .aluRI, .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI: return .aluRIn
+        case .aluRM: return .aluRMn
+        case .aluMR: return .aluMRn
+        case .aluMI: return .aluMIn
+        case .movRR: return .movRRn
+        case .movRI: return .movRIn
+        case .load: return .loadN
+        case .store: return .storeN
+        case .storeImm: return .storeImmN
+        case .incDec: return .incDecN
+        default: return nil
+        }
+    }
+
+    /// Unconditional branches end a block; a Jcc does not: taken, it leaves the block there
+    /// (a side exit), not taken, the block goes on.
+    var endsBlock: Bool {
+        switch self {
+        case .jmp, .call, .ret: return true
+        default: return false
         }
     }
 
@@ -81,78 +131,163 @@ enum DecodedKind: UInt8 {
     }
 }
 
-/// The decode cache: per vCPU, direct-mapped by guest-physical address (8 pages' worth of
-/// byte offsets, so a page's instructions never collide with each other), allocated once.
-/// Keyed by physical address, it survives CR3 loads and INVLPG; it is invalidated
-/// - page by page when this vCPU writes a page that holds cached code: such a page gets no
-///   write TLB entry, so its first write takes the slow path, which drops the page's entries
-///   (a page invalidated ``DecodeCache/maxInvalidations`` times is never cached again: code
-///   and data sharing a page);
+/// A run of decoded instructions that execute one after another with no lookup between them:
+/// it starts at a guest-physical address and ends after a CALL, a RET or a JMP that is not a
+/// forward jump within the page (which goes on at its target; a taken Jcc leaves the block
+/// early), before
+/// an instruction the cache does not decode, at the end of its page's window or after
+/// ``DecodeCache/maxBlockEntries`` entries.
+struct DecodedBlock {
+    /// The first instruction's guest-physical address with the cache's generation in bits
+    /// 48-63; ``DecodeCache/invalid`` or 0 for an empty slot.
+    var tag: UInt64
+    /// Its first entry in ``DecodeCache/entries``.
+    var start: UInt32
+    /// Entries; 0 when the first instruction is one the cache leaves to the full decoder.
+    var count: UInt16
+    /// Guest instructions the entries retire (a fused pair retires two).
+    var retired: UInt16
+}
+
+/// The decode cache: per vCPU, blocks of decoded instructions found through a direct-mapped
+/// table of block heads keyed by guest-physical address, their entries bump-allocated from a
+/// pool that starts empty at every flush. Both are anonymous mappings reserved once and
+/// committed by the host only as far as they are used, so the cache's memory follows the
+/// code the guest actually runs between two flushes (an idle guest commits a few pages).
+/// Keyed by physical address, blocks survive CR3 loads and INVLPG; they are dropped
+/// - when this vCPU writes a page that holds cached code: such a page gets no write TLB entry,
+///   so its first write takes the slow path, which flushes the cache (a page written
+///   ``DecodeCache/maxInvalidations`` times is never cached again: code and data sharing a
+///   page), and the running block stops after that instruction;
 /// - wholesale (a generation bump, O(1)) at every ``SoftCPU/run(budget:)``, when the
-///   guest-physical map changes and on serializing instructions (CPUID, IRET), so writes by
-///   the host or other vCPUs are seen by the rules x86 gives cross-modifying code.
+///   guest-physical map changes, on serializing instructions (CPUID, IRET) and when the pool
+///   is full, so writes by the host or other vCPUs are seen by the rules x86 gives
+///   cross-modifying code.
 final class DecodeCache {
-    static let slots = 8 * 4096
+    static let blockSlots = 1024
+    /// Entries the pool can hold between two flushes (1.5 MiB reserved, committed as used).
+    static let poolCapacity = 32768
+    static let maxBlockEntries = 64
     static let invalid: UInt64 = ~0
     static let maxInvalidations: UInt8 = 16
     /// Per RAM frame: 0 no cached code, 1 cached code (writes trap), 2 never cached.
     static let noCode: UInt8 = 0, hasCode: UInt8 = 1, uncacheable: UInt8 = 2
 
+    let blocks: UnsafeMutablePointer<DecodedBlock>
     let entries: UnsafeMutablePointer<DecodedInstruction>
+    /// Entries in use since the last flush.
+    var used = 0
     let frameState: UnsafeMutablePointer<UInt8>
     let frameInvalidations: UnsafeMutablePointer<UInt8>
     let frames: Int
-    /// Bits 48-63 of every live tag (never 0xFFFF, so no live tag equals `invalid`).
-    var generation: UInt64 = 1 << 48
+    /// Bits 48-63 of every live tag (never 0xFFFF, so no live tag equals `invalid`); kept
+    /// behind a pointer the run loop holds, to check after every instruction whether the
+    /// cache was flushed under the running block.
+    let generationStorage: UnsafeMutablePointer<UInt64>
+    var generation: UInt64 {
+        get { generationStorage.pointee }
+        set { generationStorage.pointee = newValue }
+    }
 
-    /// The entries' bytes: an anonymous mapping, so the host commits only the pages of slots a
-    /// guest's code has used (an idle domain's cache costs a few pages, not 1.5 MiB). Its zero
-    /// bytes are empty slots: tag 0 matches no live tag, whose generation bits are never 0, and
-    /// kind 0 is `.general`.
-    static let entryBytes = slots * MemoryLayout<DecodedInstruction>.stride
+    static let blockBytes = blockSlots * MemoryLayout<DecodedBlock>.stride
+    static let entryBytes = poolCapacity * MemoryLayout<DecodedInstruction>.stride
+
+    /// An anonymous mapping: its zero bytes are empty slots (tag 0 matches no live tag, whose
+    /// generation bits are never 0; kind 0 is `.general`), and the host commits only the pages
+    /// touched.
+    static func reserve(_ bytes: Int) -> UnsafeMutableRawPointer {
+        guard let raw = mmap(nil, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
+              raw != MAP_FAILED else {
+            fatalError("SoftCPU: cannot map \(bytes) bytes for the decode cache")
+        }
+        return raw
+    }
 
     init(ramFrames: Int) {
         frames = ramFrames
-        guard let raw = mmap(nil, Self.entryBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
-              raw != MAP_FAILED else {
-            fatalError("SoftCPU: cannot map \(Self.entryBytes) bytes for the decode cache")
-        }
-        entries = raw.bindMemory(to: DecodedInstruction.self, capacity: Self.slots)
+        blocks = Self.reserve(Self.blockBytes).bindMemory(to: DecodedBlock.self, capacity: Self.blockSlots)
+        entries = Self.reserve(Self.entryBytes).bindMemory(to: DecodedInstruction.self, capacity: Self.poolCapacity)
         frameState = .allocate(capacity: max(frames, 1))
         frameState.initialize(repeating: Self.noCode, count: max(frames, 1))
         frameInvalidations = .allocate(capacity: max(frames, 1))
         frameInvalidations.initialize(repeating: 0, count: max(frames, 1))
+        generationStorage = .allocate(capacity: 1)
+        generationStorage.initialize(to: 1 << 48)
     }
 
     deinit {
+        munmap(UnsafeMutableRawPointer(blocks), Self.blockBytes)
         munmap(UnsafeMutableRawPointer(entries), Self.entryBytes)
         frameState.deallocate()
         frameInvalidations.deallocate()
+        generationStorage.deallocate()
     }
 
-    @inline(__always) static func slot(_ gpa: UInt64) -> Int {
-        Int(truncatingIfNeeded: gpa & UInt64(slots - 1))
+    @inline(__always) static func blockSlot(_ gpa: UInt64) -> Int {
+        Int(truncatingIfNeeded: (gpa &* 0x9E37_79B9_7F4A_7C15) >> 54)
     }
 
-    /// Drops every entry (O(1): live tags carry the generation; every 65535th flush clears).
+    /// The most entries the pool held between two flushes, since the last trim; the most it
+    /// has held since the pages past it were last given back; flushes since the last trim.
+    var recentPeak = 0, committedPeak = 0, flushesSinceTrim = 0
+    /// Flushes (slices, mostly) between two looks at whether the pool can give pages back.
+    static let trimInterval = 64
+
+    /// Drops every block (O(1): live tags carry the generation; every 65535th flush clears)
+    /// and empties the pool. Every ``trimInterval`` flushes, pool pages past what the recent
+    /// slices used go back to the host, so a burst of code (boot) does not stay committed.
     func flush() {
+        recentPeak = max(recentPeak, used)
+        committedPeak = max(committedPeak, used)
+        flushesSinceTrim += 1
+        if flushesSinceTrim >= Self.trimInterval {
+            trim(keeping: recentPeak)
+            recentPeak = 0
+            flushesSinceTrim = 0
+        }
         generation &+= 1 << 48
+        used = 0
         if generation >> 48 == 0xFFFF || generation == 0 {
             generation = 1 << 48
-            for i in 0..<Self.slots { entries[i].tag = Self.invalid }
+            for i in 0..<Self.blockSlots { blocks[i].tag = Self.invalid }
         }
     }
 
-    /// Drops the entries of guest frame `frame` (a write reached it).
+    /// Gives the pool's pages past `keeping` entries back to the host (they read as zeros:
+    /// empty entries). Only entries past the current block's are touched.
+    func trim(keeping: Int) {
+        let stride = MemoryLayout<DecodedInstruction>.stride
+        let keep = (max(keeping, used) * stride + 4095) & ~4095
+        let committed = min((committedPeak * stride + 4095) & ~4095, Self.entryBytes)
+        guard committed > keep else { return }
+        _ = madvise(UnsafeMutableRawPointer(entries) + keep, committed - keep, MADV_DONTNEED)
+        committedPeak = max(keeping, used)
+    }
+
+    /// A write reached guest frame `frame`, which holds cached code.
     func invalidate(frame: Int) {
         frameState[frame] = Self.noCode
         frameInvalidations[frame] &+= 1
         if frameInvalidations[frame] >= Self.maxInvalidations { frameState[frame] = Self.uncacheable }
-        let page = UInt64(frame) << 12
-        let first = Self.slot(page)
-        for i in first..<(first + 4096) where entries[i].tag & 0xFFFF_FFFF_F000 == page {
-            entries[i].tag = Self.invalid
+        flush()
+    }
+
+    /// The live entry for the instruction at guest-physical `gpa`, if a block holds it (for
+    /// tests: a linear search of the pool).
+    func entry(at gpa: UInt64) -> DecodedInstruction? {
+        for i in 0..<used where entries[i].tag == gpa | generation { return entries[i] }
+        return nil
+    }
+
+    /// Host memory the cache's mappings commit now (pages resident, by mincore).
+    var residentBytes: Int {
+        func resident(_ p: UnsafeMutableRawPointer, _ bytes: Int) -> Int {
+            let pages = (bytes + 4095) / 4096
+            var vec = [UInt8](repeating: 0, count: pages)
+            guard mincore(p, bytes, &vec) == 0 else { return bytes }
+            return vec.reduce(0) { $0 + Int($1 & 1) } * 4096
         }
+        return resident(UnsafeMutableRawPointer(blocks), Self.blockBytes) + resident(UnsafeMutableRawPointer(entries), Self.entryBytes)
     }
 }
 
@@ -182,64 +317,90 @@ extension SoftCPU {
 
     // MARK: The cached loop
 
-    /// The decoded instruction at `pc` (RIP), decoding it now if the cache lacks it; nil when RIP is
-    /// not on the current code page (the full decoder finds the page), the page is not RAM or
-    /// not 64-bit code, the instruction's 16-byte window leaves the page, or the instruction is
-    /// not one the cache decodes: the caller runs ``step()`` then.
-    @inline(__always) func cachedInstruction(at pc: UInt64, _ view: CacheView) -> UnsafeMutablePointer<DecodedInstruction>? {
-        let offset = pc & 0xFFF
-        guard pc & ~0xFFF == view.page, view.frameAddress != DecodeCache.invalid, offset <= 4096 - 16 else {
-            return nil
-        }
-        let gpa = view.frameAddress | offset
-        let entry = view.entries + DecodeCache.slot(gpa)
-        let tag = gpa | view.generation
-        if entry.pointee.tag != tag, !fill(entry, gpa: gpa, tag: tag) { return nil }
-        return entry.pointee.kind == .general ? nil : entry
-    }
-
-    /// What the cached loop reads for every instruction, loaded once per run of cached
-    /// instructions (and again after a fault is delivered, which may change CS and the page).
+    /// What the cached loop reads for every block, loaded once per run of cached blocks (and
+    /// again after a fault is delivered, which may change CS and the page, or a block is built,
+    /// which may flush).
     struct CacheView {
         let page: UInt64
         let frameAddress: UInt64
+        let blocks: UnsafeMutablePointer<DecodedBlock>
         let entries: UnsafeMutablePointer<DecodedInstruction>
         let generation: UInt64
     }
 
     @inline(__always) func cacheView() -> CacheView {
-        CacheView(page: codePage, frameAddress: codeFrameAddress, entries: decodeCache.entries, generation: decodeCache.generation)
+        CacheView(page: codePage, frameAddress: codeFrameAddress, blocks: decodeCache.blocks, entries: decodeCache.entries,
+                  generation: decodeCache.generation)
     }
 
-    /// Decodes the instruction at `gpa` (on the current code page) into `entry`, fusing a
-    /// register MOV with the register-only operation after it; false when the page is not to
-    /// be cached.
+    /// The block's head for `pc` (RIP), whatever its tag; nil when RIP is not on the current
+    /// code page (the full decoder finds the page), the page is not RAM or not 64-bit code, or
+    /// the instruction's 16-byte window leaves the page: the caller runs ``step()`` then.
+    @inline(__always) func blockHead(at pc: UInt64, _ view: CacheView) -> (UnsafeMutablePointer<DecodedBlock>, UInt64)? {
+        let offset = pc & 0xFFF
+        guard pc & ~0xFFF == view.page, view.frameAddress != DecodeCache.invalid, offset <= 4096 - 16 else {
+            return nil
+        }
+        let gpa = view.frameAddress | offset
+        return (view.blocks + DecodeCache.blockSlot(gpa), gpa)
+    }
+
+    /// Decodes the block at `gpa` (on the current code page) into the pool and `head`,
+    /// fusing each register MOV with a register-only operation after it. A page never to be
+    /// cached gets an empty block. May flush the cache first (pool full): the caller reloads
+    /// its view.
     @inline(never)
-    func fill(_ entry: UnsafeMutablePointer<DecodedInstruction>, gpa: UInt64, tag: UInt64) -> Bool {
+    func buildBlock(_ head: UnsafeMutablePointer<DecodedBlock>, gpa: UInt64) {
+        let cache = decodeCache
+        if cache.used + DecodeCache.maxBlockEntries > DecodeCache.poolCapacity { cache.flush() }
+        let page = gpa & ~0xFFF
         let frame = gpa >> 12
-        switch decodeCache.frameState[Int(frame)] {
-        case DecodeCache.uncacheable: return false
+        var count = 0, retired = 0
+        switch cache.frameState[Int(frame)] {
+        case DecodeCache.uncacheable:
+            head.pointee = DecodedBlock(tag: gpa | cache.generation, start: UInt32(cache.used), count: 0, retired: 0)
+            return
         case DecodeCache.noCode: markCode(frame: frame)
         default: break
         }
-        let offset = Int(gpa & 0xFFF)
-        let code = UnsafeRawPointer(codeHost + offset)
-        entry.pointee = Self.decode(code, tag: tag)
-        let length = Int(entry.pointee.length)
-        if entry.pointee.kind == .movRR, offset + length <= 4096 - 16 {
-            // The operation after it is on the same page, so writes there drop both.
-            let next = Self.decode(code + length, tag: tag)
-            if next.kind.registerOnly {
-                entry.pointee.second = next.kind
-                entry.pointee.secondReg = next.reg
-                entry.pointee.secondSrc = next.src
-                entry.pointee.secondSize = next.size
-                entry.pointee.secondLength = next.length
-                entry.pointee.secondImm = Int32(truncatingIfNeeded: Int64(bitPattern: next.imm))
-                entry.pointee.retired = 2
+        let generation = cache.generation
+        var offset = Int(gpa & 0xFFF)
+        while count < DecodeCache.maxBlockEntries, offset <= 4096 - 16 {
+            let code = UnsafeRawPointer(codeHost + offset)
+            var d = Self.decode(code, tag: (page | UInt64(offset)) | generation)
+            if d.kind == .general { break }
+            var length = Int(d.length)
+            if d.kind == .movRR, offset + length <= 4096 - 16 {
+                // The operation after it is on the same page, so writes there drop both.
+                let next = Self.decode(code + length, tag: 0)
+                if next.kind.registerOnly {
+                    d.second = next.kind
+                    d.secondReg = next.reg
+                    d.secondSrc = next.src
+                    d.secondSize = next.size
+                    d.secondLength = next.length
+                    d.secondImm = Int32(truncatingIfNeeded: Int64(bitPattern: next.imm))
+                    d.retired = 2
+                    length += Int(next.length)
+                }
             }
+            retired += Int(d.retired)
+            d.through = UInt16(retired)
+            cache.entries[cache.used + count] = d
+            count += 1
+            offset += length
+            if d.kind == .jmp {
+                // A forward jump within the page: the block goes on at its target. (Not
+                // backward: a loop would unroll into the block in as many phases as fit.)
+                let target = offset &+ Int(Int64(bitPattern: d.disp))
+                guard target > offset, target <= 4096 - 16 else { break }
+                offset = target
+                continue
+            }
+            if d.kind.endsBlock { break }
         }
-        return true
+        head.pointee = DecodedBlock(tag: gpa | generation, start: UInt32(cache.used), count: UInt16(count), retired: UInt16(retired))
+        cache.used += count
     }
 
     /// The effective address of a decoded memory operand (64-bit addressing, flat segments).
@@ -257,7 +418,11 @@ extension SoftCPU {
     /// in a register meanwhile and stores it in ``rip`` when it leaves the cached loop or on a
     /// fault: as in the decoder, nothing changes before the last access that can fault, so a
     /// fault restarts the instruction at `pc`.
-    @inline(__always) func executeDecoded(_ e: UnsafeMutablePointer<DecodedInstruction>, at pc: UInt64) throws(CPUFault) -> UInt64 {
+    ///
+    /// `stop` is set when the block must not go on after this entry: a taken Jcc, or a memory
+    /// access that flushed the cache (`generation` is the one the block was decoded in).
+    @inline(__always) func executeDecoded(_ e: UnsafeMutablePointer<DecodedInstruction>, at pc: UInt64,
+                                          _ generation: UInt64, _ stop: inout Bool) throws(CPUFault) -> UInt64 {
         let d = e.pointee
         let size = Int(d.size)
         let mask: UInt64 = size == 8 ? ~0 : 0xFFFF_FFFF
@@ -270,13 +435,58 @@ extension SoftCPU {
             regs[Int(d.reg)] = regs[Int(d.src)] & mask
             if d.second != .general {
                 let size2 = Int(d.secondSize)
-                registerOperation(d.second, Int(d.secondReg), Int(d.secondSrc),
-                                  UInt64(bitPattern: Int64(d.secondImm)), size2, size2 == 8 ? ~0 : 0xFFFF_FFFF)
+                let mask2: UInt64 = size2 == 8 ? ~0 : 0xFFFF_FFFF
+                let r = Int(d.secondReg), count = UInt64(bitPattern: Int64(d.secondImm))
+                // The two-operand idiom's commonest seconds, shifts, written out; the rest
+                // through the helper.
+                if d.second == .shlRI, count != 0 {
+                    let v = regs[r] & mask2, res = (v << count) & mask2
+                    setLazy(.shl, v, count, res, size2)
+                    regs[r] = res
+                } else if d.second == .shrRI, count != 0 {
+                    let v = regs[r] & mask2, res = v >> count
+                    setLazy(.shr, v, count, res, size2)
+                    regs[r] = res
+                } else {
+                    registerOperation(d.second, r, Int(d.secondSrc), count, size2, mask2)
+                }
                 return next &+ UInt64(d.secondLength)
             }
-        case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR, .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI,
-             .shlRI, .shrRI, .sarRI:
-            registerOperation(d.kind, Int(d.reg), Int(d.src), d.imm, size, mask)
+        // Each specialised kind in a case of its own, so one dispatch does it all.
+        case .addRR: arithmetic(.addRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
+        case .subRR: arithmetic(.subRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
+        case .cmpRR: arithmetic(.cmpRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
+        case .andRR: arithmetic(.andRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
+        case .orRR: arithmetic(.orRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
+        case .xorRR: arithmetic(.xorRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
+        case .testRR: arithmetic(.testRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
+        case .addRI: arithmetic(.addRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
+        case .subRI: arithmetic(.subRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
+        case .cmpRI: arithmetic(.cmpRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
+        case .andRI: arithmetic(.andRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
+        case .orRI: arithmetic(.orRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
+        case .xorRI: arithmetic(.xorRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
+        // SHL and SHR written out here: the compiler leaves a helper out of line.
+        case .shlRI:
+            let r = Int(d.reg), v = regs[r] & mask
+            if d.imm != 0 {
+                let res = (v << d.imm) & mask
+                setLazy(.shl, v, d.imm, res, size)
+                regs[r] = res
+            } else {
+                regs[r] = v
+            }
+        case .shrRI:
+            let r = Int(d.reg), v = regs[r] & mask
+            if d.imm != 0 {
+                let res = v >> d.imm
+                setLazy(.shr, v, d.imm, res, size)
+                regs[r] = res
+            } else {
+                regs[r] = v
+            }
+        case .sarRI:
+            shiftImmediate(.sarRI, Int(d.reg), d.imm, size, mask)
         case .aluRR:
             let r = alu(kind, regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
             if writes { regs[Int(d.reg)] = r }
@@ -296,45 +506,141 @@ extension SoftCPU {
             regs[Int(d.reg)] = d.imm & mask
         case .load:
             regs[Int(d.reg)] = try read(address(e, pc), size)
+            stop = flushed(generation)
         case .store:
             try write(address(e, pc), size, regs[Int(d.reg)])
+            stop = flushed(generation)
         case .storeImm:
             try write(address(e, pc), size, d.imm)
+            stop = flushed(generation)
         case .aluRM:
             let s = try read(address(e, pc), size)
             let r = alu(kind, regs[Int(d.reg)] & mask, s, size)
             if writes { regs[Int(d.reg)] = r }
+            stop = flushed(generation)
         case .aluMR, .aluMI:
             let a = address(e, pc)
             let s = d.kind == .aluMR ? regs[Int(d.reg)] & mask : d.imm & mask
             let r = alu(kind, try read(a, size), s, size)
             if writes { try write(a, size, r) }
+            stop = flushed(generation)
         case .imulRMI:
             regs[Int(d.reg)] = imulTruncated(try read(address(e, pc), size), d.imm & mask, size)
+            stop = flushed(generation)
         case .lea:
             regs[Int(d.reg)] = address(e, pc) & mask
         case .imulRM:
             regs[Int(d.reg)] = imulTruncated(regs[Int(d.reg)] & mask, try read(address(e, pc), size), size)
+            stop = flushed(generation)
         case .jcc:
-            return condition(d.op) ? next &+ d.disp : next
+            if condition(d.op) {
+                stop = true
+                return next &+ d.disp
+            }
         case .jmp:
             return next &+ d.disp
         case .call:
             try push(next, 8)
+            stop = flushed(generation)
             return next &+ d.disp
         case .ret:
-            return try pop(8)
+            let target = try pop(8)
+            stop = flushed(generation)
+            return target
         case .push:
             try push(regs[Int(d.reg)], 8)
+            stop = flushed(generation)
         case .pop:
             let v = try pop(8)
             regs[Int(d.reg)] = v
-        case .general:  // never handed out by cachedInstruction(at:)
+            stop = flushed(generation)
+        case .aluRRn:
+            let r = alu(kind, sizedRegister(d.reg, size), sizedRegister(d.src, size), size)
+            if writes { setSizedRegister(d.reg, size, r) }
+        case .aluRIn:
+            let r = alu(kind, sizedRegister(d.reg, size), d.imm & sizeMask(size), size)
+            if writes { setSizedRegister(d.reg, size, r) }
+        case .aluRMn:
+            let s = try read(address(e, pc), size)
+            let r = alu(kind, sizedRegister(d.reg, size), s, size)
+            if writes { setSizedRegister(d.reg, size, r) }
+            stop = flushed(generation)
+        case .aluMRn, .aluMIn:
+            let a = address(e, pc)
+            let s = d.kind == .aluMRn ? sizedRegister(d.reg, size) : d.imm & sizeMask(size)
+            let r = alu(kind, try read(a, size), s, size)
+            if writes { try write(a, size, r) }
+            stop = flushed(generation)
+        case .movRRn:
+            setSizedRegister(d.reg, size, sizedRegister(d.src, size))
+        case .movRIn:
+            setSizedRegister(d.reg, size, d.imm)
+        case .loadN:
+            setSizedRegister(d.reg, size, try read(address(e, pc), size))
+            stop = flushed(generation)
+        case .storeN:
+            try write(address(e, pc), size, sizedRegister(d.reg, size))
+            stop = flushed(generation)
+        case .storeImmN:
+            try write(address(e, pc), size, d.imm)
+            stop = flushed(generation)
+        case .incDecN:
+            setSizedRegister(d.reg, size, incDec(sizedRegister(d.reg, size), size, dec: d.op != 0))
+        case .movzxR, .movsxR:
+            let v = sizedRegister(d.src, Int(d.op))
+            setSizedRegister(d.reg, size, d.kind == .movsxR ? signExtend(v, Int(d.op)) : v)
+        case .movzxM, .movsxM:
+            let v = try read(address(e, pc), Int(d.op))
+            setSizedRegister(d.reg, size, d.kind == .movsxM ? signExtend(v, Int(d.op)) : v)
+            stop = flushed(generation)
+        case .string:
+            // The decoder's state for the string code: this entry's operand size, 64-bit
+            // addresses, flat segments (the cache takes no segment override).
+            rex = d.size == 8 ? 8 : 0
+            operandOverride = d.size == 2
+            addressSize = 8
+            segmentBase = 0
+            try stringInstruction(d.op, d.src)
+            stop = flushed(generation)
+        case .general:  // never in a block
             rip = pc
             try step()
+            stop = true
             return rip
         }
         return next
+    }
+
+    /// Register `r` at operand size `size`; for bytes, 16-19 are AH, CH, DH and BH.
+    @inline(__always) func sizedRegister(_ r: UInt8, _ size: Int) -> UInt64 {
+        switch size {
+        case 1: return r < 16 ? regs[Int(r)] & 0xFF : (regs[Int(r) &- 16] >> 8) & 0xFF
+        case 2: return regs[Int(r)] & 0xFFFF
+        case 4: return regs[Int(r)] & 0xFFFF_FFFF
+        default: return regs[Int(r)]
+        }
+    }
+
+    /// Writes register `r` at operand size `size`: bytes and words merge into the register's
+    /// other bits, a 32-bit value zero-extends.
+    @inline(__always) func setSizedRegister(_ r: UInt8, _ size: Int, _ v: UInt64) {
+        switch size {
+        case 1:
+            if r < 16 {
+                regs[Int(r)] = (regs[Int(r)] & ~0xFF) | (v & 0xFF)
+            } else {
+                regs[Int(r) &- 16] = (regs[Int(r) &- 16] & ~0xFF00) | (v & 0xFF) << 8
+            }
+        case 2: regs[Int(r)] = (regs[Int(r)] & ~0xFFFF) | (v & 0xFFFF)
+        case 4: regs[Int(r)] = v & 0xFFFF_FFFF
+        default: regs[Int(r)] = v
+        }
+    }
+
+    /// Whether the cache was flushed since the block began (a write reached cached code): the
+    /// block stops after this entry.
+    @inline(__always) func flushed(_ generation: UInt64) -> Bool {
+        decodeCache.generationStorage.pointee != generation
     }
 
     /// The register-only kinds (``DecodedKind/registerOnly``): register `r` against register
@@ -343,6 +649,16 @@ extension SoftCPU {
         switch kind {
         case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR:
             arithmetic(kind, r, regs[r] & mask, regs[src] & mask, size)
+        case .shlRI, .shrRI, .sarRI:
+            shiftImmediate(kind, r, imm, size, mask)
+        default:  // the ALU with an immediate
+            arithmetic(kind, r, regs[r] & mask, imm & mask, size)
+        }
+    }
+
+    /// SHL, SHR or SAR of register `r` by the immediate count `imm` (already masked).
+    @inline(__always) func shiftImmediate(_ kind: DecodedKind, _ r: Int, _ imm: UInt64, _ size: Int, _ mask: UInt64) {
+        switch kind {
         case .shlRI:
             let v = regs[r] & mask
             if imm != 0 {
@@ -361,11 +677,9 @@ extension SoftCPU {
             } else {
                 regs[r] = v
             }
-        case .sarRI:
+        default:  // SAR
             let v = regs[r] & mask
             regs[r] = imm != 0 ? shift(7, v, imm, size) : v
-        default:  // the ALU with an immediate
-            arithmetic(kind, r, regs[r] & mask, imm & mask, size)
         }
     }
 
@@ -415,13 +729,23 @@ extension SoftCPU {
             at += 4
             return UInt64(bitPattern: Int64(v))
         }
-        var rex: UInt8 = 0
+        var rex: UInt8 = 0, rexPresent = false
         var op = byte()
-        if op & 0xF0 == 0x40 {
-            rex = op & 0xF
+        var rep: UInt8 = 0
+        if op == 0xF3 || op == 0xF2 {
+            rep = op
             op = byte()
         }
-        d.size = rex & 8 != 0 ? 8 : 4
+        let operand16 = op == 0x66
+        if operand16 { op = byte() }
+        if op & 0xF0 == 0x40 {
+            rex = op & 0xF
+            rexPresent = true
+            op = byte()
+        }
+        d.size = rex & 8 != 0 ? 8 : operand16 ? 2 : 4
+        // Byte registers: without REX, 4-7 are AH, CH, DH, BH (16-19 here).
+        func byteRegister(_ r: UInt8) -> UInt8 { !rexPresent && r >= 4 && r < 8 ? r + 12 : r }
         // ModRM: the reg field into `d.reg`; true for a register r/m (in `d.src`), false for
         // memory (base, index, scale, displacement in `d`).
         func modrm() -> Bool {
@@ -451,6 +775,70 @@ extension SoftCPU {
             return false
         }
         switch op {
+        case 0x00, 0x02, 0x08, 0x0A, 0x10, 0x12, 0x18, 0x1A, 0x20, 0x22, 0x28, 0x2A, 0x30, 0x32, 0x38, 0x3A, 0x84:
+            // Byte ALU: r/m8 with r8 either way round, TEST r/m8, r8.
+            d.size = 1
+            d.op = op == 0x84 ? 8 : op >> 3
+            if modrm() {
+                d.src = byteRegister(d.src)
+                d.reg = byteRegister(d.reg)
+                if op & 2 == 0 { (d.reg, d.src) = (d.src, d.reg) }
+                d.kind = .aluRRn
+            } else {
+                d.reg = byteRegister(d.reg)
+                d.kind = op == 0x84 || op & 2 != 0 ? .aluRMn : .aluMRn
+            }
+        case 0x80, 0xF6, 0xF7:
+            // ALU r/m8, imm8; TEST r/m, imm (F6 /0, F7 /0).
+            let register = modrm()
+            d.op = op == 0x80 ? d.reg & 7 : 8
+            if op != 0x80 && d.reg & 7 != 0 { break }
+            if op == 0xF7 {
+                d.imm = d.size == 2 ? UInt64(p.loadUnaligned(fromByteOffset: at, as: UInt16.self)) : s32()
+                if d.size == 2 { at += 2 }
+            } else {
+                d.size = 1
+                d.imm = UInt64(byte())
+            }
+            if register {
+                d.reg = d.size == 1 ? byteRegister(d.src) : d.src
+                d.kind = .aluRI
+            } else {
+                d.kind = .aluMI
+            }
+        case 0x88, 0x8A:
+            d.size = 1
+            if modrm() {
+                d.src = byteRegister(d.src)
+                d.reg = byteRegister(d.reg)
+                if op == 0x88 { (d.reg, d.src) = (d.src, d.reg) }
+                d.kind = .movRRn
+            } else {
+                d.reg = byteRegister(d.reg)
+                d.kind = op == 0x88 ? .storeN : .loadN
+            }
+        case 0xC6:
+            d.size = 1
+            let register = modrm()
+            guard d.reg & 7 == 0 else { break }
+            d.imm = UInt64(byte())
+            if register {
+                d.reg = byteRegister(d.src)
+                d.kind = .movRIn
+            } else {
+                d.kind = .storeImmN
+            }
+        case 0xB0...0xB7:
+            d.size = 1
+            d.reg = byteRegister(op & 7 | (rex & 1) << 3)
+            d.imm = UInt64(byte())
+            d.kind = .movRIn
+        case 0xFE:
+            d.size = 1
+            guard modrm(), d.reg & 7 < 2 else { break }
+            d.op = d.reg & 7
+            d.reg = byteRegister(d.src)
+            d.kind = .incDecN
         case 0x01, 0x03, 0x09, 0x0B, 0x11, 0x13, 0x19, 0x1B, 0x21, 0x23, 0x29, 0x2B, 0x31, 0x33, 0x39, 0x3B, 0x85:
             d.op = op == 0x85 ? 8 : op >> 3
             if modrm() {
@@ -473,7 +861,12 @@ extension SoftCPU {
         case 0x81, 0x83:
             let register = modrm()
             d.op = d.reg & 7
-            d.imm = op == 0x83 ? s8() : s32()
+            if op == 0x81 && d.size == 2 {
+                d.imm = UInt64(p.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+                at += 2
+            } else {
+                d.imm = op == 0x83 ? s8() : s32()
+            }
             if register {
                 d.reg = d.src
                 d.kind = DecodedKind.alu(d.op, immediate: true) ?? .aluRI
@@ -499,7 +892,12 @@ extension SoftCPU {
         case 0xC7:
             let register = modrm()
             guard d.reg & 7 == 0 else { break }
-            d.imm = s32()
+            if d.size == 2 {
+                d.imm = UInt64(p.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+                at += 2
+            } else {
+                d.imm = s32()
+            }
             if register {
                 d.reg = d.src
                 d.kind = .movRI
@@ -511,15 +909,28 @@ extension SoftCPU {
             if rex & 8 != 0 {
                 d.imm = p.loadUnaligned(fromByteOffset: at, as: UInt64.self)
                 at += 8
+            } else if d.size == 2 {
+                d.imm = UInt64(p.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+                at += 2
             } else {
                 d.imm = s32() & 0xFFFF_FFFF
             }
             d.kind = .movRI
+        case 0xA4...0xA7, 0xAA...0xAF:
+            d.op = op
+            d.src = rep
+            d.kind = .string
         case 0x0F:
             let op2 = byte()
             switch op2 {
             case 0xAF:
                 d.kind = modrm() ? .imulRR : .imulRM
+            case 0xB6, 0xB7, 0xBE, 0xBF:
+                // MOVZX/MOVSX r, r/m8 or r/m16.
+                d.op = op2 & 1 == 0 ? 1 : 2
+                let register = modrm()
+                if register && d.op == 1 { d.src = byteRegister(d.src) }
+                d.kind = op2 < 0xB8 ? (register ? .movzxR : .movzxM) : (register ? .movsxR : .movsxM)
             case 0x80...0x8F:
                 d.op = op2 & 0xF
                 d.disp = s32()
@@ -550,6 +961,14 @@ extension SoftCPU {
             d.kind = .pop
         default:
             break
+        }
+        if rep != 0, d.kind != .string {
+            d.kind = .general  // PAUSE, REP RET, POPCNT...: the full decoder
+        }
+        if d.size < 4, d.kind != .general {
+            // Byte and 16-bit operands take the kinds that merge into the register; anything
+            // else at those sizes (a 0x66 branch, shift, LEA...) the full decoder.
+            d.kind = d.kind.sized ?? .general
         }
         d.length = UInt8(at)
         return d

@@ -44,6 +44,20 @@ extension SoftCPU {
         }
     }
 
+    /// Makes the page of `pc` the code page, as ``beginFetch()`` does, when its 16-byte window
+    /// lies within the page and the fetch translates; false (nothing changed but what the
+    /// walk itself records, which the full decoder's fetch would record the same) otherwise.
+    @inline(never)
+    func enterCodePage(_ pc: UInt64) -> Bool {
+        let offset = Int(truncatingIfNeeded: pc & 0xFFF)
+        guard offset <= 4096 - 16, let p = try? codePointer(pc) else { return false }
+        codePage = pc & ~0xFFF
+        codeHost = p - offset
+        let ram = UInt(bitPattern: codeHost) &- UInt(bitPattern: memory.hostBase)
+        codeFrameAddress = csLong && ram < UInt(decodeCache.frames) << 12 ? UInt64(ram) : DecodeCache.invalid
+        return true
+    }
+
     @inline(__always) func fetch8() throws(CPUFault) -> UInt8 {
         guard fetchPosition < fetchAvailable else { throw fetchFault }
         let b = fetchPointer.load(fromByteOffset: fetchPosition, as: UInt8.self)
@@ -442,7 +456,7 @@ extension SoftCPU {
     }
 
     /// Two- and three-operand IMUL: the truncated product, CF = OF = it did not fit.
-    func imulTruncated(_ a: UInt64, _ b: UInt64, _ size: Int) -> UInt64 {
+    @inline(__always) func imulTruncated(_ a: UInt64, _ b: UInt64, _ size: Int) -> UInt64 {
         let sa = Int64(bitPattern: signExtend(a, size)), sb = Int64(bitPattern: signExtend(b, size))
         let r: UInt64, fits: Bool
         if size == 8 {
@@ -453,7 +467,9 @@ extension SoftCPU {
             r = UInt64(bitPattern: p) & sizeMask(size)
             fits = Int64(bitPattern: signExtend(r, size)) == p
         }
-        setResultFlags(r, size, cf: !fits, of: !fits)
+        // The flags stay lazy: a multiply's are rarely read before the next ALU operation.
+        lazyCarry = fits ? 0 : 1
+        setLazy(.mul, a, b, r, size)
         return r
     }
 

@@ -7,6 +7,9 @@ enum LazyOp: UInt8 {
     case add, adc, sub, sbb, logic, inc, dec
     /// Shifts by a non-zero count (`lazySrc`); `lazyDst` is the value shifted.
     case shl, shr, sar
+    /// A multiply: `lazyRes` the (truncated) product, `lazyCarry` 1 when it did not fit (CF
+    /// and OF); SF, ZF and PF from the product, AF clear.
+    case mul
 }
 
 @inline(__always) func sizeMask(_ size: Int) -> UInt64 { size == 8 ? ~0 : (1 << UInt64(size &* 8)) &- 1 }
@@ -40,7 +43,7 @@ extension SoftCPU {
         case .sub: return lazyDst & m < lazySrc & m ? 1 : 0
         case .sbb: return (lazyCarry != 0 ? lazyDst & m <= lazySrc & m : lazyDst & m < lazySrc & m) ? 1 : 0
         case .logic: return 0
-        case .inc, .dec: return lazyCarry
+        case .inc, .dec, .mul: return lazyCarry
         case .shl:
             let bits = UInt64(lazySize &* 8)
             return lazySrc <= bits ? (lazyDst >> (bits &- lazySrc)) & 1 : 0
@@ -77,6 +80,8 @@ extension SoftCPU {
             if (res & sign != 0) != (f & Flags.CF != 0) { f |= Flags.OF }
         case .shr:
             if dst & sign != 0 { f |= Flags.OF }
+        case .mul:
+            if lazyCarry != 0 { f |= Flags.OF }
         case .logic, .none, .sar:
             break
         }

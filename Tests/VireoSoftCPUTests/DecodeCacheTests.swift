@@ -7,10 +7,9 @@ import VireoCore
 /// address, dropped when a write reaches their page, at every run and on serializing
 /// instructions. These tests change code under a running CPU and expect the new code to run.
 @Suite struct DecodeCacheTests {
-    /// The slot of the instruction at guest-physical `gpa`, if the cache holds it decoded.
+    /// The entry of the instruction at guest-physical `gpa`, if a live block holds it decoded.
     static func cached(_ cpu: SoftCPU, _ gpa: UInt64) -> DecodedInstruction? {
-        let entry = cpu.decodeCache.entries[DecodeCache.slot(gpa)]
-        return entry.tag == gpa | cpu.decodeCache.generation ? entry : nil
+        cpu.decodeCache.entry(at: gpa)
     }
 
     @Test func aLoopRunsFromTheCache() throws {
@@ -99,5 +98,133 @@ import VireoCore
         #expect(m.cpu.instructions == 10)  // each fused pair counts as its two instructions
         let pair = Self.cached(m.cpu, TestMachine.code + 5)
         #expect(pair?.kind == .movRR && pair?.second == .shlRI && pair?.retired == 2)
+    }
+
+    @Test func aStoreIntoItsOwnBlockStopsTheBlock() throws {
+        // nop; movl $7, 1f+1(%rip); 1: mov $1, %eax; hlt — the store and the MOV are one block,
+        // decoded before the store rewrites the MOV's immediate: the block stops after the
+        // store and the MOV runs as rewritten.
+        let code: [UInt8] = [0x90, 0xC7, 0x05, 0x01, 0, 0, 0, 0x07, 0, 0, 0, 0xB8, 0x01, 0, 0, 0, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(m.cpu[.rax] == 7)
+        #expect(m.cpu.instructions == 4)
+    }
+
+    @Test func aBudgetEndingInsideABlockStopsThere() throws {
+        // mov $40, %ecx; 1: add $3, %eax; dec %ecx; jnz 1b; hlt — run one instruction at a time
+        // and in slices of 5, against one long run: the same state at every stop.
+        let code: [UInt8] = [0xB9, 40, 0, 0, 0, 0x83, 0xC0, 0x03, 0xFF, 0xC9, 0x75, 0xF9, 0xF4]
+        let single = try TestMachine(code), sliced = try TestMachine(code)
+        for n in 1...60 {
+            #expect(single.cpu.run(budget: 1) == .budget)
+            #expect(single.cpu.instructions == UInt64(n))
+            if n % 5 == 0 {
+                #expect(sliced.cpu.run(budget: 5) == .budget)
+                #expect(sliced.cpu.instructions == UInt64(n))
+                #expect(sliced.cpu.rip == single.cpu.rip && sliced.cpu[.rax] == single.cpu[.rax])
+                #expect(sliced.cpu[.rcx] == single.cpu[.rcx])
+            }
+        }
+        #expect(single.cpu[.rax] == 3 * 20 && single.cpu[.rcx] == 20)
+    }
+
+    @Test func theCacheCommitsMemoryForTheCodeThatRan() throws {
+        // A small loop: the cache's mappings (1.5 MiB of pool and 16 KiB of block heads
+        // reserved) commit a few pages, not the reservation.
+        let code: [UInt8] = [0xB9, 0x10, 0x27, 0, 0, 0x83, 0xC0, 0x03, 0xFF, 0xC9, 0x75, 0xF9, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt)
+        let resident = m.cpu.decodeCache.residentBytes
+        #expect(resident > 0 && resident <= 8 * 4096)
+        #expect(DecodeCache.entryBytes + DecodeCache.blockBytes > 1 << 20)
+    }
+
+    @Test func byteAndWordFormsRunFromTheCache() throws {
+        // nop; mov $0x11223344, %eax; mov $0xF0, %ah; add %ah, %al; movw $0x8001, %cx;
+        // addw %cx, %ax; movzbl %ah, %edx; movsbq %al, %rsi; movb %al, 0x40000; incb 0x40000;
+        // testb $0x80, 0x40000; setnz %bl (INC of memory and SETcc: the full decoder); movzwl 0x40000, %edi; hlt
+        let code: [UInt8] = [0x90, 0xB8, 0x44, 0x33, 0x22, 0x11, 0xB4, 0xF0, 0x00, 0xE0, 0x66, 0xB9, 0x01, 0x80,
+                             0x66, 0x01, 0xC8, 0x0F, 0xB6, 0xD4, 0x48, 0x0F, 0xBE, 0xF0, 0x88, 0x04, 0x25, 0x00, 0x00, 0x04, 0x00,
+                             0xFE, 0x04, 0x25, 0x00, 0x00, 0x04, 0x00, 0xF6, 0x04, 0x25, 0x00, 0x00, 0x04, 0x00, 0x80,
+                             0x0F, 0x95, 0xC3, 0x0F, 0xB7, 0x3C, 0x25, 0x00, 0x00, 0x04, 0x00, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        // AL = 0x44 + 0xF0 = 0x34; AX = 0xF034 + 0x8001 = 0x7035 (carry out of 16 bits dropped).
+        #expect(m.cpu[.rax] == 0x1122_7035)
+        #expect(m.cpu[.rcx] & 0xFFFF == 0x8001)
+        #expect(m.cpu[.rdx] == 0x70)
+        #expect(m.cpu[.rsi] == 0x35)
+        #expect(try m.memory.load(UInt8.self, at: GuestPhysicalAddress(0x40000)) == 0x36)
+        #expect(m.cpu[.rbx] & 0xFF == 0)  // 0x36 & 0x80 == 0: SETNZ gives 0
+        #expect(m.cpu[.rdi] == 0x36)
+        #expect(Self.cached(m.cpu, TestMachine.code + 6)?.kind == .movRIn)
+        #expect(Self.cached(m.cpu, TestMachine.code + 8)?.kind == .aluRRn)
+        #expect(Self.cached(m.cpu, TestMachine.code + 14)?.kind == .aluRRn)
+        #expect(Self.cached(m.cpu, TestMachine.code + 17)?.kind == .movzxR)
+        #expect(Self.cached(m.cpu, TestMachine.code + 24)?.kind == .storeN)
+        #expect(Self.cached(m.cpu, TestMachine.code + 38)?.kind == .aluMIn)
+    }
+
+    @Test func aForwardJumpContinuesTheBlockAtItsTarget() throws {
+        // nop; mov $40, %ecx; 1: add $3, %eax; jmp 2f; mov $1, %edx; 2: dec %ecx; jnz 1b; hlt —
+        // the MOV skipped never runs; the loop is one block (ADD, JMP, DEC, JNZ) run again
+        // without a lookup, and counts every instruction.
+        let code: [UInt8] = [0x90, 0xB9, 40, 0, 0, 0, 0x83, 0xC0, 0x03, 0xEB, 0x05, 0xBA, 0x01, 0, 0, 0, 0xFF, 0xC9, 0x75, 0xF2, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(m.cpu[.rax] == 120 && m.cpu[.rcx] == 0 && m.cpu[.rdx] == 0)
+        #expect(m.cpu.instructions == 2 + 40 * 4 + 1)
+        #expect(Self.cached(m.cpu, TestMachine.code + 11) == nil)
+        let head = m.cpu.decodeCache.blocks[DecodeCache.blockSlot(TestMachine.code + 6)]
+        #expect(head.tag == (TestMachine.code + 6) | m.cpu.decodeCache.generation && head.count == 4)
+        #expect(Self.cached(m.cpu, TestMachine.code + 16)?.kind == .incDec)
+    }
+
+    @Test func repeatedStringInstructionsRunFromTheCache() throws {
+        // nop; mov $0x40000, %edi; mov $4, %ecx; movabs $0x1122334455667788, %rax; rep stosq;
+        // mov $0x40000, %esi; mov $0x40100, %edi; mov $32, %ecx; rep movsb; hlt
+        let code: [UInt8] = [0x90, 0xBF, 0x00, 0x00, 0x04, 0x00, 0xB9, 0x04, 0, 0, 0,
+                             0x48, 0xB8, 0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11, 0xF3, 0x48, 0xAB,
+                             0xBE, 0x00, 0x00, 0x04, 0x00, 0xBF, 0x00, 0x01, 0x04, 0x00, 0xB9, 0x20, 0, 0, 0,
+                             0xF3, 0xA4, 0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        for i in 0..<4 {
+            #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40100 + UInt64(i) * 8)) == 0x1122_3344_5566_7788)
+        }
+        #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40120)) == 0)
+        #expect(m.cpu[.rcx] == 0 && m.cpu[.rdi] == 0x40120 && m.cpu[.rsi] == 0x40020)
+        #expect(m.cpu.instructions == 9 + 4 + 32 + 1)  // each iteration counts, and the HLT
+        #expect(Self.cached(m.cpu, TestMachine.code + 21)?.kind == .string)
+        #expect(Self.cached(m.cpu, TestMachine.code + 39)?.kind == .string)
+    }
+
+    @Test func poolPagesABurstOfCodeUsedGoBack() throws {
+        // 2000 × add $1, %eax (two pages of straight-line code: some 2000 entries), then
+        // 1: jmp 1b. The burst commits pool pages; a few dozen slices of the small loop later
+        // the pool has given them back.
+        let code: [UInt8] = (0..<2000).flatMap { _ in [0x83, 0xC0, 0x01] as [UInt8] } + [0xEB, 0xFE]
+        let m = try TestMachine(code)
+        #expect(m.cpu.run(budget: 3000) == .budget)
+        #expect(m.cpu[.rax] == 2000)
+        let burst = m.cpu.decodeCache.residentBytes
+        #expect(burst >= 80 << 10)
+        for _ in 0..<(2 * DecodeCache.trimInterval) { #expect(m.cpu.run(budget: 1000) == .budget) }
+        let idle = m.cpu.decodeCache.residentBytes
+        #expect(idle <= 6 * 4096)
+    }
+
+    @Test func callsToAnotherPageRunFromTheCache() throws {
+        // nop; mov $100, %ecx; 1: call 0x11000; dec %ecx; jnz 1b; hlt — and at 0x11000:
+        // add $1, %eax; ret. Each call and return changes page; the blocks there are found
+        // without the full decoder, which runs the HLT alone.
+        let code: [UInt8] = [0x90, 0xB9, 100, 0, 0, 0, 0xE8, 0xF5, 0x0F, 0, 0, 0xFF, 0xC9, 0x75, 0xF7, 0xF4]
+        let m = try TestMachine(code)
+        try m.memory.write([0x83, 0xC0, 0x01, 0xC3], at: GuestPhysicalAddress(0x11000))
+        #expect(m.run() == .halt && m.haltedAtEnd(code))
+        #expect(m.cpu[.rax] == 100 && m.cpu[.rcx] == 0)
+        #expect(m.cpu.instructions == 2 + 100 * 5 + 1)
+        #expect(m.cpu.fullDecodes <= 2)
     }
 }
