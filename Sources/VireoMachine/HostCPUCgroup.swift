@@ -216,8 +216,15 @@ final class DomainCPUShares: Sendable {
         let directory = controller.directory(for: domain)
         switch controller.version {
         case .v1:
-            try makeDirectory(controller.processDirectory)
-            try makeDirectory(directory)
+            // Another domain's end may remove the process's directory between the two mkdirs:
+            // make it again then.
+            var attempts = 0
+            repeat {
+                try makeDirectory(controller.processDirectory)
+                attempts += 1
+                if mkdir(directory, 0o755) == 0 || errno == EEXIST { break }
+                guard errno == ENOENT && attempts < 3 else { throw .unsupported("cannot create cgroup \(directory): \(errnoText())") }
+            } while true
         case .v2:
             try makeDirectory(directory)
             do throws(CreditError) {
