@@ -160,10 +160,11 @@ private func writeCgroupFile(_ path: String, _ value: String) throws(CreditError
 }
 
 /// A KVM domain's place in the host's cpu cgroup: its weight and cap, and the vCPU threads it
-/// holds. The cgroup is made when a weight or cap other than the defaults is first set (a domain
-/// that keeps the defaults needs no cgroup, so it runs on hosts without one), holds every vCPU
-/// thread from then on (those already running move in), and is removed when the domain ends,
-/// its threads moved back to the process's own cgroup first.
+/// holds. The cgroup is made when the first vCPU thread starts, or before when a weight or cap
+/// other than the defaults is set; it holds every vCPU thread from then on (those already
+/// running move in) and is removed when the domain ends, its threads moved back to the
+/// process's own cgroup first. On a host without a usable cpu controller a domain that keeps the
+/// defaults runs without one, and other values are refused.
 final class DomainCPUShares: Sendable {
     private struct State {
         var credit = CreditParameters()
@@ -198,15 +199,19 @@ final class DomainCPUShares: Sendable {
                 if state.directory == nil && !state.ended && wanted != CreditParameters() {
                     try create(&state)
                 }
-                if let directory = state.directory, let controller = state.controller {
-                    for (file, value) in controller.settings(weight: wanted.weight, cap: wanted.cap) {
-                        try writeCgroupFile("\(directory)/\(file)", value)
-                    }
-                }
+                try write(wanted, &state)
             } catch {
                 throw .unsupported("\(what) on a KVM domain: \(error)")
             }
             state.credit = wanted
+        }
+    }
+
+    /// Writes the weight and cap to the cgroup's files, when there is one.
+    private func write(_ credit: CreditParameters, _ state: inout State) throws(CreditError) {
+        guard let directory = state.directory, let controller = state.controller else { return }
+        for (file, value) in controller.settings(weight: credit.weight, cap: credit.cap) {
+            try writeCgroupFile("\(directory)/\(file)", value)
         }
     }
 
@@ -266,12 +271,26 @@ final class DomainCPUShares: Sendable {
         state.controller = nil
     }
 
-    /// The calling thread starts running vCPU `index`: into the cgroup when there is one.
+    /// The calling thread starts running vCPU `index`: into the cgroup, made now (with the
+    /// default weight and no cap) when the host has a cpu controller and there is none yet, so
+    /// that every KVM domain of the process is weighed against the others, defaults included.
     /// - Throws: ``CreditError/unsupported(_:)`` when the thread cannot be moved in.
     func enter(vcpu index: Int) throws(CreditError) {
         let tid = pid_t(vireo_gettid())
         try state.withLock { (state: inout State) throws(CreditError) in
             state.threads[index] = tid
+            if state.directory == nil && !state.ended {
+                // Without a cpu controller a domain with the defaults runs as it is (a domain
+                // with other values has its cgroup already: setting them made it).
+                do throws(CreditError) {
+                    try create(&state)
+                    try write(state.credit, &state)
+                    return  // create moved the thread in
+                } catch {
+                    remove(&state)
+                    if state.credit != CreditParameters() { throw error }
+                }
+            }
             if let directory = state.directory, let controller = state.controller {
                 try writeCgroupFile("\(directory)/\(controller.threadsFile)", "\(tid)")
             }

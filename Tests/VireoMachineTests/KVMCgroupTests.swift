@@ -6,6 +6,7 @@ import VireoABI
 import VireoGuestBuilder
 import VireoHypervisor
 @testable import VireoMachine
+import VireoLinux
 
 /// Weights and caps of KVM domains through the host's cpu cgroup (Docs/scheduling.md, "KVM
 /// domains"): the mapping from Xen's parameters to the controller's files, finding the controller
@@ -171,13 +172,15 @@ import VireoHypervisor
         private let failed = Failure()
         var failure: String? { failed.why.withLock { $0 } }
 
-        init(id: DomainID, credit: CreditParameters) throws {
+        init(id: DomainID, credit: CreditParameters, pinnedTo cpu: Int32? = nil) throws {
             let kernel = try KVMCgroupTests.cpubench.get()
             let host = try EmbeddedHost()
             self.host = host
             let handle = self.handle
             let failure = self.failed
             thread = Thread {
+                // vCPU 0 runs on this thread.
+                if let cpu, vireo_pin_thread(cpu) != 0 { failure.why.withLock { $0 = "pinning to CPU \(cpu): errno \(errno)" } }
                 do {
                     let outcome = try host.run(config: DomainConfig(id: id, name: "kvmcap", memoryBytes: 16 << 20), kernel: kernel,
                                                commandLine: SoftCPUSchedulingTests.forever, engine: .kvm, handle: handle, credit: credit) { _ in }
@@ -210,8 +213,8 @@ import VireoHypervisor
         }
     }
 
-    /// Uncapped, then capped at 50 at run time (the cgroup is made then and the running vCPU
-    /// thread moves in), then a weight change; the directory goes with the domain.
+    /// Uncapped (in a cgroup with the defaults), then capped at 50 at run time, then at 10, then
+    /// a weight change; the directory goes with the domain.
     @Test func aCapOf50SetAtRunTimeHoldsAKVMDomainNearHalfACPU() throws {
         guard let controller = Self.usableController() else { return }
         let id = DomainID(41)
@@ -220,8 +223,13 @@ import VireoHypervisor
         defer { running.destroy() }
         #expect(running.failure == nil, "\(running.failure ?? "")")
         #expect(running.handle.isRunning)
-        // The defaults need no cgroup.
-        #expect(access(directory, F_OK) != 0, "\(directory) exists for a domain with the default weight and cap")
+        // With the defaults too the vCPU thread is in the domain's cgroup, so that its weight
+        // counts against the other domains'.
+        #expect(Self.read("\(directory)/\(controller.version == .v1 ? "cpu.shares" : "cpu.weight")")
+                == (controller.version == .v1 ? "1024" : "100"))
+        #expect(Self.read("\(directory)/\(controller.version == .v1 ? "cpu.cfs_quota_us" : "cpu.max")")
+                == (controller.version == .v1 ? "-1" : "max 100000"))
+        #expect(Self.holdsOnlyThisProcessesThreads(directory, controller))
         let uncapped = running.share(over: 1.0)
         print("KVM cpubench uncapped: \(uncapped) of a CPU")
 
@@ -268,6 +276,36 @@ import VireoHypervisor
         #expect(running.thread.isFinished)
         #expect(access(directory, F_OK) != 0, "\(directory) is left after the domain ended")
         #expect(running.failure == nil, "\(running.failure ?? "")")
+    }
+
+    /// Two KVM domains weighted 512 and 256, their vCPU threads pinned to one CPU so that they
+    /// contend: the kernel gives them CPU about 2:1 (cpu.shares 2048:1024 here). Whatever else
+    /// runs on that CPU competes with the process's cgroup as a whole, not with either domain.
+    @Test func weights512And256ShareOneCPU2To1() throws {
+        guard let controller = Self.usableController() else { return }
+        var cpus = [Int32](repeating: 0, count: 256)
+        let count = vireo_allowed_cpus(&cpus, 256)
+        guard count > 0 else {
+            print("skipped: no CPU to pin to (errno \(errno))")
+            return
+        }
+        let cpu = cpus[Int(count) - 1]
+        let heavy = try Running(id: DomainID(44), credit: CreditParameters(weight: 512), pinnedTo: cpu)
+        defer { heavy.destroy() }
+        let light = try Running(id: DomainID(45), credit: CreditParameters(weight: 256), pinnedTo: cpu)
+        defer { light.destroy() }
+        #expect(heavy.failure == nil && light.failure == nil, "\(heavy.failure ?? "") \(light.failure ?? "")")
+        if controller.version == .v1 {
+            #expect(Self.read("\(controller.directory(for: DomainID(44)))/cpu.shares") == "2048")
+            #expect(Self.read("\(controller.directory(for: DomainID(45)))/cpu.shares") == "1024")
+        }
+        usleep(300_000)
+        let (h0, l0) = (heavy.handle.cpuTimeNanoseconds, light.handle.cpuTimeNanoseconds)
+        usleep(2_500_000)
+        let (h1, l1) = (heavy.handle.cpuTimeNanoseconds, light.handle.cpuTimeNanoseconds)
+        let ratio = Double(h1 - h0) / Double(max(1, l1 - l0))
+        print("KVM cpubench 512:256 pinned to CPU \(cpu): \(ratio):1 (\(Double(h1 - h0) / 1e9) s and \(Double(l1 - l0) / 1e9) s of CPU)")
+        #expect(abs(ratio / 2 - 1) < 0.25, "CPU given 512:256 came to \(ratio):1")
     }
 
     /// A cap given at creation: the cgroup exists before the vCPU thread starts, which joins it.
