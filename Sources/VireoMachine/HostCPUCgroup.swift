@@ -159,12 +159,39 @@ private func writeCgroupFile(_ path: String, _ value: String) throws(CreditError
     guard written == bytes.count else { throw .unsupported("cannot write '\(value)' to \(path): \(errnoText())") }
 }
 
+/// The process's live ``DomainCPUShares``, and whether any of them has asked for a weight or cap
+/// (from then on every KVM domain of the process is in a cgroup, so that weights are relative
+/// between all of them).
+private final class CPUSharesRegistry: Sendable {
+    struct Member: Sendable { weak var shares: DomainCPUShares? }
+    let state = Mutex<(engaged: Bool, members: [ObjectIdentifier: Member])>((false, [:]))
+
+    var engaged: Bool { state.withLock { $0.engaged } }
+
+    func add(_ shares: DomainCPUShares) { state.withLock { _ = $0.members[ObjectIdentifier(shares)] = Member(shares: shares) } }
+    func remove(_ id: ObjectIdentifier) { state.withLock { _ = $0.members.removeValue(forKey: id) } }
+
+    /// Engages the process; returns the members other than `caller` (strong references).
+    func engage(by caller: DomainCPUShares) -> [DomainCPUShares] {
+        state.withLock { state in
+            state.engaged = true
+            return state.members.values.compactMap(\.shares).filter { $0 !== caller }
+        }
+    }
+}
+
+private let cpuSharesRegistry = CPUSharesRegistry()
+
 /// A KVM domain's place in the host's cpu cgroup: its weight and cap, and the vCPU threads it
-/// holds. The cgroup is made when the first vCPU thread starts, or before when a weight or cap
-/// other than the defaults is set; it holds every vCPU thread from then on (those already
-/// running move in) and is removed when the domain ends, its threads moved back to the
-/// process's own cgroup first. On a host without a usable cpu controller a domain that keeps the
-/// defaults runs without one, and other values are refused.
+/// holds. A domain that keeps the defaults needs no cgroup while no KVM domain of the process
+/// has asked for other values: creating and moving threads between cgroups costs a fraction of
+/// a millisecond per domain (cgroup v1 here), which a domain that asks for nothing should not pay.
+/// The first weight or cap other than the defaults (set at creation or at run time) makes the
+/// domain's cgroup and *engages* the process: every live KVM domain gets its own, with its
+/// values, its running vCPU threads moved in, and so does each one started later (when its first
+/// vCPU thread starts), so that weights are relative between all of them. A cgroup is removed
+/// when its domain ends, its threads moved back to the process's own cgroup first. On a host
+/// without a usable cpu controller, defaults run without one and other values are refused.
 final class DomainCPUShares: Sendable {
     private struct State {
         var credit = CreditParameters()
@@ -178,9 +205,15 @@ final class DomainCPUShares: Sendable {
     private let domain: DomainID
     private let state = Mutex(State())
 
-    init(domain: DomainID) { self.domain = domain }
+    init(domain: DomainID) {
+        self.domain = domain
+        cpuSharesRegistry.add(self)
+    }
 
     deinit { end() }
+
+    /// Whether a KVM domain of this process has asked for a weight or cap (see the type's doc).
+    static var engaged: Bool { cpuSharesRegistry.engaged }
 
     var parameters: CreditParameters { state.withLock { $0.credit } }
 
@@ -204,6 +237,23 @@ final class DomainCPUShares: Sendable {
                 throw .unsupported("\(what) on a KVM domain: \(error)")
             }
             state.credit = wanted
+        }
+        if parameters != CreditParameters() {
+            for other in cpuSharesRegistry.engage(by: self) { other.join() }
+        }
+    }
+
+    /// The process is engaged: into a cgroup of its own, with its values, if not yet (a failure
+    /// leaves the domain as it was: its values are the defaults, which need none).
+    private func join() {
+        state.withLock { state in
+            guard state.directory == nil && !state.ended else { return }
+            do throws(CreditError) {
+                try create(&state)
+                try write(state.credit, &state)
+            } catch {
+                remove(&state)
+            }
         }
     }
 
@@ -272,14 +322,13 @@ final class DomainCPUShares: Sendable {
     }
 
     /// The calling thread starts running vCPU `index`: into the cgroup, made now (with the
-    /// default weight and no cap) when the host has a cpu controller and there is none yet, so
-    /// that every KVM domain of the process is weighed against the others, defaults included.
+    /// defaults) when the process is engaged and there is none yet.
     /// - Throws: ``CreditError/unsupported(_:)`` when the thread cannot be moved in.
     func enter(vcpu index: Int) throws(CreditError) {
         let tid = pid_t(vireo_gettid())
         try state.withLock { (state: inout State) throws(CreditError) in
             state.threads[index] = tid
-            if state.directory == nil && !state.ended {
+            if state.directory == nil && !state.ended && cpuSharesRegistry.engaged {
                 // Without a cpu controller a domain with the defaults runs as it is (a domain
                 // with other values has its cgroup already: setting them made it).
                 do throws(CreditError) {
@@ -314,5 +363,6 @@ final class DomainCPUShares: Sendable {
             state.ended = true
             remove(&state)
         }
+        cpuSharesRegistry.remove(ObjectIdentifier(self))
     }
 }

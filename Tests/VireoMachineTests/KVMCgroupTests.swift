@@ -223,13 +223,17 @@ import VireoLinux
         defer { running.destroy() }
         #expect(running.failure == nil, "\(running.failure ?? "")")
         #expect(running.handle.isRunning)
-        // With the defaults too the vCPU thread is in the domain's cgroup, so that its weight
-        // counts against the other domains'.
+        // With the defaults, the domain has a cgroup only once a KVM domain of this process has
+        // asked for a weight or cap (then with the defaults, so its weight counts against theirs).
+        if !DomainCPUShares.engaged {
+            #expect(access(directory, F_OK) != 0, "\(directory) exists before any domain asked for a weight or cap")
+        } else {
         #expect(Self.read("\(directory)/\(controller.version == .v1 ? "cpu.shares" : "cpu.weight")")
                 == (controller.version == .v1 ? "1024" : "100"))
         #expect(Self.read("\(directory)/\(controller.version == .v1 ? "cpu.cfs_quota_us" : "cpu.max")")
                 == (controller.version == .v1 ? "-1" : "max 100000"))
         #expect(Self.holdsOnlyThisProcessesThreads(directory, controller))
+        }
         let uncapped = running.share(over: 1.0)
         print("KVM cpubench uncapped: \(uncapped) of a CPU")
 
@@ -290,14 +294,19 @@ import VireoLinux
             return
         }
         let cpu = cpus[Int(count) - 1]
+        // The default-weight domain first: if it started without a cgroup, the 512 one's
+        // weight engages the process and moves it into one of its own.
+        let light = try Running(id: DomainID(45), credit: CreditParameters(), pinnedTo: cpu)
+        defer { light.destroy() }
         let heavy = try Running(id: DomainID(44), credit: CreditParameters(weight: 512), pinnedTo: cpu)
         defer { heavy.destroy() }
-        let light = try Running(id: DomainID(45), credit: CreditParameters(weight: 256), pinnedTo: cpu)
-        defer { light.destroy() }
         #expect(heavy.failure == nil && light.failure == nil, "\(heavy.failure ?? "") \(light.failure ?? "")")
-        if controller.version == .v1 {
-            #expect(Self.read("\(controller.directory(for: DomainID(44)))/cpu.shares") == "2048")
-            #expect(Self.read("\(controller.directory(for: DomainID(45)))/cpu.shares") == "1024")
+        #expect(DomainCPUShares.engaged)
+        for (id, weight) in [(DomainID(44), 512), (DomainID(45), 256)] {
+            let directory = controller.directory(for: id)
+            #expect(Self.read("\(directory)/\(controller.version == .v1 ? "cpu.shares" : "cpu.weight")")
+                    == (controller.version == .v1 ? "\(weight * 4)" : "\(weight * 100 / 256)"))
+            #expect(Self.holdsOnlyThisProcessesThreads(directory, controller))
         }
         usleep(300_000)
         let (h0, l0) = (heavy.handle.cpuTimeNanoseconds, light.handle.cpuTimeNanoseconds)
