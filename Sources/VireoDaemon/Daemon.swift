@@ -604,9 +604,10 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     }
 
     /// Sets the weight and/or cap (`xl sched-credit -d D -w W -c C`): at once on a running
-    /// SoftCPU domain, and recorded for its later runs.
+    /// domain (the credit scheduler for SoftCPU, the host's cpu cgroup for KVM), and recorded
+    /// for its later runs.
     /// - Throws: 400 naming `weight` or `cap` when out of range; 409 naming the field when the
-    ///   domain's engine cannot apply it (KVM).
+    ///   domain's engine cannot apply it (KVM on a host without a usable cpu cgroup).
     public func setSchedCredit(_ key: String, weight: Int?, cap: Int?) throws(APIError) -> SchedCredit {
         let managed = try find(key)
         if let weight, !CreditScheduler.weights.contains(weight) {
@@ -620,7 +621,7 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
                 do throws(CreditError) {
                     try handle.setCredit(weight: weight, cap: cap)
                 } catch {
-                    // The engine refused (KVM): name the field that asked for what it cannot do.
+                    // The engine refused (KVM without a cpu cgroup): name the field that asked for it.
                     let field = switch error {
                     case .weight: "weight"
                     case .cap: "cap"

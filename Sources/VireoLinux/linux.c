@@ -35,6 +35,10 @@ int vireo_futex_wake(uint32_t *addr, int count) {
     return (int)syscall(SYS_futex, addr, FUTEX_WAKE_PRIVATE, count, 0, 0, 0);
 }
 
+int vireo_gettid(void) {
+    return (int)syscall(SYS_gettid);
+}
+
 int vireo_allowed_cpus(int *cpus, int capacity) {
     cpu_set_t set;
     CPU_ZERO(&set);

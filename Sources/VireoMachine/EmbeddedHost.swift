@@ -109,7 +109,8 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     ///
     /// SoftCPU vCPUs run on `scheduler` (the daemon's pool shared by its domains) or, without
     /// one, on a private pool; `credit` is the domain's weight and cap (Docs/scheduling.md). On
-    /// KVM a weight or cap other than the defaults is refused (``CreditError/unsupported(_:)``).
+    /// KVM a weight or cap other than the defaults goes to the host's cpu cgroup
+    /// (``HostCPUController``), or is refused naming why where it has none (``CreditError/unsupported(_:)``).
     ///
     /// `handle`, when given, controls the running domain from other threads (pause, unpause,
     /// destroy) and reports its exits and CPU time: what the daemon holds for each domain.

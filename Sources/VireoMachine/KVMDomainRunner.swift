@@ -93,32 +93,26 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
     public var isPaused: Bool { control.isPaused }
 
     /// KVM vCPUs are host threads the host's scheduler runs; they block on HLT and
-    /// SCHEDOP_block/poll and wake on events as SoftCPU vCPUs do. A weight or cap would be a
-    /// cgroup v2 `cpu.weight`/`cpu.max` over these threads, which Vireo does not manage yet:
-    /// anything but the defaults is refused, naming why.
-    public var creditParameters: CreditParameters { CreditParameters() }
+    /// SCHEDOP_block/poll and wake on events as SoftCPU vCPUs do. A weight or cap other than the
+    /// defaults puts them in a cgroup of their own with the host's cpu controller (cgroup v2
+    /// `cpu.weight`/`cpu.max`, else v1 `cpu.shares`/`cpu.cfs_quota_us`: ``HostCPUController``),
+    /// made at the first such setting and removed when the domain ends; where the host has
+    /// neither, it is refused naming why.
+    public var creditParameters: CreditParameters { shares.parameters }
 
     public func setCredit(weight: Int?, cap: Int?) throws(CreditError) {
-        try CreditScheduler.check(weight: weight ?? CreditScheduler.defaultWeight, cap: cap ?? 0)
-        if let weight, weight != CreditScheduler.defaultWeight {
-            throw .unsupported("weight \(weight) on a KVM domain: \(Self.cgroupRefusal)")
-        }
-        if let cap, cap != 0 {
-            throw .unsupported("cap \(cap) on a KVM domain: \(Self.cgroupRefusal)")
-        }
+        let current = shares.parameters
+        try CreditScheduler.check(weight: weight ?? current.weight, cap: cap ?? current.cap)
+        try shares.set(weight: weight, cap: cap)
     }
+
+    /// The domain's cgroup directory while it has one (a weight or cap was set), else nil.
+    public var cpuCgroupDirectory: String? { shares.directory }
+
+    private let shares: DomainCPUShares
 
     /// The host CPU time the domain's vCPU threads have used so far.
     public var cpuTimeNanoseconds: UInt64 { control.cpuTimeNanoseconds }
-
-    /// Why a KVM domain's weight or cap cannot be applied on this host.
-    static var cgroupRefusal: String {
-        let controllers = (try? String(contentsOfFile: "/sys/fs/cgroup/cgroup.controllers", encoding: .utf8)) ?? ""
-        let why = controllers.isEmpty
-            ? "/sys/fs/cgroup here is not a cgroup v2 hierarchy, so there is no cpu.max or cpu.weight to apply it with"
-            : "Vireo does not place KVM vCPU threads in a cgroup (cpu.max, cpu.weight) yet"
-        return "its vCPUs are host threads scheduled by the host; \(why); weights and caps apply to SoftCPU domains (Docs/scheduling.md)"
-    }
 
     /// Creates the KVM VM and vCPUs for `built` and puts vCPU 0 in the PVH entry state.
     /// Whether /dev/kvm opens and offers what the runner needs (for `--engine auto`).
@@ -149,6 +143,7 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
         let physmap = KVMPhysmap(vm: self.vm, memory: built.domain.memory)
         built.domain.setPhysmapHook { index, frame in try physmap.place(index, at: frame) }
         self.tscHz = (try? vcpus[0].tscKilohertz()).map { $0 * 1000 } ?? 0
+        self.shares = DomainCPUShares(domain: built.domain.id)
         router.connect(services.wake)
     }
 
@@ -158,6 +153,7 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
         domain.setVCPUUpHook { [weak self] index, start in self?.startSecondary(index, start) }
         let reason = control.run(services, boot: { runVCPU(0) }, stopAll: stopAll)
         domain.setVCPUUpHook(nil)
+        shares.end()  // every vCPU thread has left the cgroup
         return reason
     }
 
@@ -207,6 +203,9 @@ public final class KVMDomainRunner: DomainRunner, @unchecked Sendable {  // vCPU
     }
 
     private func runVCPU(_ index: Int) {
+        // Into the domain's cgroup (when a weight or cap made one) before any guest code runs.
+        do { try shares.enter(vcpu: index) } catch { return crash("vCPU \(index): \(error)") }
+        defer { shares.leave(vcpu: index) }
         control.counting(vcpu: index) { runVCPULoop(index) }
     }
 

@@ -151,26 +151,4 @@ import VireoMachine
         print("idle domain, blocked for 1.5 s: \(used) ns of CPU")
         #expect(used < 15_000_000, "a blocked domain used \(used) ns of CPU in 1.5 s")
     }
-
-    /// KVM vCPUs are host threads: their weight and cap stay the defaults, and anything else is
-    /// refused naming why (a handle passes the refusal on).
-    @Test func aKVMDomainRefusesAWeightOrACapNamingWhy() throws {
-        guard access("/dev/kvm", R_OK | W_OK) == 0, KVMDomainRunner.kvmUsable else {
-            print("skipped: /dev/kvm is missing or unusable")
-            return
-        }
-        let images = try Self.images.get()
-        let host = try EmbeddedHost()
-        defer { host.shutdown() }
-        let router = UpcallRouter()
-        let built = try DomainBuilder.build(config: DomainConfig(id: DomainID(1), name: "k", memoryBytes: 16 << 20), kernel: images["cpubench"]!,
-                                            commandLine: "1", hub: host.hub, grantTables: host.grants, console: { _ in }, upcall: { router.upcall($0) })
-        defer { built.domain.destroy() }
-        let runner = try KVMDomainRunner(built: built, router: router)
-        try runner.setCredit(weight: 256, cap: 0)
-        #expect(runner.creditParameters == CreditParameters())
-        #expect(throws: CreditError.self) { try runner.setCredit(weight: 512, cap: nil) }
-        do { try runner.setCredit(weight: nil, cap: 50) } catch { #expect(error.description.contains("cap 50 on a KVM domain") && error.description.contains("cgroup"), "\(error)") }
-        #expect(throws: CreditError.weight(0)) { try runner.setCredit(weight: 0, cap: nil) }
-    }
 }

@@ -29,6 +29,9 @@ int vireo_unshare_network(void);
 int vireo_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 int vireo_futex_wake(uint32_t *addr, int count);
 
+/* The calling thread's ID (gettid(2)): what a cgroup's `tasks` or `cgroup.threads` takes. */
+int vireo_gettid(void);
+
 /*
  * CPU affinity of the calling thread (sched_getaffinity(2) / sched_setaffinity(2), which need
  * _GNU_SOURCE). allowed_cpus writes up to `capacity` CPU numbers the thread may run on, in
