@@ -70,6 +70,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
     private var recentlyGone: [(id: UInt16, name: String, console: ConsoleBuffer, at: Date)] = []
     private let toolstack: XenStoreConnection
     public let started = Date()
+    /// The kernel images the domains keep for restarts, one copy per distinct image.
+    let kernels = KernelImages()
 
     var domainsDirectory: URL { options.stateDirectory.appendingPathComponent("domains") }
     var consoleDirectory: URL { options.stateDirectory.appendingPathComponent("console") }
@@ -261,7 +263,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
         }
         logger.info("creating domain", metadata: ["domain": "\(spec.name)", "id": "\(managed.record.id)", "file": "\(fileName)"])
         let firstRun = FirstRun()
-        let thread = Thread { [self] in lifecycle(managed, kernel: Array(kernel), firstRun: firstRun) }
+        let image = kernels.share(Array(kernel))  // one copy for every domain of the same image
+        let thread = Thread { [self] in lifecycle(managed, kernel: image, firstRun: firstRun) }
         thread.name = "vireod-dom\(managed.record.id)"
         thread.start()
         if let failure = firstRun.wait() {
@@ -303,7 +306,8 @@ public final class Daemon: @unchecked Sendable {  // mutable state only under `l
 
     /// Runs the domain until it is gone or kept stopped: each run on the shared host, then
     /// its on_* action (destroy: forget; restart: run again; preserve: keep the record).
-    private func lifecycle(_ managed: Managed, kernel: [UInt8], firstRun: FirstRun) {
+    private func lifecycle(_ managed: Managed, kernel image: KernelImage, firstRun: FirstRun) {
+        let kernel = image.bytes
         let id = managed.record.id
         var recentRestarts: [Date] = []
         var first = true

@@ -64,6 +64,7 @@ struct VireoD: ParsableCommand {
         let socketPath = DaemonClient.defaultSocket(socket)
         let state = stateDir ?? ProcessInfo.processInfo.environment["VIREO_STATE_DIR"] ?? "/var/lib/vireo"
         signal(SIGPIPE, SIG_IGN)
+        HostLimits.raiseOpenFiles()  // a thousand live domains hold a few descriptors each
         let daemon: Daemon
         do {
             daemon = try Daemon(options: .init(stateDirectory: URL(fileURLWithPath: state), shutdownTimeout: shutdownTimeout,
