@@ -14,9 +14,13 @@ public struct BenchmarkOptions: Sendable {
     public var quick: Bool
     /// Where progress lines go (stderr in the CLI), so stdout stays the contract's lines.
     public var log: @Sendable (String) -> Void
+    /// How many items a benchmark that takes a count uses (density: live domains); nil for
+    /// its default.
+    public var count: Int?
 
-    public init(quick: Bool = false, log: @escaping @Sendable (String) -> Void = { _ in }) {
+    public init(quick: Bool = false, count: Int? = nil, log: @escaping @Sendable (String) -> Void = { _ in }) {
         self.quick = quick
+        self.count = count
         self.log = log
     }
 

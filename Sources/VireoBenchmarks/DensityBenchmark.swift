@@ -25,7 +25,8 @@ public struct DensityBenchmark: Benchmark {
         }
         _ = try BenchmarkGuests.image("idle", benchmark: name, log: options.log)
         let kernel = FileManager.default.currentDirectoryPath + "/.build/guests/idle.elf"
-        let count = options.quick ? 10 : 200
+        let count = options.count ?? (options.quick ? 10 : 200)
+        HostLimits.raiseOpenFiles()
         let directory = FileManager.default.temporaryDirectory.appendingPathComponent("vireo-density-\(getpid())")
         defer { try? FileManager.default.removeItem(at: directory) }
         var logger = Logger(label: "vireod")
@@ -52,6 +53,8 @@ public struct DensityBenchmark: Benchmark {
         let bareRate = Double(bareRuns) / (Double(Measure.now() - bareStart) / 1e9)
 
         let before = Self.residentKiB()
+        let (threadsBefore, fdsBefore) = (Self.entries(in: "/proc/self/task"), Self.entries(in: "/proc/self/fd"))
+        Self.dump("before")
         let cpuBefore = Self.processCPUSeconds()
         options.log("density: creating \(count) idle domains through vireod")
         let start = Measure.now()
@@ -79,6 +82,8 @@ public struct DensityBenchmark: Benchmark {
         }
         usleep(200_000)
         let after = Self.residentKiB()
+        let (threadsAfter, fdsAfter) = (Self.entries(in: "/proc/self/task"), Self.entries(in: "/proc/self/fd"))
+        Self.dump("after")
         let live = daemon.list().filter { $0.state == .running }.count
         let overheadKiB = Double((after.total - before.total) - (after.guest - before.guest)) / Double(count)
         let guestKiB = Double(after.guest - before.guest) / Double(count)
@@ -100,23 +105,15 @@ public struct DensityBenchmark: Benchmark {
                 ("all_idle_seconds", .number(allReadySeconds)),
                 ("destroys_per_second", .number(Double(count) / destroySeconds)),
                 ("guest_mib", .integer(Int64(Self.guestMiB))),
+                ("threads_per_domain", .number(Double(threadsAfter - threadsBefore) / Double(count))),
+                ("fds_per_domain", .number(Double(fdsAfter - fdsBefore) / Double(count))),
             ])
     }
 
     /// This process's resident KiB, and the part of it that is guest memory (the memfd
     /// mappings of the benchmark's domains), from /proc/self/smaps.
     static func residentKiB() -> (total: Int, guest: Int) {
-        // procfs files report size 0: read to the end in chunks.
-        guard let file = fopen("/proc/self/smaps", "r") else { return (0, 0) }
-        defer { fclose(file) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, file) }
-            if n == 0 { break }
-            bytes += chunk[..<n]
-        }
-        let text = String(decoding: bytes, as: UTF8.self)
+        let text = String(decoding: procFile("/proc/self/smaps"), as: UTF8.self)
         var total = 0, guest = 0, inGuest = false
         for line in text.split(separator: "\n") {
             let fields = line.split(separator: " ", omittingEmptySubsequences: true)
@@ -130,6 +127,39 @@ public struct DensityBenchmark: Benchmark {
             }
         }
         return (total, guest)
+    }
+
+    /// A procfs file's bytes (procfs files report size 0: read to the end in chunks).
+    static func procFile(_ path: String) -> [UInt8] {
+        guard let file = fopen(path, "r") else { return [] }
+        defer { fclose(file) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, file) }
+            if n == 0 { break }
+            bytes += chunk[..<n]
+        }
+        return bytes
+    }
+
+    /// How many entries a directory has (threads in /proc/self/task, descriptors in /proc/self/fd).
+    static func entries(in path: String) -> Int {
+        guard let directory = opendir(path) else { return 0 }
+        defer { closedir(directory) }
+        var count = 0
+        while let entry = readdir(directory) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            if name != "." && name != ".." { count += 1 }
+        }
+        return count
+    }
+
+    /// With `VIREO_DENSITY_SMAPS_DIR` set, copies /proc/self/smaps there as `smaps-TAG`: the
+    /// per-mapping figures behind Docs/toolstack.md's breakdown.
+    static func dump(_ tag: String) {
+        guard let dir = ProcessInfo.processInfo.environment["VIREO_DENSITY_SMAPS_DIR"] else { return }
+        _ = FileManager.default.createFile(atPath: "\(dir)/smaps-\(tag)", contents: Data(procFile("/proc/self/smaps")))
     }
 
     static func processCPUSeconds() -> Double {

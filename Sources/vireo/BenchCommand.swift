@@ -29,9 +29,15 @@ struct BenchCommand: AsyncParsableCommand {
     @Flag(help: "List the benchmarks.")
     var list = false
 
+    @Option(help: "How many items, for benchmarks that take a count (density: live domains, default 200).")
+    var count: Int?
+
     func validate() throws {
         if !list && name == nil {
             throw ValidationError("name a benchmark, or pass --list")
+        }
+        if let count, !(1...100_000).contains(count) {
+            throw ValidationError("--count \(count): give 1 to 100000")
         }
     }
 
@@ -47,7 +53,7 @@ struct BenchCommand: AsyncParsableCommand {
         guard let benchmark = Self.registry[name] else {
             throw BenchmarkError.unknown(name: name, known: Self.registry.names)
         }
-        let options = BenchmarkOptions(quick: quick) { line in
+        let options = BenchmarkOptions(quick: quick, count: count) { line in
             var text = line + "\n"
             text.withUTF8 { _ = write(STDERR_FILENO, $0.baseAddress, $0.count) }
         }
