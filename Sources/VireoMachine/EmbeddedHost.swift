@@ -43,7 +43,9 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
     }
 
     public init() throws {
-        host = try HostEventDomain(hub: hub)
+        // Every domain binds two of the host's ports (XenStore, console) and each backend one
+        // more: the 2-level ABI's most (4096), not the default 1024, so a thousand domains fit.
+        host = try HostEventDomain(hub: hub, portLimit: EventChannels.maxPortLimit)
         store = XenStore()
         let grants = self.grants, mappings = self.mappings, hostID = host.id
         // The store page of a domain, through its reserved grant (GNTTAB_RESERVED_XENSTORE).
