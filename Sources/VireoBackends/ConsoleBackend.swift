@@ -171,7 +171,8 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
     public func poke() { wake.kick() }
 
     /// Serves the console until ``stop()``: drains the `out` ring at start, on every
-    /// notification and every 100 ms (so a dropped-bytes line appears once the bucket refills);
+    /// notification and, while drops are pending, every 100 ms (so a dropped-bytes line appears
+    /// once the bucket refills);
     /// at the end drains once more, reports any drops still pending, and disconnects.
     ///
     /// Given `input` (a terminal, a pipe), what can be read from it goes into the `in` ring on
@@ -184,7 +185,11 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
             serveOutput()
             reader?.serve(self)
             if stopping.load(ordering: .acquiring) { break }
-            wake.wait(milliseconds: 100, alsoReadable: reader?.waitsForInput == true ? reader!.fd : -1)
+            // Idle, it sleeps until a notification, input or stop(): a thousand idle consoles
+            // cost no wake-ups. It looks again in 100 ms while a drop is yet to be reported
+            // (the bucket refills) or input waits for room in the ring.
+            let idle = pendingDrops == 0 && reader?.pending.isEmpty != false
+            wake.wait(milliseconds: idle ? -1 : 100, alsoReadable: reader?.waitsForInput == true ? reader!.fd : -1)
         }
         serveOutput()
         if pendingDrops > 0 { emitMarker() }

@@ -80,7 +80,11 @@ public struct DensityBenchmark: Benchmark {
         guard ready == count else {
             throw BenchmarkError.unavailable(name: name, reason: "only \(ready) of \(count) guests became idle")
         }
-        usleep(200_000)
+        // What the idle domains cost the host's CPUs (console and event polls, timers), over 1 s.
+        let idleCPUBefore = Self.processCPUSeconds()
+        let idleStart = Measure.now()
+        usleep(1_000_000)
+        let idleCPUPercent = (Self.processCPUSeconds() - idleCPUBefore) / (Double(Measure.now() - idleStart) / 1e9) * 100
         let after = Self.residentKiB()
         let (threadsAfter, fdsAfter) = (Self.entries(in: "/proc/self/task"), Self.entries(in: "/proc/self/fd"))
         Self.dump("after")
@@ -107,6 +111,7 @@ public struct DensityBenchmark: Benchmark {
                 ("guest_mib", .integer(Int64(Self.guestMiB))),
                 ("threads_per_domain", .number(Double(threadsAfter - threadsBefore) / Double(count))),
                 ("fds_per_domain", .number(Double(fdsAfter - fdsBefore) / Double(count))),
+                ("idle_cpu_percent", .number(idleCPUPercent)),
             ])
     }
 
