@@ -171,13 +171,25 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
     public func poke() { wake.kick() }
 
     /// Serves the console until ``stop()``: drains the `out` ring at start, on every
-    /// notification and every 100 ms (so a dropped-bytes line appears once the bucket refills);
+    /// notification and, while drops are pending, every 100 ms (so a dropped-bytes line appears
+    /// once the bucket refills);
     /// at the end drains once more, reports any drops still pending, and disconnects.
-    public func run() {
+    ///
+    /// Given `input` (a terminal, a pipe), what can be read from it goes into the `in` ring on
+    /// the same thread, read when it is
+    /// readable and the last read has gone into the ring, retried while the ring is full (on
+    /// the guest's notification or every 100 ms), until the end of its input.
+    public func run(input: Int32? = nil) {
+        var reader = input.map { InputReader(fd: $0) }
         while !stopping.load(ordering: .acquiring) {
             serveOutput()
+            reader?.serve(self)
             if stopping.load(ordering: .acquiring) { break }
-            wake.wait(milliseconds: 100)
+            // Idle, it sleeps until a notification, input or stop(): a thousand idle consoles
+            // cost no wake-ups. It looks again in 100 ms while a drop is yet to be reported
+            // (the bucket refills) or input waits for room in the ring.
+            let idle = pendingDrops == 0 && reader?.pending.isEmpty != false
+            wake.wait(milliseconds: idle ? -1 : 100, alsoReadable: reader?.waitsForInput == true ? reader!.fd : -1)
         }
         serveOutput()
         if pendingDrops > 0 { emitMarker() }
@@ -206,23 +218,35 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
         }
     }
 
-    /// Forwards what can be read from `fd` (a terminal, a pipe) into the `in` ring until the
-    /// end of its input or ``stop()``, waiting while the ring is full; on the caller's thread.
-    /// A terminal is read as it is set up (in canonical mode, a line at a time).
-    public func forwardInput(from fd: Int32) {
-        var buffer = [UInt8](repeating: 0, count: 512)
-        while !stopping.load(ordering: .acquiring) {
-            var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            guard poll(&poller, 1, 100) > 0 else { continue }
-            let count = Glibc.read(fd, &buffer, buffer.count)
-            if count < 0 && (errno == EINTR || errno == EAGAIN) { continue }
-            guard count > 0 else { return }  // end of input, or an error: stop reading
-            var pending = Array(buffer[0..<count])
-            while !pending.isEmpty && !stopping.load(ordering: .acquiring) && isConnected {
-                let sent = send(input: pending)
-                pending.removeFirst(sent)
-                if !pending.isEmpty { usleep(2000) }  // the guest has not read the ring yet
+    /// What ``run(input:)`` reads from its input descriptor and has not yet put in the ring.
+    private struct InputReader {
+        let fd: Int32
+        var pending: [UInt8] = []
+        var ended = false
+
+        /// Whether the loop should wake when `fd` is readable (not while bytes wait for room).
+        var waitsForInput: Bool { !ended && pending.isEmpty }
+
+        mutating func serve(_ backend: ConsoleBackend) {
+            if pending.isEmpty && !ended {
+                var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                if poll(&poller, 1, 0) > 0 {
+                    var buffer = [UInt8](repeating: 0, count: 512)
+                    let count = Glibc.read(fd, &buffer, buffer.count)
+                    if count > 0 {
+                        pending = Array(buffer[0..<count])
+                    } else if count == 0 || (errno != EINTR && errno != EAGAIN) {
+                        ended = true  // end of input, or an error: stop reading
+                    }
+                }
             }
+            guard !pending.isEmpty else { return }
+            guard backend.isConnected else {
+                pending = []
+                ended = true
+                return
+            }
+            pending.removeFirst(backend.send(input: pending))
         }
     }
 

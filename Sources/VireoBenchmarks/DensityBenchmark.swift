@@ -54,6 +54,7 @@ public struct DensityBenchmark: Benchmark {
 
         let before = Self.residentKiB()
         let (threadsBefore, descriptorsBefore) = (Self.threadCount(), Self.descriptorCount())
+        Self.dump("before")
         let cpuBefore = Self.processCPUSeconds()
         options.log("density: creating \(count) idle domains through vireod")
         let start = Measure.now()
@@ -79,9 +80,14 @@ public struct DensityBenchmark: Benchmark {
         guard ready == count else {
             throw BenchmarkError.unavailable(name: name, reason: "only \(ready) of \(count) guests became idle")
         }
-        usleep(200_000)
+        // What the idle domains cost the host's CPUs (console and event polls, timers), over 1 s.
+        let idleCPUBefore = Self.processCPUSeconds()
+        let idleStart = Measure.now()
+        usleep(1_000_000)
+        let idleCPUPercent = (Self.processCPUSeconds() - idleCPUBefore) / (Double(Measure.now() - idleStart) / 1e9) * 100
         let after = Self.residentKiB()
         let (threadsAfter, descriptorsAfter) = (Self.threadCount(), Self.descriptorCount())
+        Self.dump("after")
         let live = daemon.list().filter { $0.state == .running }.count
         let overheadKiB = Double((after.total - before.total) - (after.guest - before.guest)) / Double(count)
         let guestKiB = Double(after.guest - before.guest) / Double(count)
@@ -112,6 +118,7 @@ public struct DensityBenchmark: Benchmark {
                 ("other_anonymous_kib_per_domain", .number(perDomain(after.otherAnonymous, before.otherAnonymous))),
                 ("threads_per_domain", .number(perDomain(threadsAfter, threadsBefore))),
                 ("descriptors_per_domain", .number(perDomain(descriptorsAfter, descriptorsBefore))),
+                ("idle_cpu_percent", .number(idleCPUPercent)),
             ])
     }
 
@@ -121,17 +128,8 @@ public struct DensityBenchmark: Benchmark {
     /// anonymous mappings inside a 64 MiB-aligned arena reservation), and other anonymous memory
     /// (decode caches, ring and frame buffers, mmap'd allocations).
     static func residentKiB() -> (total: Int, guest: Int, stacks: Int, heap: Int, otherAnonymous: Int) {
-        // procfs files report size 0: read to the end in chunks.
-        guard let file = fopen("/proc/self/smaps", "r") else { return (0, 0, 0, 0, 0) }
-        defer { fclose(file) }
-        var bytes: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, file) }
-            if n == 0 { break }
-            bytes += chunk[..<n]
-        }
-        let text = String(decoding: bytes, as: UTF8.self)
+        let text = String(decoding: procFile("/proc/self/smaps"), as: UTF8.self)
+        guard !text.isEmpty else { return (0, 0, 0, 0, 0) }
         enum Kind { case guest, stack, heap, anonymous, file }
         var total = 0, guest = 0, stacks = 0, heap = 0, other = 0
         var kind = Kind.file, start: UInt64 = 0
@@ -173,6 +171,27 @@ public struct DensityBenchmark: Benchmark {
 
     static func descriptorCount() -> Int {
         (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 0
+    }
+
+    /// A procfs file's bytes (procfs files report size 0: read to the end in chunks).
+    static func procFile(_ path: String) -> [UInt8] {
+        guard let file = fopen(path, "r") else { return [] }
+        defer { fclose(file) }
+        var bytes: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { fread($0.baseAddress, 1, $0.count, file) }
+            if n == 0 { break }
+            bytes += chunk[..<n]
+        }
+        return bytes
+    }
+
+    /// With `VIREO_DENSITY_SMAPS_DIR` set, copies /proc/self/smaps there as `smaps-TAG`: the
+    /// per-mapping figures behind Docs/toolstack.md's breakdown.
+    static func dump(_ tag: String) {
+        guard let dir = ProcessInfo.processInfo.environment["VIREO_DENSITY_SMAPS_DIR"] else { return }
+        _ = FileManager.default.createFile(atPath: "\(dir)/smaps-\(tag)", contents: Data(procFile("/proc/self/smaps")))
     }
 
     static func processCPUSeconds() -> Double {

@@ -154,19 +154,13 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
         let consoleBackend = try ConsoleBackend(frontend: built.domain.id, port: built.consolePort, grants: grants, host: host,
                                                 logPath: consoleLog, rateLimit: consoleRate, sink: console,
                                                 log: { FileHandle.standardError.write(Data("vireo: \($0)\n".utf8)) })
-        let consoleThread = Thread { consoleBackend.run() }
+        // One thread serves both directions (console input, when given, is read on it too).
+        let consoleThread = Thread { consoleBackend.run(input: consoleInput) }
         consoleThread.name = "vireo-console-\(built.domain.id.rawValue)"
         consoleThread.start()
-        var inputThread: Thread?
-        if let consoleInput {
-            let thread = Thread { consoleBackend.forwardInput(from: consoleInput) }
-            thread.name = "vireo-console-input-\(built.domain.id.rawValue)"
-            thread.start()
-            inputThread = thread
-        }
         defer {
             consoleBackend.stop()
-            while !consoleThread.isFinished || inputThread.map({ !$0.isFinished }) == true { usleep(1000) }
+            while !consoleThread.isFinished { usleep(1000) }
         }
         try store.introduceDomain(built.domain.id, frame: built.storeFrame, port: built.storePort)
         // The toolstack's nodes for the domain, written as dom0 (xl writes these too). The

@@ -254,15 +254,18 @@ final class RunControl: @unchecked Sendable {  // state behind atomics and a mut
     private let secondaries = Mutex<[Finished]>([])
     private final class Finished: Sendable { let flag = Atomic<Bool>(false) }
 
-    /// Runs the boot vCPU (`boot`) on the calling thread with the timer thread beside it; when
-    /// it returns, stops every vCPU (`stopAll`) and waits for the timer thread and the threads
-    /// of vCPUs started with ``startSecondary(_:_:)``. Returns the domain's shutdown reason.
-    func run(_ services: VCPUServices, boot: () -> Void, stopAll: () -> Void) -> ShutdownReason {
-        let timers = VCPUServices.startTimerThread(domain: services.domain, waker: timerWaker, kickAll: services.wakeAll)
+    /// Runs the boot vCPU (`boot`) on the calling thread, with the timer thread beside it when
+    /// `timerThread` (a runner whose vCPUs look at timers themselves, as the SoftCPU's do on the
+    /// scheduler, needs none); when it returns, stops every vCPU (`stopAll`) and waits for the
+    /// timer thread and the threads of vCPUs started with ``startSecondary(_:_:)``. Returns the
+    /// domain's shutdown reason.
+    func run(_ services: VCPUServices, timerThread: Bool = true, boot: () -> Void, stopAll: () -> Void) -> ShutdownReason {
+        let timers = timerThread
+            ? VCPUServices.startTimerThread(domain: services.domain, waker: timerWaker, kickAll: services.wakeAll) : nil
         boot()
         stopAll()
         timerWaker.wake()
-        while !timers.isFinished { usleep(200) }
+        while let timers, !timers.isFinished { usleep(200) }
         for done in secondaries.withLock({ $0 }) {
             while !done.flag.load(ordering: .acquiring) { usleep(200) }
         }

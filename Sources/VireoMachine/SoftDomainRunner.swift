@@ -137,10 +137,16 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
     /// the calling thread waiting. Returns the reason.
     public func run() -> ShutdownReason {
         domain.setVCPUUpHook { [weak self] index, start in self?.startSecondary(index, start) }
-        let reason = control.run(services, boot: {
+        // No timer thread: a running vCPU fires due timers at each step (at most a slice
+        // late), a blocked one is woken by the scheduler at the earliest deadline, and a timer
+        // armed or disarmed makes the blocked vCPUs look again (their wake-up time changed).
+        let vcpus = self.vcpus
+        domain.setTimerHook { for index in vcpus.progress.indices { vcpus.wake(index) } }
+        let reason = control.run(services, timerThread: false, boot: {
             schedule(0)
             scheduled.waitForVCPUs()
         }, stopAll: stopAll)
+        domain.setTimerHook(nil)
         domain.setVCPUUpHook(nil)
         domain.setPhysmapHook(nil)
         scheduled.remove()
@@ -214,6 +220,10 @@ public final class SoftDomainRunner: DomainRunner, @unchecked Sendable {  // eac
                 progress.sleeping = nil
                 publishTime(index)  // time moved on while the vCPU slept
             }
+        }
+        // The timers that fell due while this vCPU ran (no timer thread watches them).
+        if let next = domain.nextTimerDeadline, next <= domain.systemTime() {
+            domain.fireDueTimers()
         }
         if let vector = services.upcallVector(index), cpu.readyForInterrupt {
             cpu.injectInterrupt(vector: vector)
