@@ -124,6 +124,35 @@ let writing = UInt16(VIREO_GTF_writing)
         #expect(f.revoke(a) && f.revoke(b) && f.revoke(readOnly))
     }
 
+    /// The inlined pin path for one I/O: a grant named twice in one writable batch joins its
+    /// own pin (two writers), the guest cannot end either grant while the body runs (SECURITY.md
+    /// 8), and afterwards both counts are zero, the flags clear and the grants end.
+    @Test func withMappedPagesHoldsGrantsInUseUntilTheBodyReturns() throws {
+        var f = try GrantFixture()
+        let a = try f.grant(to: GrantFixture.backendID, frame: 11, readOnly: false)
+        let b = try f.grant(to: GrantFixture.backendID, frame: 12, readOnly: false)
+        let pages = UnsafeMutableBufferPointer<SharedRegion>.allocate(capacity: 3)
+        defer { pages.deallocate() }
+        let table = f.table
+        var endedWhilePinned = [Bool]()
+        var flagsWhilePinned = [UInt16]()
+        try [a, b, a].withUnsafeBufferPointer { refs in
+            try table.withMappedPages(refs, by: GrantFixture.backendID, writable: true, pages: pages) { mapped in
+                #expect(mapped.count == 3)
+                #expect(table.pins(a) == (0, 2) && table.pins(b) == (0, 1))
+                mapped[2].store(UInt32(0x5eed), at: 100)
+                flagsWhilePinned = [(try? f.flags(a)) ?? 0, (try? f.flags(b)) ?? 0]
+                endedWhilePinned = [f.revoke(a), f.revoke(b)]
+            }
+        }
+        #expect(endedWhilePinned == [false, false])
+        #expect(flagsWhilePinned.allSatisfy { $0 & (reading | writing) == reading | writing })
+        #expect(try f.memory.load(UInt32.self, at: GuestPhysicalAddress(11 * 4096 + 100)) == 0x5eed)
+        #expect(table.pins(a) == (0, 0) && table.pins(b) == (0, 0))
+        #expect(try f.flags(a) & (reading | writing) == 0 && f.flags(b) & (reading | writing) == 0)
+        #expect(f.revoke(a) && f.revoke(b))
+    }
+
     @Test func droppingTheMappingUnmaps() throws {
         var f = try GrantFixture()
         let ref = try f.grant(to: GrantFixture.backendID, frame: 3, readOnly: true)

@@ -1,6 +1,7 @@
 import Glibc
 import Synchronization
 import VireoABI
+import VireoAtomics
 import VireoHypercalls
 
 /// One domain's grant table (version 1): the entries live in special frames of the domain's
@@ -159,6 +160,7 @@ public final class GrantTable: @unchecked Sendable {
         throw .generalError
     }
 
+    @inline(__always)
     private func clearFlags(_ region: SharedRegion, _ offset: Int, _ bits: UInt16) {
         _ = region.fetchAnd16(~bits, at: offset + GrantTableLayout.flagsOffset)
     }
@@ -171,55 +173,67 @@ public final class GrantTable: @unchecked Sendable {
         if spins & 63 == 0 { sched_yield() } else { Barrier.relax() }
     }
 
+    /// The record of `ref`, a reference the caller checked against the table's size (or holds a
+    /// pin on): its atomics go straight to the record, without a bounds check per access.
+    @inline(__always)
+    private func record(_ ref: UInt32) -> UnsafeMutableRawPointer {
+        activeStorage + Int(ref) &* Self.recordSize
+    }
+
     /// Pins `ref` for `grantee` and returns the granted frame.
     ///
     /// Joining users that already set the flags this pin needs is one compare-exchange of the
     /// count word. Otherwise the pin takes the record's busy bit, sets the guest's flags (and,
     /// for the first use, reads and checks the frame), then publishes the new count and drops
     /// the bit in one release store.
+    ///
+    /// Inlined into its callers (``withMappedPages(_:by:writable:pages:_:)``, copies, maps): it
+    /// runs once per page of every packet a backend moves, and a call's prologue, spills and
+    /// epilogue cost about as much as its uncontended compare-exchanges.
+    @inline(__always)
     private func pin(_ ref: UInt32, grantee: DomainID, writable: Bool) throws(GrantStatus) -> UInt32 {
         guard !dead.load(ordering: .acquiring) else { throw .badDomain }
         guard Int(ref) < frameCount.load(ordering: .acquiring) * GrantTableLayout.entriesPerFrame else { throw .badGntref }
-        let at = Int(ref) * Self.recordSize
+        let record = self.record(ref)
         let unit = writable ? Self.writerUnit : Self.readerUnit
         var spins = 0
         while true {
-            let word = active.loadAcquire64(at: at)
+            let word = vireo_load_acquire_u64(record)
             if word & Self.busy != 0 { waitForRecord(&spins); continue }
             let readers = word & Self.countMask, writers = (word >> 28) & Self.countMask
             guard (writable ? writers : readers) < Self.countMask else { throw .noSpace }
             let inUse = readers + writers != 0
             if inUse && (!writable || writers != 0) {
                 // The flags this pin needs are set and stay set while we hold a count.
-                guard active.compareExchange64(at: at, expected: word, desired: word + unit) == word else { continue }
-                guard active.load(UInt16.self, at: at + 12) == grantee.rawValue else {
+                guard vireo_compare_exchange_u64(record, word, word + unit) == word else { continue }
+                guard record.load(fromByteOffset: 12, as: UInt16.self) == grantee.rawValue else {
                     unpin(ref, writable: writable)
                     throw .permissionDenied
                 }
-                return active.load(UInt32.self, at: at + 8)
+                return record.load(fromByteOffset: 8, as: UInt32.self)
             }
-            guard active.compareExchange64(at: at, expected: word, desired: word | Self.busy) == word else { continue }
+            guard vireo_compare_exchange_u64(record, word, word | Self.busy) == word else { continue }
             // This thread owns the record until the store below.
             let (region, offset) = entry(ref)
             let frame: UInt32
             if inUse {
                 // A writer joins readers: the grantee must match and the entry must allow writes.
-                guard active.load(UInt16.self, at: at + 12) == grantee.rawValue else {
-                    active.storeRelease64(word, at: at)
+                guard record.load(fromByteOffset: 12, as: UInt16.self) == grantee.rawValue else {
+                    vireo_store_release_u64(record, word)
                     throw .permissionDenied
                 }
                 do throws(GrantStatus) {
                     try setStatus(region, offset, grantee: grantee, writable: true)
                 } catch {
-                    active.storeRelease64(word, at: at)
+                    vireo_store_release_u64(record, word)
                     throw error
                 }
-                frame = active.load(UInt32.self, at: at + 8)
+                frame = record.load(fromByteOffset: 8, as: UInt32.self)
             } else {
                 do throws(GrantStatus) {
                     try setStatus(region, offset, grantee: grantee, writable: writable)
                 } catch {
-                    active.storeRelease64(word, at: at)
+                    vireo_store_release_u64(record, word)
                     throw error
                 }
                 // Read the frame after the flags say "in use": from here on the granter may not
@@ -227,26 +241,27 @@ public final class GrantTable: @unchecked Sendable {
                 frame = region.load(UInt32.self, at: offset + GrantTableLayout.frameOffset)
                 guard memory.isRAM(GuestFrame(UInt64(frame))) else {
                     clearFlags(region, offset, GrantTableLayout.reading | (writable ? GrantTableLayout.writing : 0))
-                    active.storeRelease64(word, at: at)
+                    vireo_store_release_u64(record, word)
                     throw .badPage
                 }
-                active.store(frame, at: at + 8)
-                active.store(grantee.rawValue, at: at + 12)
+                record.storeBytes(of: frame, toByteOffset: 8, as: UInt32.self)
+                record.storeBytes(of: grantee.rawValue, toByteOffset: 12, as: UInt16.self)
             }
-            active.storeRelease64(word + unit, at: at)
+            vireo_store_release_u64(record, word + unit)
             return frame
         }
     }
 
     /// Drops one pin taken by `pin`. The last writer clears GTF_writing and the last user
     /// GTF_reading, owning the record (busy) meanwhile so no new pin can slip in between the
-    /// count reaching zero and the flags being cleared.
+    /// count reaching zero and the flags being cleared. Inlined, as ``pin(_:grantee:writable:)``.
+    @inline(__always)
     private func unpin(_ ref: UInt32, writable: Bool) {
-        let at = Int(ref) * Self.recordSize
+        let record = self.record(ref)
         let unit = writable ? Self.writerUnit : Self.readerUnit
         var spins = 0
         while true {
-            let word = active.loadAcquire64(at: at)
+            let word = vireo_load_acquire_u64(record)
             if word & Self.busy != 0 { waitForRecord(&spins); continue }
             precondition((writable ? (word >> 28) & Self.countMask : word & Self.countMask) != 0,
                          "grant unpinned more often than pinned")
@@ -255,13 +270,13 @@ public final class GrantTable: @unchecked Sendable {
             let dropWriting = writable && writers == 0
             let dropReading = readers + writers == 0
             if !dropWriting && !dropReading {
-                if active.compareExchange64(at: at, expected: word, desired: left) == word { return }
+                if vireo_compare_exchange_u64(record, word, left) == word { return }
                 continue
             }
-            guard active.compareExchange64(at: at, expected: word, desired: word | Self.busy) == word else { continue }
+            guard vireo_compare_exchange_u64(record, word, word | Self.busy) == word else { continue }
             let (region, offset) = entry(ref)
             clearFlags(region, offset, (dropWriting ? GrantTableLayout.writing : 0) | (dropReading ? GrantTableLayout.reading : 0))
-            active.storeRelease64(left, at: at)
+            vireo_store_release_u64(record, left)
             return
         }
     }
