@@ -207,6 +207,20 @@ extension Daemon {
         return (updated, outcome)
     }
 
+    /// Starts `device`, already recorded on the domain and in its spec (persisted); if it does
+    /// not start, the record is undone (`undo` takes it out of the spec). Under no lock.
+    private func start(_ device: AttachedDevice, on managed: Managed, what: String, field: String,
+                       undo: (inout DomainSpec) -> Void) throws(APIError) {
+        do { try start(device, what: what, field: field) } catch {
+            lock.withLock {
+                managed.devices[device.key] = nil
+                undo(&managed.record.spec)
+                persist(managed.record)
+            }
+            throw error
+        }
+    }
+
     /// Starts a device the daemon attached to the running domain: publishes its nodes and
     /// serves it on a thread of its own. Under no lock.
     private func start(_ device: AttachedDevice, what: String, field: String) throws(APIError) {
@@ -254,14 +268,7 @@ extension Daemon {
             persist(managed.record)
             return device
         }
-        do { try start(device, what: "disk '\(text)'", field: "disk") } catch {
-            lock.withLock {
-                managed.devices[device.key] = nil
-                managed.record.spec.disks.removeAll { $0.device == parsed.device }
-                persist(managed.record)
-            }
-            throw error
-        }
+        try start(device, on: managed, what: "disk '\(text)'", field: "disk") { $0.disks.removeAll { $0.device == parsed.device } }
         logger.info("disk attached", metadata: ["id": "\(id)", "vdev": "\(parsed.vdev)", "target": "\(parsed.target)"])
         return lock.withLock { info(locked: managed) }
     }
@@ -316,14 +323,8 @@ extension Daemon {
             persist(managed.record)
             return device
         }
-        do { try start(device, what: "vif '\(text)'", field: "vif") } catch {
-            lock.withLock {
-                managed.devices[device.key] = nil
-                managed.record.spec.vifs.removeAll { $0.devid == parsed.devid }
-                persist(managed.record)
-            }
-            throw error
-        }
+        let devid = parsed.devid
+        try start(device, on: managed, what: "vif '\(text)'", field: "vif") { $0.vifs.removeAll { $0.devid == devid } }
         logger.info("vif attached", metadata: ["id": "\(id)", "devid": "\(parsed.devid ?? 0)"])
         return lock.withLock { info(locked: managed) }
     }
