@@ -271,12 +271,16 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
         // decodes from before are dropped (O(1)).
         decodeCache.flush()
         var left = budget
+        // Set when the budget ends inside a block: the rest of the slice (fewer instructions
+        // than that block) goes through the full decoder, whose flags are exact after every
+        // instruction (a block's entries skip flags that a later entry overwrites).
+        var stepsOnly = false
         running: while left > 0 {
             // Blocks of decoded instructions, each run straight through with no lookup between
             // its instructions. None of them exits, opens an interrupt shadow or changes RIP
             // before its last access that can fault, so a fault needs no restart bookkeeping.
             // RIP stays in a register (`pc`) meanwhile.
-            if !interruptShadow {
+            if !interruptShadow, !stepsOnly {
                 var pc = rip
                 var view = cacheView()
                 blocks: while left > 0 {
@@ -293,14 +297,12 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
                     }
                     let block = head.pointee
                     if block.count == 0 { break }
-                    let first = view.entries + Int(block.start)
-                    var end = first + Int(block.count)
                     if Int(block.retired) > left {
-                        // The budget ends inside the block: run as far as it reaches.
-                        end = first
-                        while Int(end.pointee.through) < left { end += 1 }
-                        end += 1
+                        stepsOnly = true
+                        break
                     }
+                    let first = view.entries + Int(block.start)
+                    let end = first + Int(block.count)
                     let start = pc
                     var outcome = runEntries(first, end, from: pc, generation: view.generation)
                     // A loop whose back edge returns to the block's start runs it again

@@ -39,6 +39,9 @@ struct DecodedInstruction {
     var retired: UInt8 = 1
     /// Instructions its block retires up to and including this entry.
     var through: UInt16 = 0
+    /// The flags this entry sets are overwritten later in its block before anything can read
+    /// them (a Jcc, a fault, the block's end): it computes its result alone.
+    var flagsDead = false
 
     static let noRegister: UInt8 = 0xFF
     static let ripBase: UInt8 = 16
@@ -49,6 +52,10 @@ enum DecodedKind: UInt8 {
     case movRR, aluRR, aluRI, shiftRI, incDec, imulRR, imulRRI, movRI
     case load, store, aluRM, aluMR, aluMI, lea, imulRM, imulRMI, storeImm
     case jcc, jmp, call, ret, push, pop
+    /// A Jcc whose flags come from a SUB or CMP (`jccSub`) or an AND, OR, XOR or TEST
+    /// (`jccLogic`) earlier in its block, at operand size `size`, with nothing between that
+    /// changes them: the condition straight from the lazy operands (not O or P).
+    case jccSub, jccLogic
     // The commonest ALU operations and shifts on registers, each its own case so that one
     // dispatch does the whole instruction.
     case addRR, subRR, cmpRR, andRR, orRR, xorRR, testRR
@@ -103,6 +110,45 @@ enum DecodedKind: UInt8 {
         case .storeImm: return .storeImmN
         case .incDec: return .incDecN
         default: return nil
+        }
+    }
+
+    /// What an entry does to the arithmetic flags, for the block's dead-flag pass.
+    enum FlagEffect { case transparent, sets, other }
+
+    /// Whether the entry `d` (of this kind) leaves the flags alone and cannot fault or stop its
+    /// block (`transparent`), sets all six from its operands and honours
+    /// ``DecodedInstruction/flagsDead`` (`sets`), or anything else: it may read them, set
+    /// some, fault, exit or stop the block (`other`: the flags before it must be exact).
+    static func flagEffect(_ d: DecodedInstruction) -> FlagEffect {
+        switch d.kind {
+        case .movRR:
+            switch d.second {
+            case .general: return .transparent
+            case .shlRI, .shrRI, .sarRI: return d.secondImm != 0 ? .sets : .transparent
+            default: return .sets
+            }
+        case .movRI, .lea, .jmp, .movRRn, .movRIn, .movzxR, .movsxR:
+            return .transparent
+        case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR, .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI,
+             .imulRR, .imulRRI:
+            return .sets
+        case .shlRI, .shrRI, .sarRI:
+            return d.imm != 0 ? .sets : .transparent
+        default:
+            return .other
+        }
+    }
+
+    /// For a flag-setting entry, the Jcc kind that reads its flags straight (`jccSub`,
+    /// `jccLogic`) and the operand size; `.jcc` when there is none.
+    static func flagSource(_ d: DecodedInstruction) -> (DecodedKind, UInt8) {
+        let kind = d.kind == .movRR ? d.second : d.kind
+        let size = d.kind == .movRR ? d.secondSize : d.size
+        switch kind {
+        case .subRR, .cmpRR, .subRI, .cmpRI: return (.jccSub, size)
+        case .andRR, .orRR, .xorRR, .testRR, .andRI, .orRI, .xorRI: return (.jccLogic, size)
+        default: return (.jcc, size)
         }
     }
 
@@ -373,7 +419,9 @@ extension SoftCPU {
             if d.kind == .movRR, offset + length <= 4096 - 16 {
                 // The operation after it is on the same page, so writes there drop both.
                 let next = Self.decode(code + length, tag: 0)
-                if next.kind.registerOnly {
+                // Only an operation on the MOV's destination (the two-operand idiom): the run
+                // loop then hands it the moved value in a register.
+                if next.kind.registerOnly, next.reg == d.reg {
                     d.second = next.kind
                     d.secondReg = next.reg
                     d.secondSrc = next.src
@@ -398,6 +446,39 @@ extension SoftCPU {
                 continue
             }
             if d.kind.endsBlock { break }
+        }
+        // Dead flags: walking back from the block's end (where the flags are live), a
+        // flag-setting entry whose flags the next setter overwrites, with nothing between that
+        // reads them, can fault or stops the block, need not record them.
+        // And a Jcc after a SUB/CMP or a logic operation, with nothing between that changes the
+        // flags (a Jcc not taken does not), reads that operation's operands straight.
+        var source: (DecodedKind, UInt8) = (.jcc, 0)
+        for i in 0..<count {
+            let e = cache.entries + cache.used + i
+            if e.pointee.kind == .jcc {
+                let cc = e.pointee.op & 0xE
+                if source.0 != .jcc, cc != 0, cc != 10 {
+                    e.pointee.kind = source.0
+                    e.pointee.size = source.1
+                }
+                continue
+            }
+            switch DecodedKind.flagEffect(e.pointee) {
+            case .transparent: break
+            case .sets: source = DecodedKind.flagSource(e.pointee)
+            case .other: source = (.jcc, 0)
+            }
+        }
+        var live = true
+        for i in stride(from: count - 1, through: 0, by: -1) {
+            let e = cache.entries + cache.used + i
+            switch DecodedKind.flagEffect(e.pointee) {
+            case .transparent: break
+            case .sets:
+                e.pointee.flagsDead = !live
+                live = false
+            case .other: live = true
+            }
         }
         head.pointee = DecodedBlock(tag: gpa | generation, start: UInt32(cache.used), count: UInt16(count), retired: UInt16(retired))
         cache.used += count
@@ -432,46 +513,85 @@ extension SoftCPU {
         let writes = d.op < 7
         switch d.kind {
         case .movRR:
-            regs[Int(d.reg)] = regs[Int(d.src)] & mask
+            let moved = regs[Int(d.src)] & mask
             if d.second != .general {
+                // The second operation works on the MOV's destination: shifts take the moved
+                // value straight (no store and reload of the register between the two).
                 let size2 = Int(d.secondSize)
                 let mask2: UInt64 = size2 == 8 ? ~0 : 0xFFFF_FFFF
-                let r = Int(d.secondReg), count = UInt64(bitPattern: Int64(d.secondImm))
-                // The two-operand idiom's commonest seconds, shifts, written out; the rest
-                // through the helper.
+                let r = Int(d.reg), count = UInt64(bitPattern: Int64(d.secondImm))
                 if d.second == .shlRI, count != 0 {
-                    let v = regs[r] & mask2, res = (v << count) & mask2
-                    setLazy(.shl, v, count, res, size2)
+                    let v = moved & mask2, res = (v << count) & mask2
+                    if !d.flagsDead { setLazy(.shl, v, count, res, size2) }
                     regs[r] = res
                 } else if d.second == .shrRI, count != 0 {
-                    let v = regs[r] & mask2, res = v >> count
-                    setLazy(.shr, v, count, res, size2)
+                    let v = moved & mask2, res = v >> count
+                    if !d.flagsDead { setLazy(.shr, v, count, res, size2) }
                     regs[r] = res
                 } else {
-                    registerOperation(d.second, r, Int(d.secondSrc), count, size2, mask2)
+                    regs[r] = moved
+                    registerOperation(d.second, r, Int(d.secondSrc), count, size2, mask2, flags: !d.flagsDead)
                 }
                 return next &+ UInt64(d.secondLength)
             }
-        // Each specialised kind in a case of its own, so one dispatch does it all.
-        case .addRR: arithmetic(.addRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
-        case .subRR: arithmetic(.subRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
-        case .cmpRR: arithmetic(.cmpRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
-        case .andRR: arithmetic(.andRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
-        case .orRR: arithmetic(.orRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
-        case .xorRR: arithmetic(.xorRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
-        case .testRR: arithmetic(.testRR, Int(d.reg), regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
-        case .addRI: arithmetic(.addRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
-        case .subRI: arithmetic(.subRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
-        case .cmpRI: arithmetic(.cmpRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
-        case .andRI: arithmetic(.andRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
-        case .orRI: arithmetic(.orRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
-        case .xorRI: arithmetic(.xorRI, Int(d.reg), regs[Int(d.reg)] & mask, d.imm & mask, size)
+            regs[Int(d.reg)] = moved
+        // Each specialised kind in a case of its own, written out (the compiler leaves a
+        // shared helper out of line), so one dispatch does it all.
+        case .addRR:
+            let a = regs[Int(d.reg)] & mask, b = regs[Int(d.src)] & mask, res = a &+ b
+            if !d.flagsDead { setLazy(.add, a, b, res, size) }
+            regs[Int(d.reg)] = res & mask
+        case .subRR:
+            let a = regs[Int(d.reg)] & mask, b = regs[Int(d.src)] & mask, res = a &- b
+            if !d.flagsDead { setLazy(.sub, a, b, res, size) }
+            regs[Int(d.reg)] = res & mask
+        case .cmpRR:
+            let a = regs[Int(d.reg)] & mask, b = regs[Int(d.src)] & mask, res = a &- b
+            if !d.flagsDead { setLazy(.sub, a, b, res, size) }
+        case .andRR:
+            let a = regs[Int(d.reg)] & mask, b = regs[Int(d.src)] & mask, res = a & b
+            if !d.flagsDead { setLazy(.logic, a, b, res, size) }
+            regs[Int(d.reg)] = res
+        case .orRR:
+            let a = regs[Int(d.reg)] & mask, b = regs[Int(d.src)] & mask, res = a | b
+            if !d.flagsDead { setLazy(.logic, a, b, res, size) }
+            regs[Int(d.reg)] = res
+        case .xorRR:
+            let a = regs[Int(d.reg)] & mask, b = regs[Int(d.src)] & mask, res = a ^ b
+            if !d.flagsDead { setLazy(.logic, a, b, res, size) }
+            regs[Int(d.reg)] = res
+        case .testRR:
+            let a = regs[Int(d.reg)] & mask, b = regs[Int(d.src)] & mask, res = a & b
+            if !d.flagsDead { setLazy(.logic, a, b, res, size) }
+        case .addRI:
+            let a = regs[Int(d.reg)] & mask, b = d.imm & mask, res = a &+ b
+            if !d.flagsDead { setLazy(.add, a, b, res, size) }
+            regs[Int(d.reg)] = res & mask
+        case .subRI:
+            let a = regs[Int(d.reg)] & mask, b = d.imm & mask, res = a &- b
+            if !d.flagsDead { setLazy(.sub, a, b, res, size) }
+            regs[Int(d.reg)] = res & mask
+        case .cmpRI:
+            let a = regs[Int(d.reg)] & mask, b = d.imm & mask, res = a &- b
+            if !d.flagsDead { setLazy(.sub, a, b, res, size) }
+        case .andRI:
+            let a = regs[Int(d.reg)] & mask, b = d.imm & mask, res = a & b
+            if !d.flagsDead { setLazy(.logic, a, b, res, size) }
+            regs[Int(d.reg)] = res
+        case .orRI:
+            let a = regs[Int(d.reg)] & mask, b = d.imm & mask, res = a | b
+            if !d.flagsDead { setLazy(.logic, a, b, res, size) }
+            regs[Int(d.reg)] = res
+        case .xorRI:
+            let a = regs[Int(d.reg)] & mask, b = d.imm & mask, res = a ^ b
+            if !d.flagsDead { setLazy(.logic, a, b, res, size) }
+            regs[Int(d.reg)] = res
         // SHL and SHR written out here: the compiler leaves a helper out of line.
         case .shlRI:
             let r = Int(d.reg), v = regs[r] & mask
             if d.imm != 0 {
                 let res = (v << d.imm) & mask
-                setLazy(.shl, v, d.imm, res, size)
+                if !d.flagsDead { setLazy(.shl, v, d.imm, res, size) }
                 regs[r] = res
             } else {
                 regs[r] = v
@@ -480,13 +600,13 @@ extension SoftCPU {
             let r = Int(d.reg), v = regs[r] & mask
             if d.imm != 0 {
                 let res = v >> d.imm
-                setLazy(.shr, v, d.imm, res, size)
+                if !d.flagsDead { setLazy(.shr, v, d.imm, res, size) }
                 regs[r] = res
             } else {
                 regs[r] = v
             }
         case .sarRI:
-            shiftImmediate(.sarRI, Int(d.reg), d.imm, size, mask)
+            shiftImmediate(.sarRI, Int(d.reg), d.imm, size, mask, flags: !d.flagsDead)
         case .aluRR:
             let r = alu(kind, regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
             if writes { regs[Int(d.reg)] = r }
@@ -498,10 +618,14 @@ extension SoftCPU {
             regs[Int(d.reg)] = d.imm != 0 ? shift(Int(d.op), v, d.imm, size) : v
         case .incDec:
             regs[Int(d.reg)] = incDec(regs[Int(d.reg)] & mask, size, dec: d.op != 0)
+        // The product's low bits are the same signed or unsigned: with its flags dead, IMUL is
+        // a plain multiply.
         case .imulRR:
-            regs[Int(d.reg)] = imulTruncated(regs[Int(d.reg)] & mask, regs[Int(d.src)] & mask, size)
+            let a = regs[Int(d.reg)] & mask, b = regs[Int(d.src)] & mask
+            regs[Int(d.reg)] = d.flagsDead ? (a &* b) & mask : imulTruncated(a, b, size)
         case .imulRRI:
-            regs[Int(d.reg)] = imulTruncated(regs[Int(d.src)] & mask, d.imm & mask, size)
+            let a = regs[Int(d.src)] & mask, b = d.imm & mask
+            regs[Int(d.reg)] = d.flagsDead ? (a &* b) & mask : imulTruncated(a, b, size)
         case .movRI:
             regs[Int(d.reg)] = d.imm & mask
         case .load:
@@ -534,6 +658,35 @@ extension SoftCPU {
             stop = flushed(generation)
         case .jcc:
             if condition(d.op) {
+                stop = true
+                return next &+ d.disp
+            }
+        case .jccSub:
+            // The SUB or CMP stored its operands already masked to `size`.
+            let a = lazyDst, b = lazySrc
+            let r: Bool
+            switch d.op & 0xE {
+            case 2: r = a < b
+            case 4: r = a == b
+            case 6: r = a <= b
+            case 8: r = (a &- b) & signBit(size) != 0
+            case 12: r = Int64(bitPattern: signExtend(a, size)) < Int64(bitPattern: signExtend(b, size))
+            default: r = Int64(bitPattern: signExtend(a, size)) <= Int64(bitPattern: signExtend(b, size))
+            }
+            if r != (d.op & 1 != 0) {
+                stop = true
+                return next &+ d.disp
+            }
+        case .jccLogic:
+            let res = lazyRes
+            let r: Bool
+            switch d.op & 0xE {
+            case 2: r = false
+            case 4, 6: r = res == 0
+            case 8, 12: r = res & signBit(size) != 0
+            default: r = res == 0 || res & signBit(size) != 0
+            }
+            if r != (d.op & 1 != 0) {
                 stop = true
                 return next &+ d.disp
             }
@@ -645,25 +798,27 @@ extension SoftCPU {
 
     /// The register-only kinds (``DecodedKind/registerOnly``): register `r` against register
     /// `src` or immediate `imm`.
-    @inline(__always) func registerOperation(_ kind: DecodedKind, _ r: Int, _ src: Int, _ imm: UInt64, _ size: Int, _ mask: UInt64) {
+    @inline(__always) func registerOperation(_ kind: DecodedKind, _ r: Int, _ src: Int, _ imm: UInt64, _ size: Int, _ mask: UInt64,
+                                             flags: Bool) {
         switch kind {
         case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR:
-            arithmetic(kind, r, regs[r] & mask, regs[src] & mask, size)
+            arithmetic(kind, r, regs[r] & mask, regs[src] & mask, size, flags: flags)
         case .shlRI, .shrRI, .sarRI:
-            shiftImmediate(kind, r, imm, size, mask)
+            shiftImmediate(kind, r, imm, size, mask, flags: flags)
         default:  // the ALU with an immediate
-            arithmetic(kind, r, regs[r] & mask, imm & mask, size)
+            arithmetic(kind, r, regs[r] & mask, imm & mask, size, flags: flags)
         }
     }
 
-    /// SHL, SHR or SAR of register `r` by the immediate count `imm` (already masked).
-    @inline(__always) func shiftImmediate(_ kind: DecodedKind, _ r: Int, _ imm: UInt64, _ size: Int, _ mask: UInt64) {
+    /// SHL, SHR or SAR of register `r` by the immediate count `imm` (already masked); the
+    /// lazy flags recorded only when `flags` (they are not dead).
+    @inline(__always) func shiftImmediate(_ kind: DecodedKind, _ r: Int, _ imm: UInt64, _ size: Int, _ mask: UInt64, flags: Bool) {
         switch kind {
         case .shlRI:
             let v = regs[r] & mask
             if imm != 0 {
                 let res = (v << imm) & mask
-                setLazy(.shl, v, imm, res, size)
+                if flags { setLazy(.shl, v, imm, res, size) }
                 regs[r] = res
             } else {
                 regs[r] = v
@@ -672,44 +827,51 @@ extension SoftCPU {
             let v = regs[r] & mask
             if imm != 0 {
                 let res = v >> imm
-                setLazy(.shr, v, imm, res, size)
+                if flags { setLazy(.shr, v, imm, res, size) }
                 regs[r] = res
             } else {
                 regs[r] = v
             }
         default:  // SAR
             let v = regs[r] & mask
-            regs[r] = imm != 0 ? shift(7, v, imm, size) : v
+            if imm == 0 {
+                regs[r] = v
+            } else if flags {
+                regs[r] = shift(7, v, imm, size)
+            } else {
+                regs[r] = UInt64(bitPattern: Int64(bitPattern: signExtend(v, size)) >> Int64(imm)) & mask
+            }
         }
     }
 
-    /// The specialised ALU kinds: the result (kept for all but CMP and TEST) and lazy flags.
-    @inline(__always) func arithmetic(_ kind: DecodedKind, _ r: Int, _ a: UInt64, _ b: UInt64, _ size: Int) {
+    /// The specialised ALU kinds: the result (kept for all but CMP and TEST) and, when
+    /// `flags` (they are not dead), the lazy flags.
+    @inline(__always) func arithmetic(_ kind: DecodedKind, _ r: Int, _ a: UInt64, _ b: UInt64, _ size: Int, flags: Bool) {
         switch kind {
         case .addRR, .addRI:
             let res = a &+ b
-            setLazy(.add, a, b, res, size)
+            if flags { setLazy(.add, a, b, res, size) }
             regs[r] = res & sizeMask(size)
         case .subRR, .subRI:
             let res = a &- b
-            setLazy(.sub, a, b, res, size)
+            if flags { setLazy(.sub, a, b, res, size) }
             regs[r] = res & sizeMask(size)
         case .cmpRR, .cmpRI:
-            setLazy(.sub, a, b, a &- b, size)
+            if flags { setLazy(.sub, a, b, a &- b, size) }
         case .andRR, .andRI:
             let res = a & b
-            setLazy(.logic, a, b, res, size)
+            if flags { setLazy(.logic, a, b, res, size) }
             regs[r] = res
         case .orRR, .orRI:
             let res = a | b
-            setLazy(.logic, a, b, res, size)
+            if flags { setLazy(.logic, a, b, res, size) }
             regs[r] = res
         case .xorRR, .xorRI:
             let res = a ^ b
-            setLazy(.logic, a, b, res, size)
+            if flags { setLazy(.logic, a, b, res, size) }
             regs[r] = res
         default:  // TEST
-            setLazy(.logic, a, b, a & b, size)
+            if flags { setLazy(.logic, a, b, a & b, size) }
         }
     }
 

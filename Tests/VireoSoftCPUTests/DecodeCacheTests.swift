@@ -227,4 +227,76 @@ import VireoCore
         #expect(m.cpu.instructions == 2 + 100 * 5 + 1)
         #expect(m.cpu.fullDecodes <= 2)
     }
+
+    @Test func flagsAnotherEntryOverwritesAreNotRecordedYetExactAtEveryStop() throws {
+        // mov $40, %ecx; 1: add $3, %eax; sub $1, %ecx; jnz 1b; hlt — ADD's flags are dead
+        // (SUB overwrites them before the Jcc reads any), yet slices that end after the ADD
+        // must see its flags: run one at a time (the ADD's flags checked against the SDM's)
+        // and in slices of 2 and 5, the same RFLAGS at every stop.
+        let code: [UInt8] = [0xB9, 40, 0, 0, 0, 0x83, 0xC0, 0x03, 0x83, 0xE9, 0x01, 0x75, 0xF8, 0xF4]
+        let single = try TestMachine(code), two = try TestMachine(code), five = try TestMachine(code)
+        for n in 1...100 {
+            let before = single.cpu[.rax]
+            #expect(single.cpu.run(budget: 1) == .budget)
+            if single.cpu.rip == TestMachine.code + 8 {
+                // Just after the ADD: its flags (CF, ZF, SF, OF clear here), as the SDM gives.
+                let sum = single.cpu[.rax]
+                let parity: UInt64 = UInt8(truncatingIfNeeded: sum).nonzeroBitCount % 2 == 0 ? 0x4 : 0
+                #expect(single.cpu.rflags & 0x8D5 == parity | (before ^ 3 ^ sum) & 0x10)
+            }
+            for (m, slice) in [(two, 2), (five, 5)] where n % slice == 0 {
+                #expect(m.cpu.run(budget: slice) == .budget)
+                #expect(m.cpu.instructions == UInt64(n))
+                #expect(m.cpu.rip == single.cpu.rip && m.cpu.rflags == single.cpu.rflags)
+                #expect(m.cpu[.rax] == single.cpu[.rax] && m.cpu[.rcx] == single.cpu[.rcx])
+            }
+        }
+        let whole = try TestMachine(code)
+        #expect(whole.run() == .halt && whole.cpu[.rax] == 120)
+        #expect(Self.cached(whole.cpu, TestMachine.code + 5)?.flagsDead == true)
+        #expect(Self.cached(whole.cpu, TestMachine.code + 8)?.flagsDead == false)
+        #expect(Self.cached(whole.cpu, TestMachine.code + 11)?.kind == .jccSub)
+    }
+
+    @Test func aJccAfterCMPOrTESTInItsBlockTakesTheSDMsBranches() throws {
+        // mov $0, %eax; cmp|test %rsi, %rdi (or the 32-bit forms); jcc 1f; mov $1, %eax; 1: hlt
+        // for every condition the specialised Jcc kinds take, over values around the sign and
+        // carry edges: EAX is 0 when taken, as the SDM's flags say.
+        let values: [UInt64] = [0, 1, 2, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF, 0x1_0000_0000,
+                                0x7FFF_FFFF_FFFF_FFFF, 0x8000_0000_0000_0000, ~0]
+        for wide in [true, false] {
+            for logic in [false, true] {
+                for cc: UInt8 in [2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 15] {
+                    let compare: [UInt8] = (wide ? [0x48] : []) + [logic ? 0x85 : 0x39, 0xF7]
+                    let code: [UInt8] = [0xB8, 0, 0, 0, 0] + compare + [0x70 | cc, 0x05, 0xB8, 1, 0, 0, 0, 0xF4]
+                    for a in values {
+                        for b in values {
+                            let m = try TestMachine(code)
+                            m.cpu[.rdi] = a
+                            m.cpu[.rsi] = b
+                            #expect(m.run() == .halt)
+                            let mask: UInt64 = wide ? ~0 : 0xFFFF_FFFF, sign: UInt64 = wide ? 1 << 63 : 1 << 31
+                            let x = a & mask, y = b & mask
+                            let res = (logic ? x & y : x &- y) & mask
+                            let cf = !logic && x < y, zf = res == 0, sf = res & sign != 0
+                            let of = !logic && (x ^ y) & (x ^ res) & sign != 0
+                            let base: Bool
+                            switch cc & 0xE {
+                            case 2: base = cf
+                            case 4: base = zf
+                            case 6: base = cf || zf
+                            case 8: base = sf
+                            case 12: base = sf != of
+                            default: base = zf || sf != of
+                            }
+                            let taken = cc & 1 != 0 ? !base : base
+                            #expect(m.cpu[.rax] == (taken ? 0 : 1), "cc \(cc) \(logic ? "test" : "cmp") \(wide ? 64 : 32)-bit \(a), \(b)")
+                            let jcc = Self.cached(m.cpu, TestMachine.code + 5 + UInt64(compare.count))
+                            #expect(jcc?.kind == (logic ? .jccLogic : .jccSub))
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
