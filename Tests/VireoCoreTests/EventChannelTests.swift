@@ -340,7 +340,7 @@ import VireoHypercalls
     @Test func aPollingVCPUWakesForAMaskedPortAndAnUpcallAlreadyRaised() throws {
         let hub = EventChannels()
         let a = try EventTestDomain(hub, id: 1)
-        var b = try EventTestDomain(hub, id: 2)
+        let b = try EventTestDomain(hub, id: 2)
         let p = try hub.allocUnbound(caller: b.id, in: .calling, remote: a.id)
         let q = try hub.bindInterdomain(caller: a.id, remoteDomain: b.id, remotePort: p)
 
