@@ -17,18 +17,13 @@ public final class UpcallRouter: Sendable {
     public func upcall(_ vcpu: Int) { target.withLock { $0 }?(vcpu) }
 }
 
-/// A sleeping vCPU's wake-up word (a futex): events, timers and kicks set it. The word is 0
-/// while its owner waits (spinning first), 1 once woken, 2 while the owner sleeps in the
-/// kernel: a wake-up makes a system call only in the last case.
+/// A sleeping vCPU's wake-up word (a futex): events, timers and kicks set it.
 final class VCPUWaker: @unchecked Sendable {  // the word is only touched atomically
-    private static let armed: UInt32 = 0, woken: UInt32 = 1, sleeping: UInt32 = 2
     private let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
     private let region: SharedRegion
     /// Whether the owner is inside a ``VCPUServices`` sleep (it looks at events and timers
     /// again before it next runs guest code, so waking it needs no engine kick).
     let inSleep = Atomic<Bool>(false)
-    /// The spin before sleeping in the kernel (halt polling).
-    let spin = WakeSpin()
 
     init() {
         word.initialize(to: 0)
@@ -38,28 +33,17 @@ final class VCPUWaker: @unchecked Sendable {  // the word is only touched atomic
     deinit { word.deallocate() }
 
     func wake() {
-        var seen = region.loadAcquire32(at: 0)
-        while seen != Self.woken {
-            let previous = region.compareExchange32(at: 0, expected: seen, desired: Self.woken)
-            if previous == seen { break }
-            seen = previous
-        }
-        if seen == Self.sleeping { _ = vireo_futex_wake(word, Int32.max) }
+        region.storeRelease32(1, at: 0)
+        _ = vireo_futex_wake(word, Int32.max)
     }
 
-    /// Clears the word; then `ready()` is checked; then spins a little (``WakeSpin``) and sleeps
-    /// while the word stays unwoken (a wake between the check and the sleep sets it, and the
-    /// sleep returns at once).
+    /// Clears the word; then `ready()` is checked; then sleeps while the word stays 0 (a wake
+    /// between the check and the sleep sets it, and the sleep returns at once).
     func wait(until ready: () -> Bool, timeoutNanoseconds: Int64) {
-        region.storeRelease32(Self.armed, at: 0)
+        region.storeRelease32(0, at: 0)
         Barrier.full()
         if ready() { return }
-        let start = WakeSpin.now()
-        if spin.spin(from: start, until: { region.loadAcquire32(at: 0) == Self.woken }) { return }
-        // Announce the sleep; a wake-up that came first leaves the word woken and this fails.
-        guard region.compareExchange32(at: 0, expected: Self.armed, desired: Self.sleeping) == Self.armed else { return }
-        _ = vireo_futex_wait(word, Self.sleeping, timeoutNanoseconds)
-        spin.record(waitedNanoseconds: WakeSpin.now() - start, slept: true)
+        _ = vireo_futex_wait(word, 0, timeoutNanoseconds)
     }
 }
 

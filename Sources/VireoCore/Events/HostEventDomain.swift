@@ -58,8 +58,6 @@ public final class HostEventDomain: Sendable {
     private let waker: HostWaker
     private let handlers = Mutex<[EventPort: @Sendable (EventPort) -> Void]>([:])
     private let interrupted = Atomic<Bool>(false)
-    /// The dispatcher's spin before it sleeps (halt polling: ``WakeSpin``).
-    private let spin = WakeSpin()
 
     /// Registers the host domain with `hub` as a privileged domain with one vCPU (the
     /// dispatcher); every port notifies vCPU 0.
@@ -160,7 +158,7 @@ public final class HostEventDomain: Sendable {
     }
 
     /// Blocks until some port is pending (or `timeout` passes, or ``interrupt()`` is called),
-    /// spinning up to a few microseconds (``WakeSpin``) before it sleeps in the kernel, then takes the pending ports, runs the handler of each that has one (on this thread,
+    /// then takes the pending ports, runs the handler of each that has one (on this thread,
     /// with no lock held) and returns them all, in port order per word. Returns at once if a
     /// port is already pending; `timeout` nil waits without limit. Returns an empty array on
     /// timeout or interruption.
@@ -184,17 +182,12 @@ public final class HostEventDomain: Sendable {
                 waitNanoseconds = seconds >= Int64.max / 1_000_000_000 - 1
                     ? Int64.max : seconds * 1_000_000_000 + attoseconds / 1_000_000_000
             }
-            // First spin a little (not counted as a sleeper, so a kick meanwhile makes no
-            // system call), then sleep in the kernel.
-            let start = WakeSpin.now()
-            if spin.spin(from: start, until: { word.loadAcquire32(at: 0) != 0 }) { continue }
             waker.sleepers.add(1, ordering: .sequentiallyConsistent)
             word.withUnsafeMutableBytes(offset: 0, count: 4) { bytes in
                 // Sleeps only while the word is still 0: no kick since the reset above.
                 _ = vireo_futex_wait(bytes.baseAddress!.assumingMemoryBound(to: UInt32.self), 0, waitNanoseconds)
             }
             waker.sleepers.subtract(1, ordering: .sequentiallyConsistent)
-            spin.record(waitedNanoseconds: WakeSpin.now() - start, slept: true)
         }
     }
 

@@ -29,16 +29,6 @@ int vireo_unshare_network(void);
 int vireo_futex_wait(uint32_t *addr, uint32_t expected, int64_t timeout_ns);
 int vireo_futex_wake(uint32_t *addr, int count);
 
-/* The spin-wait hint (x86 `pause`, arm64 `yield`): a spinning thread lets its sibling
- * hyperthread run and avoids the memory-order flush when the word it watches changes. */
-static inline void vireo_cpu_relax(void) {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 /* The calling thread's ID (gettid(2)): what a cgroup's `tasks` or `cgroup.threads` takes. */
 int vireo_gettid(void);
 
