@@ -50,8 +50,14 @@ struct VCPUServices {
         self.wakers = wakers
         let wake: @Sendable (Int) -> Void = { index in
             guard index < wakers.count else { return }
-            wakers[index].wake()
-            kick(index)
+            let waker = wakers[index]
+            // A vCPU in its sleep looks at events before it next enters the guest, so only a
+            // running one needs the engine's kick (which on KVM would cost an extra KVM_RUN).
+            // The sequentially consistent load orders after the caller's pending bit (the
+            // upcall follows a locked update), and `sleep` clears the flag before it returns.
+            let sleeping = waker.inSleep.load(ordering: .sequentiallyConsistent)
+            waker.wake()
+            if !sleeping { kick(index) }
         }
         self.wake = wake
         wakeAll = { for index in wakers.indices { wake(index) } }
@@ -186,6 +192,10 @@ struct VCPUServices {
     /// a timer fires, the deadline passes, or the domain stops.
     func sleep(vcpu: Int, ports: [EventPort]?, deadline: UInt64?) {
         let events = eventState
+        wakers[vcpu].inSleep.store(true, ordering: .sequentiallyConsistent)
+        // Cleared (a full barrier) before the caller looks at the upcall and enters the guest:
+        // a wake that saw the flag set and skipped the kick is seen by that look.
+        defer { wakers[vcpu].inSleep.store(false, ordering: .sequentiallyConsistent) }
         while case .sleep(let wakeAt) = checkSleep(vcpu: vcpu, ports: ports, deadline: deadline) {
             let timeout = wakeAt.map { Int64(clamping: $0 &- min($0, domain.systemTime())) } ?? -1
             wakers[vcpu].wait(until: { isReady(vcpu: vcpu, ports: ports, events: events) }, timeoutNanoseconds: timeout)

@@ -21,6 +21,9 @@ public final class UpcallRouter: Sendable {
 final class VCPUWaker: @unchecked Sendable {  // the word is only touched atomically
     private let word = UnsafeMutablePointer<UInt32>.allocate(capacity: 1)
     private let region: SharedRegion
+    /// Whether the owner is inside a ``VCPUServices`` sleep (it looks at events and timers
+    /// again before it next runs guest code, so waking it needs no engine kick).
+    let inSleep = Atomic<Bool>(false)
 
     init() {
         word.initialize(to: 0)
