@@ -99,21 +99,14 @@ public struct EventChannelBenchmark: Benchmark {
             console: { bytes in output.withLock { $0 += String(decoding: bytes, as: UTF8.self) } },
             upcall: { router.upcall($0) })
         defer { built.domain.destroy() }
-        let start: UInt64, end: UInt64, reason: ShutdownReason, failure: String?
-        switch engine {
-        case .kvm:
-            let runner = try KVMDomainRunner(built: built, router: router)
-            start = Measure.now()
-            reason = runner.run()
-            end = Measure.now()
-            failure = runner.failureDescription
-        case .soft:
-            let runner = try SoftDomainRunner(built: built, router: router)
-            start = Measure.now()
-            reason = runner.run()
-            end = Measure.now()
-            failure = runner.failureDescription
+        let runner: any DomainRunner = switch engine {
+        case .kvm: try KVMDomainRunner(built: built, router: router)
+        case .soft: try SoftDomainRunner(built: built, router: router)
         }
+        let start = Measure.now()
+        let reason = runner.run()
+        let end = Measure.now()
+        let failure = runner.failureDescription
         let text = output.withLock { $0 }
         guard reason == .poweroff, text.contains("evtchnping: \(rounds) round trips ok\n") else {
             throw BenchmarkError.unavailable(

@@ -186,20 +186,17 @@ public final class EmbeddedHost: @unchecked Sendable {  // fields are set once; 
             thread.start()
             servers.append(thread)
         }
+        let runner: any DomainRunner
         switch engine {
         case .kvm:
-            let runner = try KVMDomainRunner(built: built, router: router)
+            runner = try KVMDomainRunner(built: built, router: router)
             try runner.setCredit(weight: credit.weight, cap: credit.cap)
-            handle?.attach(runner)
-            defer { handle?.detach() }
-            let reason = runner.run()
-            return Outcome(reason: reason, failure: runner.failureDescription)
         case .soft:
-            let runner = try SoftDomainRunner(built: built, router: router, scheduler: scheduler, credit: credit)
-            handle?.attach(runner)
-            defer { handle?.detach() }
-            let reason = runner.run()
-            return Outcome(reason: reason, failure: runner.failureDescription)
+            runner = try SoftDomainRunner(built: built, router: router, scheduler: scheduler, credit: credit)
         }
+        handle?.attach(runner)
+        defer { handle?.detach() }
+        let reason = runner.run()
+        return Outcome(reason: reason, failure: runner.failureDescription)
     }
 }

@@ -243,6 +243,11 @@ public protocol DomainRunner: AnyObject, Sendable {
     func setCredit(weight: Int?, cap: Int?) throws(CreditError)
     /// Stops the domain from another thread (the reason is recorded; the vCPUs stop soon).
     func stop(_ reason: ShutdownReason)
+    /// Runs the domain until it shuts down, the calling thread waiting; returns the reason.
+    func run() -> ShutdownReason
+    /// Why the run ended beyond the guest's own shutdown reason (a triple fault, an exit the
+    /// engine could not handle), if it did.
+    var failureDescription: String? { get }
 }
 
 /// The half of pause, CPU time and counting that both runners share: a vCPU thread registers
