@@ -207,6 +207,14 @@ extension Daemon {
         return (updated, outcome)
     }
 
+    /// Records `device` on the domain and, through `add`, in its spec, and persists the spec.
+    /// Call with the lock held; ``start(_:on:what:field:undo:)`` undoes it if the device fails.
+    private func record(_ device: AttachedDevice, on managed: Managed, spec add: (inout DomainSpec) -> Void) {
+        managed.devices[device.key] = device
+        add(&managed.record.spec)
+        persist(managed.record)
+    }
+
     /// Starts `device`, already recorded on the domain and in its spec (persisted); if it does
     /// not start, the record is undone (`undo` takes it out of the spec). Under no lock.
     private func start(_ device: AttachedDevice, on managed: Managed, what: String, field: String,
@@ -263,9 +271,7 @@ extension Daemon {
             do { device = try diskDevice(parsed, domain: id, io: managed.io) } catch {
                 throw .badRequest("disk '\(text)': \(error)", field: "disk")
             }
-            managed.devices[device.key] = device
-            managed.record.spec.disks.append(parsed)
-            persist(managed.record)
+            record(device, on: managed) { $0.disks.append(parsed) }
             return device
         }
         try start(device, on: managed, what: "disk '\(text)'", field: "disk") { $0.disks.removeAll { $0.device == parsed.device } }
@@ -318,9 +324,7 @@ extension Daemon {
             do { device = try vifDevice(parsed, domain: id, io: managed.io) } catch {
                 throw .badRequest("vif '\(text)': \(error)", field: "vif")
             }
-            managed.devices[device.key] = device
-            managed.record.spec.vifs.append(parsed)
-            persist(managed.record)
+            record(device, on: managed) { $0.vifs.append(parsed) }
             return device
         }
         let devid = parsed.devid
