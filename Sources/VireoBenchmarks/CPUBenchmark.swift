@@ -20,8 +20,8 @@ public struct CPUBenchmark: Benchmark {
 
     struct Run {
         var seconds: Double
-        /// CPU time of the thread that ran vCPU 0 (the machine is shared: wall time includes
-        /// waiting for a core).
+        /// CPU time of the domain's vCPUs (the machine is shared: wall time includes waiting
+        /// for a core).
         var cpuSeconds: Double = 0
         var instructions: UInt64
         var output: String
@@ -38,8 +38,8 @@ public struct CPUBenchmark: Benchmark {
             return runs.min { $0.seconds < $1.seconds }!
         }
         options.log("cpu: cpubench \(long) and \(short) iterations on the SoftCPU")
-        let softLong = try best { try Self.soft(kernel, iterations: long) }
-        let softShort = try best { try Self.soft(kernel, iterations: short) }
+        let softLong = try best { try Self.boot(.soft, kernel, iterations: long) }
+        let softShort = try best { try Self.boot(.soft, kernel, iterations: short) }
         let work = softLong.instructions - softShort.instructions
         let softSeconds = softLong.seconds - softShort.seconds
         guard work > 0, softSeconds > 0 else { throw BenchmarkError.unavailable(name: name, reason: "no measurable work") }
@@ -70,8 +70,8 @@ public struct CPUBenchmark: Benchmark {
             // KVM on this host may be kvm_pvm (~2 M instructions/s): a short pair of runs.
             let kShortIterations = options.quick ? 2_000 : 20_000
             options.log("cpu: \(kShortIterations * 2) and \(kShortIterations) iterations on KVM")
-            let kLong = try Self.kvm(kernel, iterations: UInt64(kShortIterations * 2))
-            let kShort = try Self.kvm(kernel, iterations: UInt64(kShortIterations))
+            let kLong = try Self.boot(.kvm, kernel, iterations: UInt64(kShortIterations * 2))
+            let kShort = try Self.boot(.kvm, kernel, iterations: UInt64(kShortIterations))
             let kWork = Double(work) / Double(long - short) * Double(kShortIterations)
             let kRate = kWork / max(kLong.seconds - kShort.seconds, 1e-6)
             extra.append(("kvm_instructions_per_second", .number(kRate)))
@@ -88,18 +88,13 @@ public struct CPUBenchmark: Benchmark {
                                baselineName: baselineName, goal: ">= 3e8 instructions/s and ratio >= 0.1", extra: extra)
     }
 
-    static func threadCPUNanoseconds() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
-
     final class Output: Sendable {
         let text = Mutex("")
     }
 
-    /// One boot of cpubench on the SoftCPU: wall time of the run and instructions retired.
-    static func soft(_ kernel: [UInt8], iterations: UInt64) throws -> Run {
+    /// One boot of cpubench on `engine`: wall time of the run, the vCPUs' CPU time, the
+    /// instructions retired (counted by the SoftCPU; 0 on KVM) and the console output.
+    static func boot(_ engine: ExecutionEngine, _ kernel: [UInt8], iterations: UInt64) throws -> Run {
         let hub = EventChannels(), grants = GrantTables()
         let host = try HostEventDomain(hub: hub)
         let router = UpcallRouter()
@@ -110,35 +105,20 @@ public struct CPUBenchmark: Benchmark {
             console: { bytes in output.text.withLock { $0 += String(decoding: bytes, as: UTF8.self) } },
             upcall: { router.upcall($0) })
         defer { built.domain.destroy() }
-        let runner = try SoftDomainRunner(built: built, router: router)
+        let runner: any DomainRunner = switch engine {
+        case .kvm: try KVMDomainRunner(built: built, router: router)
+        case .soft: try SoftDomainRunner(built: built, router: router)
+        }
         let start = Measure.now()
         let reason = runner.run()
         let end = Measure.now()
         withExtendedLifetime(host) {}
         guard reason == .poweroff else {
-            throw BenchmarkError.unavailable(name: "cpu", reason: "cpubench on the SoftCPU ended with \(reason) \(runner.failureDescription ?? "")")
+            let on = engine == .kvm ? "KVM" : "the SoftCPU"
+            throw BenchmarkError.unavailable(name: "cpu", reason: "cpubench on \(on) ended with \(reason) \(runner.failureDescription ?? "")")
         }
         return Run(seconds: Double(end - start) / 1e9, cpuSeconds: Double(runner.cpuTimeNanoseconds) / 1e9,
-                   instructions: runner.instructions, output: output.text.withLock { $0 })
-    }
-
-    static func kvm(_ kernel: [UInt8], iterations: UInt64) throws -> Run {
-        let hub = EventChannels(), grants = GrantTables()
-        let host = try HostEventDomain(hub: hub)
-        let router = UpcallRouter()
-        let built = try DomainBuilder.build(
-            config: DomainConfig(id: DomainID(1), name: "cpubench", memoryBytes: 16 << 20), kernel: kernel,
-            commandLine: "\(iterations)", hub: hub, grantTables: grants, console: { _ in }, upcall: { router.upcall($0) })
-        defer { built.domain.destroy() }
-        let runner = try KVMDomainRunner(built: built, router: router)
-        let start = Measure.now()
-        let reason = runner.run()
-        let end = Measure.now()
-        withExtendedLifetime(host) {}
-        guard reason == .poweroff else {
-            throw BenchmarkError.unavailable(name: "cpu", reason: "cpubench on KVM ended with \(reason) \(runner.failureDescription ?? "")")
-        }
-        return Run(seconds: Double(end - start) / 1e9, instructions: 0, output: "")
+                   instructions: (runner as? SoftDomainRunner)?.instructions ?? 0, output: output.text.withLock { $0 })
     }
 
     /// Spawn → exit of QEMU TCG running cpubench (the runtime powers off through isa-debug-exit).
