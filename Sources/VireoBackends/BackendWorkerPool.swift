@@ -151,19 +151,25 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
 
     /// Takes `worker` off the pool; waits while one of its turns runs.
     func stop(_ worker: ServiceWorker) {
-        locked {
+        let masked = locked { () -> [ServiceWorker.Channel] in
             while worker.state == .running { pthread_cond_wait(settled, lock) }
             if worker.state == .queued, let index = queue[head...].firstIndex(where: { $0 === worker }) {
                 queue[index] = nil  // skipped when reached: the queue keeps its order
             }
+            var masked: [ServiceWorker.Channel] = []
             if case .deferred = worker.state {
                 deferred.removeAll { $0 === worker }
-                worker.unmaskEvents()  // the port may be bound again, under the same number
+                masked = worker.eventChannels
             }
             worker.state = .stopped
             worker.release()
             members[ObjectIdentifier(worker)] = nil
+            return masked
         }
+        // The port may be bound again, under the same number. Unmasked with the pool's lock
+        // released: an unmask that finds the port pending runs an immediate handler on this
+        // thread, and a handler that wakes a worker takes that lock.
+        ServiceWorker.unmask(masked)
     }
 
     // MARK: Threads
@@ -184,7 +190,17 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
                 for worker in members.values where worker.state == .idle { enqueue(worker) }
             }
             var wakeAt = nextTick
-            if !deferred.isEmpty { wakeAt = min(wakeAt, releaseDeferred(now: now)) }
+            if !deferred.isEmpty {
+                var released: [ServiceWorker.Channel] = []
+                wakeAt = min(wakeAt, releaseDeferred(now: now, unmasking: &released))
+                if !released.isEmpty {
+                    // Unmasked without the lock (see stop(_:)); the workers are queued already.
+                    pthread_mutex_unlock(lock)
+                    ServiceWorker.unmask(released)
+                    pthread_mutex_lock(lock)
+                    continue
+                }
+            }
             guard let worker = takeFirst() else {
                 var deadline = timespec(tv_sec: Int(wakeAt / 1_000_000_000), tv_nsec: Int(wakeAt % 1_000_000_000))
                 pthread_cond_timedwait(ready, lock, &deadline)
@@ -228,9 +244,10 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
         pthread_mutex_unlock(lock)
     }
 
-    /// Unmasks and queues every deferred worker whose time has come; returns when the next
-    /// one's comes (or `UInt64.max`).
-    private func releaseDeferred(now: UInt64) -> UInt64 {
+    /// Queues every deferred worker whose time has come, adding its ports to `unmasking` for
+    /// the caller to unmask once the lock is released; returns when the next one's comes (or
+    /// `UInt64.max`).
+    private func releaseDeferred(now: UInt64, unmasking: inout [ServiceWorker.Channel]) -> UInt64 {
         var next = UInt64.max
         deferred.removeAll { worker in
             guard case .deferred(let until) = worker.state else { return true }
@@ -238,7 +255,7 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
                 next = min(next, until)
                 return false
             }
-            worker.unmaskEvents()
+            unmasking += worker.eventChannels
             enqueue(worker)
             return true
         }
@@ -289,7 +306,9 @@ public final class ServiceWorker: @unchecked Sendable {  // `state`, `rewoken` a
     var rewoken = false
     var eventWoken = false
     var spurious = 0
-    private var channels: [(host: HostEventDomain, port: EventPort)] = []
+    /// A port whose events wake a worker.
+    typealias Channel = (host: HostEventDomain, port: EventPort)
+    private var channels: [Channel] = []
     private var body: (@Sendable (Int) throws(BackendError) -> ServiceTurn)?
     private var failed: (@Sendable (BackendError) -> Void)?
     private let stopping = Atomic<Bool>(false)
@@ -355,7 +374,11 @@ public final class ServiceWorker: @unchecked Sendable {  // `state`, `rewoken` a
         for channel in channels { try? channel.host.mask(channel.port) }
     }
 
-    func unmaskEvents() {
+    /// The ports its events come on (read under the pool's lock).
+    var eventChannels: [Channel] { channels }
+
+    /// Unmasks `channels`; called without the pool's lock held.
+    static func unmask(_ channels: [Channel]) {
         for channel in channels { try? channel.host.unmask(channel.port) }
     }
 

@@ -130,7 +130,7 @@ public final class ConsoleBackend: @unchecked Sendable {  // run() owns the outp
         }
         let bound: EventPort
         do {
-            bound = try host.bindInterdomain(remoteDomain: frontend, remotePort: port) { _ in wake.kick() }
+            bound = try host.bindInterdomain(remoteDomain: frontend, remotePort: port, delivery: .immediate) { _ in wake.kick() }
         } catch {
             cleanUp()
             throw BackendError("console: cannot bind port \(port.rawValue) of domain \(frontend.rawValue): \(error)")

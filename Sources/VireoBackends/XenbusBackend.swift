@@ -462,7 +462,9 @@ public struct FrontendLink {
         let handler: @Sendable (EventPort) -> Void
         if let worker { handler = { _ in worker.wake() } } else { handler = { _ in waker.kick() } }
         do {
-            let port = try host.bindInterdomain(remoteDomain: domain, remotePort: remote, handler: handler)
+            // Delivered immediately: the handler is a wake-up, made on the frontend's own thread
+            // (its EVTCHNOP_send) rather than relayed through the dispatcher thread.
+            let port = try host.bindInterdomain(remoteDomain: domain, remotePort: remote, delivery: .immediate, handler: handler)
             worker?.wakes(on: port, of: host)
             return port
         } catch {

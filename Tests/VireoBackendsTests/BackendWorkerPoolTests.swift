@@ -126,7 +126,10 @@ private func eventually(_ condition: () -> Bool) -> Bool {
     /// SECURITY 12, late EOI: a guest's events that keep finding nothing get its port masked in
     /// dom0 (the worker deferred); an event with work behind it that comes while masked is
     /// served once the deferral ends, not lost; stop() leaves the port unmasked.
-    @Test func spuriousEventsMaskThePortForAWhileAndLoseNothing() throws {
+    /// With either delivery: an immediate port's unmask runs its handler (a wake-up, which
+    /// takes the pool's lock) on the unmasking thread, so the pool unmasks without its lock.
+    @Test(arguments: [HostEventDomain.Delivery.dispatcher, .immediate])
+    func spuriousEventsMaskThePortForAWhileAndLoseNothing(delivery: HostEventDomain.Delivery) throws {
         let hub = EventChannels(), grants = GrantTables()
         let host = try HostEventDomain(hub: hub)
         let guest = try SimulatedGuest(id: DomainID(1), ramPages: 16, hub: hub, grantTables: grants)
@@ -137,7 +140,9 @@ private func eventually(_ condition: () -> Bool) -> Bool {
         let work = Cell(), served = Cell(), empty = Cell()
         let worker = try ServiceWorker(name: "late-eoi", pool: pool)
         let guestPort = try guest.allocUnbound(remote: host.id)
-        let port = try host.bindInterdomain(remoteDomain: guest.id, remotePort: guestPort) { _ in worker.wake() }
+        let port = try host.bindInterdomain(remoteDomain: guest.id, remotePort: guestPort, delivery: delivery) { _ in
+            worker.wake()
+        }
         worker.wakes(on: port, of: host)
         worker.start(onFailure: { _ in }, budgeted: { _ in
             let pending = work.now

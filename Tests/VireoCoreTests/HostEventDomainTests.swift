@@ -91,6 +91,87 @@ import VireoABI
         #expect(interrupter)
     }
 
+    /// Immediate delivery: the handler runs on the sender's thread inside its send, with no
+    /// dispatch; a masked port's event waits for the unmask, whose thread runs it; a
+    /// dispatcher port in the same word is left to the dispatch; a port closed and bound again
+    /// for the dispatcher is no longer immediate.
+    @Test func immediatePortsRunTheirHandlerInsideTheSend() throws {
+        let hub = EventChannels()
+        let host = try HostEventDomain(hub: hub)
+        let guest = try EventTestDomain(hub, id: 1)
+        let ran = Mutex<[(EventPort, pthread_t)]>([])
+        @Sendable func record(_ port: EventPort) { ran.withLock { $0.append((port, pthread_self())) } }
+
+        let front = try hub.allocUnbound(caller: guest.id, in: .calling, remote: host.id)
+        let back = try host.bindInterdomain(remoteDomain: guest.id, remotePort: front, delivery: .immediate) { record($0) }
+        // The binding starts pending and notifies the dispatcher's vCPU: its first run is a dispatch's.
+        #expect(host.poll() == [back])
+        #expect(ran.withLock { $0.count } == 1)
+        // A dispatcher port beside it (the next number, the same pending word).
+        let otherFront = try hub.allocUnbound(caller: guest.id, in: .calling, remote: host.id)
+        let other = try host.bindInterdomain(remoteDomain: guest.id, remotePort: otherFront) { record($0) }
+        #expect(other.rawValue / 64 == back.rawValue / 64)
+        #expect(host.poll() == [other])
+        ran.withLock { $0.removeAll() }
+
+        // Sent from another thread: the handler has run, on that thread, when send returns.
+        let seenBySender = Mutex<[EventPort]>([]), senderThread = Mutex<pthread_t?>(nil)
+        #expect(runThreads(1) { _ in
+            senderThread.withLock { $0 = pthread_self() }
+            try? hub.send(caller: guest.id, port: front)
+            try? hub.send(caller: guest.id, port: otherFront)
+            seenBySender.withLock { $0 = ran.withLock { $0.map { $0.0 } } }
+        })
+        #expect(seenBySender.withLock { $0 } == [back], "the immediate port ran inside its send, the other did not")
+        #expect(ran.withLock { $0.map(\.1) } == [senderThread.withLock { $0 }!])
+        #expect(host.events.isPending(other) && !host.events.isPending(back))
+        #expect(host.poll() == [other], "the dispatcher port waited for the dispatch")
+        #expect(ran.withLock { $0.map(\.0) } == [back, other])
+        ran.withLock { $0.removeAll() }
+
+        // Masked: the event stays pending; the unmask runs the handler on the unmasking thread.
+        try host.mask(back)
+        try hub.send(caller: guest.id, port: front)
+        #expect(ran.withLock { $0.isEmpty } && host.events.isPending(back))
+        #expect(host.poll() == [], "a masked port is nobody's yet")
+        try host.unmask(back)
+        #expect(ran.withLock { $0.map(\.0) } == [back])
+        #expect(!host.events.isPending(back))
+        ran.withLock { $0.removeAll() }
+
+        // Closed and bound again under the same number for the dispatcher: no longer immediate.
+        try host.close(back)
+        let again = try host.bindInterdomain(remoteDomain: guest.id, remotePort: front) { record($0) }
+        #expect(again == back)
+        #expect(host.poll() == [again])
+        ran.withLock { $0.removeAll() }
+        try hub.send(caller: guest.id, port: front)
+        #expect(ran.withLock { $0.isEmpty })
+        #expect(host.poll() == [again])
+    }
+
+    /// Immediate passes on many threads at once lose nothing: every send is followed by a run
+    /// of the handler that began after it (the port is never left pending), and no event runs
+    /// the handler twice.
+    @Test func immediatePortsUnderConcurrentSendersLoseNothing() throws {
+        let hub = EventChannels()
+        let host = try HostEventDomain(hub: hub)
+        let guest = try EventTestDomain(hub, id: 1)
+        let runs = Atomic<Int>(0)
+        let front = try hub.allocUnbound(caller: guest.id, in: .calling, remote: host.id)
+        let back = try host.allocUnbound(remote: guest.id, delivery: .immediate) { _ in runs.add(1, ordering: .relaxed) }
+        try hub.close(caller: guest.id, port: front)
+        let bound = try hub.bindInterdomain(caller: guest.id, remoteDomain: host.id, remotePort: back)
+        let sends = 20_000
+        #expect(runThreads(4) { _ in
+            for _ in 0..<sends { try? hub.send(caller: guest.id, port: bound) }
+        })
+        #expect(!host.events.isPending(back), "no event was left behind")
+        let count = runs.load(ordering: .relaxed)
+        #expect(count >= 1 && count <= 4 * sends, "\(count) runs for \(4 * sends) sends")
+        #expect(host.poll() == [])
+    }
+
     @Test func hostDomainGoesAwayWithItsObject() throws {
         let hub = EventChannels()
         weak var weakHost: HostEventDomain?

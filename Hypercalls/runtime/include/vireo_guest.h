@@ -21,6 +21,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <vireo/xen.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -46,6 +47,27 @@ const char *vireo_guest_hypervisor(void);
 const void *vireo_guest_hypercall_page(void);
 
 long vireo_guest_hypercall(unsigned nr, uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4, uint64_t a5);
+
+/*
+ * For hot paths, the way Linux's _hypercall2 calls into the page: the stub of hypercall `nr`
+ * (NULL without a hypercall page; look it up once), then calls straight into it with two
+ * arguments in RDI and RSI, with none of vireo_guest_hypercall's checks per call.
+ */
+static inline const void *vireo_guest_hypercall_stub(unsigned nr) {
+    const uint8_t *page = (const uint8_t *)vireo_guest_hypercall_page();
+    return page && nr < VIREO_ABI_HYPERCALL_SLOTS ? page + nr * VIREO_ABI_HYPERCALL_STUB_SIZE : 0;
+}
+
+static inline long vireo_guest_hypercall2_at(const void *stub, uint64_t a1, uint64_t a2) {
+    register uint64_t rdi __asm__("rdi") = a1;
+    register uint64_t rsi __asm__("rsi") = a2;
+    long rax;
+    __asm__ volatile("call *%[stub]"
+                     : "=a"(rax), "+r"(rdi), "+r"(rsi)
+                     : [stub] "r"(stub)
+                     : "memory", "cc", "rdx", "r10", "r8");
+    return rax;
+}
 
 /* Writes bytes to the console: console_io(CONSOLEIO_write) under Xen, else port 0xe9.
  * Output buffered by putchar is written first, so the two never interleave. */

@@ -10,6 +10,9 @@ final class HostPage: @unchecked Sendable {  // immutable after init; the bytes 
     let sharedInfo: SharedRegion
     /// The futex word a dispatcher sleeps on (not part of any ABI structure).
     let wakeWord: SharedRegion
+    /// One bit per port delivered immediately (``HostEventDomain/Delivery/immediate``), laid
+    /// out as the pending bitmap: 64 words of 64 bits. Not part of any ABI structure either.
+    let immediatePorts: SharedRegion
 
     init() {
         let page = GuestMemory.pageSize
@@ -17,16 +20,21 @@ final class HostPage: @unchecked Sendable {  // immutable after init; the bytes 
         base.initializeMemory(as: UInt8.self, repeating: 0, count: 2 * page)
         sharedInfo = .unsafe(base, count: page)
         wakeWord = .unsafe(base + page, count: 4)
+        immediatePorts = .unsafe(base + page + 64, count: TwoLevelLayout.bitmapBytes)
     }
 
     deinit { base.deallocate() }
 }
 
-/// What the upcall hook of the host domain captures: the page (kept alive) and how many
-/// dispatchers sleep. Not the domain object itself, which would make a cycle through the hub.
+/// What the upcall hook of the host domain captures: the page (kept alive), how many
+/// dispatchers sleep, and the handlers (for ports delivered immediately). Not the domain object
+/// itself, which would make a cycle through the hub.
 private final class HostWaker: Sendable {
+    typealias Handler = @Sendable (EventPort) -> Void
+
     let page: HostPage
     let sleepers = Atomic<Int>(0)
+    let handlers = Mutex<[EventPort: Handler]>([:])
 
     init(page: HostPage) { self.page = page }
 
@@ -42,6 +50,46 @@ private final class HostWaker: Sendable {
             }
         }
     }
+
+    func setImmediate(_ port: EventPort, _ on: Bool) {
+        let (word, bit) = TwoLevelLayout.position(of: port.rawValue)
+        if on {
+            _ = page.immediatePorts.testAndSetBit(bit, inWordAt: word * 8)
+        } else {
+            _ = page.immediatePorts.testAndClearBit(bit, inWordAt: word * 8)
+        }
+    }
+
+    /// The immediate pass, on the thread whose send (or unmask) raised the upcall of vCPU 1,
+    /// after the hub released its locks: the receive loop of `vireo/event_channel.h` on vCPU
+    /// 1's selector, taking only immediate ports (a dispatcher port sharing a word stays pending
+    /// for vCPU 0's scan, which its own selector bit names) and running each one's handler at
+    /// once, with no lock held. Passes on several threads at once take each event once.
+    func runImmediate() {
+        let events = GuestEventState(sharedInfo: page.sharedInfo)
+        guard let info = events.vcpuInfo(HostEventDomain.immediateVcpu) else { return }
+        let shared = page.sharedInfo
+        repeat {
+            info.storeRelease8(0, at: TwoLevelLayout.upcallPendingOffset)
+            var selector = info.exchange64(0, at: TwoLevelLayout.pendingSelOffset)
+            while selector != 0 {
+                let word = selector.trailingZeroBitCount
+                selector &= selector - 1
+                let pendingWord = TwoLevelLayout.pendingOffset + word * 8
+                var bits = shared.loadAcquire64(at: pendingWord)
+                    & ~shared.loadAcquire64(at: TwoLevelLayout.maskOffset + word * 8)
+                    & page.immediatePorts.loadAcquire64(at: word * 8)
+                while bits != 0 {
+                    let bit = bits.trailingZeroBitCount
+                    bits &= bits - 1
+                    guard shared.testAndClearBit(bit, inWordAt: pendingWord) else { continue }
+                    let port = EventPort(UInt32(word * TwoLevelLayout.bitsPerWord + bit))
+                    let handler = handlers.withLock { $0[port] }
+                    handler?(port)
+                }
+            }
+        } while info.loadAcquire8(at: TwoLevelLayout.upcallPendingOffset) != 0
+    }
 }
 
 /// The host's own domain (Xen's domain 0), where Vireo's backends live: its shared_info is a
@@ -56,18 +104,40 @@ public final class HostEventDomain: Sendable {
     public let portLimit: Int
     private let page: HostPage
     private let waker: HostWaker
-    private let handlers = Mutex<[EventPort: @Sendable (EventPort) -> Void]>([:])
     private let interrupted = Atomic<Bool>(false)
 
-    /// Registers the host domain with `hub` as a privileged domain with one vCPU (the
-    /// dispatcher); every port notifies vCPU 0.
+    /// How a port's events reach its handler.
+    public enum Delivery: Sendable {
+        /// On the dispatcher's thread (``dispatch(timeout:)``): the handler may take its time,
+        /// and runs on one thread at a time.
+        case dispatcher
+        /// At once, on the thread that made the port pending, after the hub has released its
+        /// locks: a guest's vCPU inside its EVTCHNOP_send, a host thread that sends on a
+        /// loopback channel or unmasks the port. No hand-off to the dispatcher thread, which
+        /// for a handler that only wakes a worker is a thread hand-off saved per event (Xen's
+        /// send marks dom0's port and kicks dom0's vCPU from the sender's CPU the same way).
+        /// The handler must be short and must not block: a wake-up, a flag. It may run on
+        /// several threads at once, and must not take a lock that a thread may hold while it
+        /// sends to, or unmasks, a port of this domain. A hostile guest's storm runs it on the
+        /// guest's own vCPU thread, charged to the guest's own CPU time.
+        case immediate
+    }
+
+    /// The host vCPU whose ports are delivered immediately: their events raise its upcall,
+    /// and its upcall hook runs the handlers on the raising thread. vCPU 0 is the dispatcher's.
+    public static let immediateVcpu = 1
+
+    /// Registers the host domain with `hub` as a privileged domain with two vCPUs: vCPU 0 the
+    /// dispatcher, vCPU 1 the immediate deliveries (``Delivery``).
     /// - Throws: what ``EventChannels/registerDomain(_:vcpus:sharedInfo:portLimit:privileged:owner:upcall:)`` throws.
     public init(hub: EventChannels, id: DomainID = .zero, portLimit: Int = EventChannels.defaultPortLimit) throws(XenError) {
         let page = HostPage()
         let waker = HostWaker(page: page)
         try hub.registerDomain(
-            id, vcpus: 1, sharedInfo: page.sharedInfo, portLimit: portLimit, privileged: true,
-            owner: page, upcall: { _ in waker.kick() })
+            id, vcpus: 2, sharedInfo: page.sharedInfo, portLimit: portLimit, privileged: true,
+            owner: page, upcall: { vcpu in
+                if vcpu == Self.immediateVcpu { waker.runImmediate() } else { waker.kick() }
+            })
         self.id = id
         self.hub = hub
         self.portLimit = portLimit
@@ -83,26 +153,33 @@ public final class HostEventDomain: Sendable {
     // MARK: Binding (each installs the port's handler before any dispatch can see the port)
 
     /// A new port waiting for `remote` to bind (EVTCHNOP_alloc_unbound in this domain).
-    public func allocUnbound(remote: DomainID, handler: (@Sendable (EventPort) -> Void)? = nil) throws(XenError) -> EventPort {
-        try withHandler(handler) { () throws(XenError) in try hub.allocUnbound(caller: id, in: .calling, remote: remote) }
+    public func allocUnbound(
+        remote: DomainID, delivery: Delivery = .dispatcher, handler: (@Sendable (EventPort) -> Void)? = nil
+    ) throws(XenError) -> EventPort {
+        try withHandler(handler, delivery) { () throws(XenError) in try hub.allocUnbound(caller: id, in: .calling, remote: remote) }
     }
 
     /// Connects to a guest's unbound port (EVTCHNOP_bind_interdomain). The new port starts
-    /// pending, so its handler runs at the next dispatch: check the shared ring once.
-    public func bindInterdomain(remoteDomain: DomainID, remotePort: EventPort, handler: (@Sendable (EventPort) -> Void)? = nil) throws(XenError) -> EventPort {
-        try withHandler(handler) { () throws(XenError) in
+    /// pending, so its handler runs at the next dispatch (whatever its delivery: the port
+    /// notifies the dispatcher's vCPU until the bind has installed the handler): check the
+    /// shared ring once.
+    public func bindInterdomain(
+        remoteDomain: DomainID, remotePort: EventPort, delivery: Delivery = .dispatcher,
+        handler: (@Sendable (EventPort) -> Void)? = nil
+    ) throws(XenError) -> EventPort {
+        try withHandler(handler, delivery) { () throws(XenError) in
             try hub.bindInterdomain(caller: id, remoteDomain: remoteDomain, remotePort: remotePort)
         }
     }
 
     /// Binds a VIRQ of the host domain (EVTCHNOP_bind_virq on vCPU 0).
     public func bindVirq(_ virq: VirtualIRQ, handler: (@Sendable (EventPort) -> Void)? = nil) throws(XenError) -> EventPort {
-        try withHandler(handler) { () throws(XenError) in try hub.bindVirq(caller: id, virq: virq, vcpu: 0) }
+        try withHandler(handler, .dispatcher) { () throws(XenError) in try hub.bindVirq(caller: id, virq: virq, vcpu: 0) }
     }
 
     /// Installs (or, with nil, removes) the handler of a port.
     public func setHandler(for port: EventPort, _ handler: (@Sendable (EventPort) -> Void)?) {
-        handlers.withLock { $0[port] = handler }
+        waker.handlers.withLock { $0[port] = handler }
     }
 
     /// Rings the other end of `port`.
@@ -112,9 +189,10 @@ public final class HostEventDomain: Sendable {
     public func close(_ port: EventPort) throws(XenError) {
         // Under the handler table's lock, so a bind that reuses the number cannot have its
         // new handler dropped by this close.
-        try handlers.withLock { (table: inout [EventPort: @Sendable (EventPort) -> Void]) throws(XenError) in
+        try waker.handlers.withLock { (table: inout [EventPort: @Sendable (EventPort) -> Void]) throws(XenError) in
             try hub.close(caller: id, port: port)
             table[port] = nil
+            waker.setImmediate(port, false)
         }
     }
 
@@ -129,14 +207,27 @@ public final class HostEventDomain: Sendable {
     public func unmask(_ port: EventPort) throws(XenError) { try hub.unmask(caller: id, port: port) }
 
     private func withHandler(
-        _ handler: (@Sendable (EventPort) -> Void)?, _ bind: () throws(XenError) -> EventPort
+        _ handler: (@Sendable (EventPort) -> Void)?, _ delivery: Delivery, _ bind: () throws(XenError) -> EventPort
     ) throws(XenError) -> EventPort {
         guard let handler else { return try bind() }
         // Holding the handler table across the bind: a dispatch that takes the new port's first
-        // event waits here, then finds its handler.
-        return try handlers.withLock { (table: inout [EventPort: @Sendable (EventPort) -> Void]) throws(XenError) -> EventPort in
+        // event waits here, then finds its handler. An immediate port notifies the immediate
+        // vCPU only from here on, with its handler in place (and a close, which takes this
+        // lock, cannot come in between).
+        return try waker.handlers.withLock { (table: inout [EventPort: @Sendable (EventPort) -> Void]) throws(XenError) -> EventPort in
             let port = try bind()
             table[port] = handler
+            if delivery == .immediate {
+                waker.setImmediate(port, true)
+                do throws(XenError) {
+                    try hub.bindVcpu(caller: id, port: port, vcpu: UInt32(Self.immediateVcpu))
+                } catch {
+                    waker.setImmediate(port, false)
+                    table[port] = nil
+                    try? hub.close(caller: id, port: port)
+                    throw error
+                }
+            }
             return port
         }
     }
@@ -152,7 +243,7 @@ public final class HostEventDomain: Sendable {
             events.scanPending(vcpu: 0) { ports.append($0) }
         } while events.upcallPending(vcpu: 0)
         guard !ports.isEmpty else { return [] }
-        let table = handlers.withLock { table in ports.map { table[$0] } }
+        let table = waker.handlers.withLock { table in ports.map { table[$0] } }
         for (port, handler) in zip(ports, table) { handler?(port) }
         return ports
     }
