@@ -1,4 +1,5 @@
 import Glibc
+import Synchronization
 
 /// The wake-up every backend's service loop sleeps on: a non-blocking pipe that event handlers,
 /// XenStore watches and `stop()` write a byte to, and `wait` polls with a timeout and drains.
@@ -6,6 +7,11 @@ import Glibc
 final class WakePipe: Sendable {
     let readEnd: Int32
     let writeEnd: Int32
+    /// A kick the loop has not taken yet: further kicks until it does write nothing (a frontend
+    /// notifying a busy backend, whose handler runs on the frontend's thread, makes no system
+    /// call). Taken with an acquiring exchange after the drain, so the loop's next pass sees
+    /// what every kick before it published.
+    private let kicked = Atomic<Bool>(false)
 
     init(for owner: String) throws(BackendError) {
         var ends: [Int32] = [0, 0]
@@ -25,6 +31,7 @@ final class WakePipe: Sendable {
 
     /// Wakes the loop (a full pipe already means "awake": the byte is not needed).
     func kick() {
+        guard !kicked.exchange(true, ordering: .acquiringAndReleasing) else { return }
         var one: UInt8 = 1
         _ = Glibc.write(writeEnd, &one, 1)
     }
@@ -56,5 +63,7 @@ final class WakePipe: Sendable {
     private func drain() {
         var bytes: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
         while withUnsafeMutableBytes(of: &bytes, { Glibc.read(readEnd, $0.baseAddress, $0.count) }) > 0 {}
+        // After the drain: a kick from here on writes a byte again, and the next wait sees it.
+        _ = kicked.exchange(false, ordering: .acquiringAndReleasing)
     }
 }
