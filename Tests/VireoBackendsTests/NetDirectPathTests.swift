@@ -63,6 +63,47 @@ import VireoHypercalls
         #expect(got.statuses == [4096, Int16(frame.count - 4096)])
     }
 
+    @Test func onePassFollowsEachChangeOfAddressesAndCopiesEveryHeaderWhole() throws {
+        // The route is reused while a pass's frames carry the same twelve address bytes: frames
+        // changing receiver, and one from another source right after a frame to the same
+        // receiver, must each be switched afresh. The frames also cover the first bytes copied (64 without a blank checksum):
+        // a 60-byte frame shorter than that, and a 1500-byte one whose first 64 come from three slots.
+        let fabric = NetworkSwitch(name: "three")
+        let one = try rig.vif(1), two = try rig.vif(2), three = try rig.vif(3)
+        for front in [one, two, three] { fabric.connect(front.backend) }
+        for front in [one, two, three] { try front.connect() }
+        try two.postReceive(8)
+        try three.postReceive(8)
+        two.backend.poll()
+        three.backend.poll()
+        let stranger = EthernetAddress(0x02, 0x00, 0x00, 0x00, 0x00, 0x99)
+        var toTwo: [[UInt8]] = [], toThree: [[UInt8]] = []
+        for (i, target) in [two, three, three, two, two, three].enumerated() {
+            let source = i == 2 ? stranger : one.mac
+            let frame = ethernetFrame(to: target.mac, from: source, payload: i == 0 ? 46 : 1486, seed: UInt8(i))
+            if i == 1 {
+                try one.send(frame, id: UInt16(i), fragments: [10, 40, frame.count - 50], offset: 100)
+            } else {
+                try one.send(frame, id: UInt16(i))
+            }
+            if target === two { toTwo.append(frame) } else { toThree.append(frame) }
+        }
+        one.backend.poll()  // one pass of the sender's loop moves all six
+        #expect(try one.takeTransmitted().map(\.status) == Array(repeating: rspOkay, count: 8))
+        #expect(try two.takeReceived().map(\.bytes) == toTwo)
+        #expect(try three.takeReceived().map(\.bytes) == toThree)
+        #expect(fabric.statistics.delivered == 6 && fabric.statistics.flooded == 0)
+        // The stranger's address was learned on one's port in that pass: a frame to it goes there only.
+        try one.postReceive(1)
+        one.backend.poll()
+        let reply = ethernetFrame(to: stranger, from: two.mac, payload: 100, seed: 9)
+        try two.send(reply, id: 1)
+        two.backend.poll()
+        #expect(try one.takeReceived().map(\.bytes) == [reply])
+        #expect(try three.takeReceived().isEmpty)
+        #expect(fabric.statistics.flooded == 0)
+    }
+
     @Test func framesThatCannotGoStraightTakeTheQueueInOrder() throws {
         let (_, one, two) = try pair(posted: 0)
         // No page posted: the first frame waits in two's queue...
