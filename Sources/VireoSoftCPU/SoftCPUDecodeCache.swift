@@ -188,11 +188,16 @@ struct DecodedBlock {
     /// 48-63; ``DecodeCache/invalid`` or 0 for an empty slot.
     var tag: UInt64
     /// Its first entry in ``DecodeCache/entries``.
-    var start: UInt32
+    var start: UInt16
     /// Entries; 0 when the first instruction is one the cache leaves to the full decoder.
-    var count: UInt16
+    var count: UInt8
+    /// Runs from the cache since it was built, counted until it is translated to native code.
+    var hits: UInt8 = 0
     /// Guest instructions the entries retire (a fused pair retires two).
     var retired: UInt16
+    /// Its native code (SoftCPUNative.swift): ``NativeCode/none`` not translated yet,
+    /// ``NativeCode/never`` not translatable, else ``NativeCode/slot(_:)`` of its header.
+    var native: UInt16 = NativeCode.none
 }
 
 /// The decode cache: per vCPU, blocks of decoded instructions found through a direct-mapped
@@ -226,6 +231,8 @@ final class DecodeCache {
     let frameState: UnsafeMutablePointer<UInt8>
     let frameInvalidations: UnsafeMutablePointer<UInt8>
     let frames: Int
+    /// Native code for hot blocks (SoftCPUNative.swift), emptied with the cache.
+    let nativeCode = NativeCodeBuffer()
     /// Bits 48-63 of every live tag (never 0xFFFF, so no live tag equals `invalid`); kept
     /// behind a pointer the run loop holds, to check after every instruction whether the
     /// cache was flushed under the running block.
@@ -293,6 +300,8 @@ final class DecodeCache {
         }
         generation &+= 1 << 48
         used = 0
+        // No live block refers to native code any more (their tags are stale).
+        nativeCode.reset()
         if generation >> 48 == 0xFFFF || generation == 0 {
             generation = 1 << 48
             for i in 0..<Self.blockSlots { blocks[i].tag = Self.invalid }
@@ -404,7 +413,7 @@ extension SoftCPU {
         var count = 0, retired = 0
         switch cache.frameState[Int(frame)] {
         case DecodeCache.uncacheable:
-            head.pointee = DecodedBlock(tag: gpa | cache.generation, start: UInt32(cache.used), count: 0, retired: 0)
+            head.pointee = DecodedBlock(tag: gpa | cache.generation, start: UInt16(cache.used), count: 0, retired: 0)
             return
         case DecodeCache.noCode: markCode(frame: frame)
         default: break
@@ -480,7 +489,7 @@ extension SoftCPU {
             case .other: live = true
             }
         }
-        head.pointee = DecodedBlock(tag: gpa | generation, start: UInt32(cache.used), count: UInt16(count), retired: UInt16(retired))
+        head.pointee = DecodedBlock(tag: gpa | generation, start: UInt16(cache.used), count: UInt8(count), retired: UInt16(retired))
         cache.used += count
     }
 

@@ -202,6 +202,9 @@ import VireoKVM
         let vm: KVMVirtualMachine
         let vcpu: KVMVirtualCPU
         static let code: UInt64 = 0x10000
+        /// Instructions the SoftCPU ran as native code (the native tier translates every block
+        /// on its first run in these machines), over all comparisons.
+        var nativeRetired: UInt64 = 0
 
         init() throws {
             memory = try GuestMemory(ramBytes: 4 << 20)
@@ -227,6 +230,7 @@ import VireoKVM
             for i in 0..<16 { machine.cpu[GPR(rawValue: i)!] = DifferentialTests.get(start, i) }
             machine.cpu.rflags = start.rflags
             let softExit = machine.run()
+            nativeRetired += machine.cpu.nativeRetired
             // HLT with IF clear ends the SoftCPU's run as a shutdown at the end of the code.
             guard case .shutdown = softExit, machine.cpu.rip == TestMachine.code + UInt64(bytes.count) else {
                 return ["the SoftCPU stopped with \(softExit) at 0x\(String(machine.cpu.rip, radix: 16))"]
@@ -286,5 +290,8 @@ import VireoKVM
         }
         #expect(mismatches == 0, "\(mismatches) of \(Self.sequences) sequences differ")
         #expect(compared >= 100_000)
+        // Where the host can run the native tier, much of each sequence ran through it.
+        print("DifferentialTests: \(engines.nativeRetired) of \(compared) instructions ran as native code")
+        #expect(!SoftCPU.nativeTierAvailable || engines.nativeRetired >= UInt64(compared) / 5)
     }
 }

@@ -1,0 +1,529 @@
+import Glibc
+
+// The native tier: hot blocks of the decode cache translated into x86-64 host code.
+//
+// A block run `nativeThreshold` times from the cache has its entries re-encoded, one by one
+// from their decoded form (never copied from guest bytes), into host instructions that do
+// the same operation at the same operand size on host registers, so the host CPU computes
+// the result and all six arithmetic flags exactly as the guest's x86 would. Only a whitelist
+// of kinds is translated (register ALU, MOV, shifts by an immediate, IMUL, INC/DEC, LEA,
+// MOVZX/MOVSX, Jcc/JMP, and loads and stores of 4 or 8 bytes); the block's native code ends
+// at the first entry outside it and exits to the interpreter there.
+//
+// The code's rules:
+// - Guest registers live in host registers inside the code, loaded from `SoftCPU.regs` at
+//   entry and stored back at every exit; host RSP is never a guest register (guest RSP gets
+//   a pool register like any other), and the code touches no host memory but `regs`, the
+//   TLB's arrays (read only) and guest pages the TLB maps.
+// - Memory goes through the software TLB inline: the code looks up the entry the
+//   interpreter would use, with flag-free instructions (LEA, NOT, RORX, JRCXZ) so the
+//   guest's flags stay in the host's. A miss, an access crossing its page, or a write to a
+//   page with cached code (such pages never get a write entry, see `markCode`) exits to the
+//   interpreter *at* that instruction, with every register and flag exact; the interpreter
+//   then takes the slow path (page walk, fault, invalidation).
+// - Instructions are counted exactly: native code runs only when the budget covers the whole
+//   block; a loop (the block's last entry branches back to its start) runs again inside the
+//   code while a pass count the run loop gives it lasts, checked with JRCXZ (no flags) at
+//   the top of each pass; every exit reports the instructions retired by its last pass.
+// - RFLAGS come in (the lazy flags evaluated) by POPFQ and go out by PUSHFQ: the run loop
+//   stores them as plain flags (`lazyOp = .none`).
+// - The code lives in a buffer written only while it is not executable (mmap, then mprotect
+//   read-write to write and read-execute to run: never writable and executable at once),
+//   bounded in size, and emptied with the decode cache (every slice, every write to cached
+//   code): a block's code is reachable only from its head, whose tag dies with the cache's
+//   generation.
+
+/// Words after the 16 guest registers in ``SoftCPU/regs`` that native code and the run loop
+/// exchange. The native code gets the pointer to `regs` as its only argument.
+enum NativeSlot {
+    /// In: the guest's arithmetic flags (| 2) for POPFQ. Out: RFLAGS after the code.
+    static let flags = 16
+    /// Out: the guest RIP to go on at.
+    static let rip = 17
+    /// Out: instructions the last pass retired.
+    static let partial = 18
+    /// In: passes the budget covers. Out: passes not started.
+    static let budget = 19
+    /// In: ``TLB/base``.
+    static let tlbBase = 20
+    static let words = 24
+}
+
+/// ``DecodedBlock/native``: not translated yet, not translatable, or where the block's
+/// native code is: a 16-byte header (the linear address it was translated for, the
+/// instructions a pass of its loop retires) and the code, at a 16-byte-aligned offset.
+enum NativeCode {
+    static let none: UInt16 = 0, never: UInt16 = 1
+    static func slot(_ offset: Int) -> UInt16 { UInt16(offset / 16 + 2) }
+    static func offset(_ slot: UInt16) -> Int { (Int(slot) - 2) * 16 }
+    static let headerBytes = 16
+}
+
+/// The executable buffer of one vCPU: reserved once (512 KiB of address space, committed as
+/// written), filled by a bump pointer and emptied with the decode cache.
+final class NativeCodeBuffer {
+    static let capacity = 512 << 10
+    static let scratchCapacity = 32 << 10
+    let base: UnsafeMutableRawPointer
+    var used = 0
+    /// Where a block is assembled before it is installed.
+    let scratch: UnsafeMutablePointer<UInt8>
+
+    init() {
+        guard let raw = mmap(nil, Self.capacity, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
+              raw != MAP_FAILED else {
+            fatalError("SoftCPU: cannot reserve \(Self.capacity) bytes for native code")
+        }
+        base = raw
+        scratch = .allocate(capacity: Self.scratchCapacity)
+    }
+
+    deinit {
+        munmap(base, Self.capacity)
+        scratch.deallocate()
+    }
+
+    func reset() { used = 0 }
+
+    /// Copies `count` bytes of assembled code from ``scratch`` into the buffer and returns
+    /// their offset, or nil when the buffer is full. The pages written are read-write (not
+    /// executable) while written, then read-execute.
+    func install(_ count: Int) -> Int? {
+        let offset = (used + 15) & ~15
+        guard count > 0, offset + count <= Self.capacity else { return nil }
+        let low = offset & ~4095, high = (offset + count + 4095) & ~4095
+        guard mprotect(base + low, high - low, PROT_READ | PROT_WRITE) == 0 else { return nil }
+        (base + offset).copyMemory(from: scratch, byteCount: count)
+        guard mprotect(base + low, high - low, PROT_READ | PROT_EXEC) == 0 else { return nil }
+        used = offset + count
+        return offset
+    }
+}
+
+/// An x86-64 assembler for the few forms the translator needs, into a bounded buffer.
+struct X86Emitter {
+    let base: UnsafeMutablePointer<UInt8>
+    let capacity: Int
+    var count = 0
+    var overflow = false
+
+    mutating func byte(_ b: UInt8) {
+        guard count < capacity else { overflow = true; return }
+        base[count] = b
+        count += 1
+    }
+
+    mutating func bytes(_ bs: UInt8...) { for b in bs { byte(b) } }
+
+    mutating func u32(_ v: UInt32) { for i in 0..<4 { byte(UInt8(truncatingIfNeeded: v >> UInt32(8 * i))) } }
+
+    mutating func u64(_ v: UInt64) { for i in 0..<8 { byte(UInt8(truncatingIfNeeded: v >> UInt64(8 * i))) } }
+
+    /// Points the rel32 at `at` to `target` (offsets in the buffer).
+    mutating func patch(_ at: Int, to target: Int) {
+        guard at + 4 <= count else { overflow = true; return }
+        let rel = UInt32(truncatingIfNeeded: Int32(truncatingIfNeeded: target - (at + 4)))
+        for i in 0..<4 { base[at + i] = UInt8(truncatingIfNeeded: rel >> UInt32(8 * i)) }
+    }
+
+    /// A REX prefix when one is needed: W, and the fourth bits of ModRM.reg, SIB.index and
+    /// ModRM.rm or SIB.base; `force` for the byte registers SPL, BPL, SIL and DIL.
+    mutating func rex(w: Bool, r: UInt8 = 0, x: UInt8 = 0, b: UInt8 = 0, force: Bool = false) {
+        let v: UInt8 = 0x40 | (w ? 8 : 0) | (r >> 3 & 1) << 2 | (x >> 3 & 1) << 1 | (b >> 3 & 1)
+        if v != 0x40 || force { byte(v) }
+    }
+
+    /// `opcode` with a register ModRM: reg field `reg`, r/m field `rm`.
+    mutating func rr(w: Bool, _ opcode: [UInt8], reg: UInt8, rm: UInt8, forceREX: Bool = false) {
+        rex(w: w, r: reg, b: rm, force: forceREX)
+        for o in opcode { byte(o) }
+        byte(0xC0 | (reg & 7) << 3 | rm & 7)
+    }
+
+    /// `opcode` with a memory operand [base + index << scale + disp] (nil: none).
+    mutating func rm(w: Bool, _ opcode: [UInt8], reg: UInt8, base: UInt8?, index: UInt8? = nil, scale: UInt8 = 0,
+                     disp: Int32 = 0) {
+        rex(w: w, r: reg, x: index ?? 0, b: base ?? 0)
+        for o in opcode { byte(o) }
+        let r = (reg & 7) << 3
+        let indexBits = (index.map { $0 & 7 } ?? 4) << 3
+        guard let b = base else {
+            byte(r | 4)
+            byte(scale << 6 | indexBits | 5)
+            u32(UInt32(bitPattern: disp))
+            return
+        }
+        let mod: UInt8 = disp == 0 && b & 7 != 5 ? 0 : Int32(Int8(truncatingIfNeeded: disp)) == disp ? 1 : 2
+        if index == nil && b & 7 != 4 {
+            byte(mod << 6 | r | b & 7)
+        } else {
+            byte(mod << 6 | r | 4)
+            byte(scale << 6 | indexBits | b & 7)
+        }
+        if mod == 1 { byte(UInt8(truncatingIfNeeded: disp)) } else if mod == 2 { u32(UInt32(bitPattern: disp)) }
+    }
+
+    /// RORX dst, src, imm (BMI2): a rotate that leaves the flags alone.
+    mutating func rorx(_ dst: UInt8, _ src: UInt8, _ imm: UInt8) {
+        byte(0xC4)
+        byte((~dst >> 3 & 1) << 7 | 1 << 6 | (~src >> 3 & 1) << 5 | 0x03)
+        byte(0xFB)  // W1, no vvvv, L0, F2
+        byte(0xF0)
+        byte(0xC0 | (dst & 7) << 3 | src & 7)
+        byte(imm)
+    }
+
+    /// MOV reg, imm64 in the shortest form that gives the same 64 bits.
+    mutating func movImmediate(_ reg: UInt8, _ v: UInt64) {
+        if v <= 0xFFFF_FFFF {
+            rex(w: false, b: reg)
+            byte(0xB8 | reg & 7)
+            u32(UInt32(v))
+        } else if Int64(Int32(truncatingIfNeeded: v)) == Int64(bitPattern: v) {
+            rex(w: true, b: reg)
+            byte(0xC7)
+            byte(0xC0 | reg & 7)
+            u32(UInt32(truncatingIfNeeded: v))
+        } else {
+            rex(w: true, b: reg)
+            byte(0xB8 | reg & 7)
+            u64(v)
+        }
+    }
+
+    /// A rel32 jump (`cc` nil) or Jcc; returns where its rel32 is, to patch.
+    mutating func jump(_ cc: UInt8? = nil) -> Int {
+        if let cc { bytes(0x0F, 0x80 | cc) } else { byte(0xE9) }
+        let at = count
+        u32(0)
+        return at
+    }
+}
+
+extension SoftCPU {
+    typealias NativeFunction = @convention(c) (UnsafeMutableRawPointer) -> Void
+
+    /// Host registers that hold guest registers in native code (never RSP; RCX, R13, R14 and
+    /// R15 are the code's own).
+    static let nativePool: [UInt8] = [0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12]
+    static let hostRCX: UInt8 = 1, scratchB: UInt8 = 13, scratchA: UInt8 = 14, context: UInt8 = 15
+
+    /// Whether this host can run native code (x86-64 with BMI2's RORX), once per process.
+    static let nativeTierAvailable: Bool = {
+        #if arch(x86_64)
+        guard let file = fopen("/proc/cpuinfo", "r") else { return false }
+        defer { fclose(file) }
+        var line = [CChar](repeating: 0, count: 16384)
+        while fgets(&line, Int32(line.count), file) != nil {
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            if text.hasPrefix("flags") {
+                return text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).contains("bmi2")
+            }
+        }
+        return false
+        #else
+        return false
+        #endif
+    }()
+
+    /// The native tier's default for new vCPUs: on where the host can run it, unless the
+    /// environment says `VIREO_SOFTCPU_NATIVE=0`.
+    static func nativeTierDefault() -> Bool {
+        if let value = getenv("VIREO_SOFTCPU_NATIVE"), value.pointee == UInt8(ascii: "0") { return false }
+        return nativeTierAvailable
+    }
+
+    /// The guest registers a whitelisted entry reads or writes, or nil when the entry is not
+    /// one native code can do.
+    static func nativeRegisters(_ d: DecodedInstruction) -> [UInt8]? {
+        func memory() -> [UInt8] {
+            var r: [UInt8] = []
+            if d.base != DecodedInstruction.noRegister, d.base != DecodedInstruction.ripBase { r.append(d.base) }
+            if d.index != DecodedInstruction.noRegister { r.append(d.index) }
+            return r
+        }
+        guard d.size >= 4 || d.kind == .jcc || d.kind == .jccSub || d.kind == .jccLogic || d.kind == .jmp else { return nil }
+        switch d.kind {
+        case .movRR:
+            guard d.second != .general else { return [d.reg, d.src] }
+            guard d.second.registerOnly, d.secondSize >= 4, aluOperation(d.second) != nil else { return nil }
+            switch d.second {
+            case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR: return [d.reg, d.src, d.secondReg, d.secondSrc]
+            default: return [d.reg, d.src, d.secondReg]
+            }
+        case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR, .imulRR, .imulRRI:
+            return [d.reg, d.src]
+        case .aluRR:
+            return d.op <= 8 ? [d.reg, d.src] : nil
+        case .addRI, .subRI, .cmpRI, .andRI, .orRI, .xorRI, .shlRI, .shrRI, .sarRI, .incDec, .movRI:
+            return [d.reg]
+        case .aluRI:
+            return d.op <= 8 ? [d.reg] : nil
+        case .movzxR, .movsxR:
+            return d.src < 16 ? [d.reg, d.src] : nil
+        case .lea, .load, .store:
+            guard d.base == DecodedInstruction.ripBase || Int64(Int32(truncatingIfNeeded: d.disp)) == Int64(bitPattern: d.disp) else {
+                return nil
+            }
+            return [d.reg] + memory()
+        case .storeImm:
+            guard d.base == DecodedInstruction.ripBase || Int64(Int32(truncatingIfNeeded: d.disp)) == Int64(bitPattern: d.disp) else {
+                return nil
+            }
+            return memory()
+        case .jcc, .jccSub, .jccLogic, .jmp:
+            return []
+        default:
+            return nil
+        }
+    }
+
+    /// The ALU operation (0-7, 8 = TEST) or shift (4 SHL, 5 SHR, 7 SAR) of a specialised kind.
+    static func aluOperation(_ kind: DecodedKind) -> UInt8? {
+        switch kind {
+        case .addRR, .addRI: return 0
+        case .orRR, .orRI: return 1
+        case .andRR, .andRI, .shlRI: return 4
+        case .subRR, .subRI, .shrRI: return 5
+        case .xorRR, .xorRI: return 6
+        case .cmpRR, .cmpRI, .sarRI: return 7
+        case .testRR: return 8
+        default: return nil
+        }
+    }
+
+    /// Translates the block at `head` (entered at linear `linear`) into native code; returns
+    /// the value for ``DecodedBlock/native``.
+    @inline(never)
+    func translateNative(_ head: UnsafeMutablePointer<DecodedBlock>, linear: UInt64) -> UInt16 {
+        let block = head.pointee
+        let entries = decodeCache.entries + Int(block.start)
+        let count = Int(block.count)
+        // How many entries native code can do, and the guest registers they use.
+        var used = [Bool](repeating: false, count: 16)
+        var usedCount = 0
+        var n = 0
+        while n < count {
+            guard let registers = Self.nativeRegisters(entries[n]) else { break }
+            var extra = 0
+            for r in Set(registers) where r < 16 && !used[Int(r)] { extra += 1 }
+            guard registers.allSatisfy({ $0 < 16 }), usedCount + extra <= Self.nativePool.count else { break }
+            for r in registers { if !used[Int(r)] { used[Int(r)] = true; usedCount += 1 } }
+            n += 1
+        }
+        guard n > 0 else { return NativeCode.never }
+        // Guest registers to host registers: the same number where the pool has it.
+        var host = [UInt8](repeating: 0xFF, count: 16)
+        var taken = [Bool](repeating: false, count: 16)
+        for g in 0..<16 where used[g] && Self.nativePool.contains(UInt8(g)) {
+            host[g] = UInt8(g)
+            taken[g] = true
+        }
+        for g in 0..<16 where used[g] && host[g] == 0xFF {
+            guard let h = Self.nativePool.first(where: { !taken[Int($0)] }) else { return NativeCode.never }
+            host[g] = h
+            taken[Int(h)] = true
+        }
+        // Each entry's linear address and the next one's (a forward JMP's is its target).
+        var pcs = [UInt64](repeating: 0, count: n + 1)
+        var pc = linear
+        for k in 0..<n {
+            pcs[k] = pc
+            let d = entries[k]
+            pc &+= UInt64(d.length) &+ (d.kind == .movRR && d.second != .general ? UInt64(d.secondLength) : 0)
+            if d.kind == .jmp { pc &+= d.disp }
+        }
+        pcs[n] = pc
+        let last = entries[n - 1]
+        // The loop: the first branch back to the block's start (a JMP only ends a block)
+        // goes to the top of the next pass instead of leaving.
+        var loopEntry = -1
+        for k in 0..<n {
+            let d = entries[k]
+            let isJcc = d.kind == .jcc || d.kind == .jccSub || d.kind == .jccLogic
+            if isJcc && pcs[k] &+ UInt64(d.length) &+ d.disp == linear || d.kind == .jmp && k == n - 1 && pcs[n] == linear {
+                loopEntry = k
+                break
+            }
+        }
+        let loopRetired = loopEntry >= 0 ? entries[loopEntry].through : block.retired
+
+        let buffer = decodeCache.nativeCode
+        var a = X86Emitter(base: buffer.scratch, capacity: NativeCodeBuffer.scratchCapacity)
+        let ctx = Self.context, rcx = Self.hostRCX, sa = Self.scratchA, sb = Self.scratchB
+        func slot(_ s: Int) -> Int32 { Int32(8 * s) }
+        // Exits to emit after the body: where their jump is, the RIP and the instructions the
+        // pass retired.
+        var exits: [(at: Int, rip: UInt64, partial: UInt16)] = []
+        a.u64(linear)
+        a.u64(UInt64(loopRetired))
+
+        // Prologue: callee-saved registers, the context, the flags, the guest registers.
+        a.bytes(0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57)
+        a.rr(w: true, [0x89], reg: 7, rm: ctx)  // mov %rdi, %r15
+        a.rm(w: false, [0xFF], reg: 6, base: ctx, disp: slot(NativeSlot.flags))  // push flags
+        a.byte(0x9D)  // popfq
+        for g in 0..<16 where used[g] { a.rm(w: true, [0x8B], reg: host[g], base: ctx, disp: slot(g)) }
+        // The top of a pass: stop when the passes the budget covers are done (no flags touched).
+        let top = a.count
+        a.rm(w: true, [0x8B], reg: rcx, base: ctx, disp: slot(NativeSlot.budget))
+        a.bytes(0xE3, 0x02, 0xEB, 0x05)  // jrcxz +2; jmp +5
+        exits.append((a.jump(), linear, loopRetired))
+        a.rm(w: true, [0x8D], reg: rcx, base: rcx, disp: -1)
+        a.rm(w: true, [0x89], reg: rcx, base: ctx, disp: slot(NativeSlot.budget))
+
+        func h(_ g: UInt8) -> UInt8 { host[Int(g)] }
+        func alu(_ kind: DecodedKind, op: UInt8, reg: UInt8, src: UInt8, imm: UInt64, size: UInt8) {
+            let w = size == 8
+            switch kind {
+            case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR, .aluRR:
+                a.rr(w: w, [op == 8 ? 0x85 : op << 3 | 1], reg: h(src), rm: h(reg))
+            case .shlRI, .shrRI, .sarRI:
+                a.rr(w: w, [0xC1], reg: op, rm: h(reg))
+                a.byte(UInt8(truncatingIfNeeded: imm))
+            default:  // with an immediate
+                a.rr(w: w, [op == 8 ? 0xF7 : 0x81], reg: op == 8 ? 0 : op, rm: h(reg))
+                a.u32(UInt32(truncatingIfNeeded: imm))
+            }
+        }
+        for k in 0..<n {
+            let d = entries[k]
+            let w = d.size == 8
+            let mask: UInt64 = w ? ~0 : 0xFFFF_FFFF
+            let nextPC = pcs[k] &+ UInt64(d.length)
+            switch d.kind {
+            case .movRR:
+                a.rr(w: w, [0x89], reg: h(d.src), rm: h(d.reg))
+                if d.second != .general, let op = Self.aluOperation(d.second) {
+                    let imm = d.second == .shlRI || d.second == .shrRI || d.second == .sarRI
+                        ? UInt64(UInt32(bitPattern: d.secondImm)) : UInt64(bitPattern: Int64(d.secondImm))
+                    alu(d.second, op: op, reg: d.secondReg, src: d.secondSrc, imm: imm, size: d.secondSize)
+                }
+            case .addRR, .subRR, .cmpRR, .andRR, .orRR, .xorRR, .testRR, .aluRR, .addRI, .subRI, .cmpRI, .andRI, .orRI,
+                 .xorRI, .aluRI, .shlRI, .shrRI, .sarRI:
+                alu(d.kind, op: Self.aluOperation(d.kind) ?? d.op, reg: d.reg, src: d.src, imm: d.imm, size: d.size)
+            case .incDec:
+                a.rr(w: w, [0xFF], reg: d.op, rm: h(d.reg))
+            case .imulRR:
+                a.rr(w: w, [0x0F, 0xAF], reg: h(d.reg), rm: h(d.src))
+            case .imulRRI:
+                a.rr(w: w, [0x69], reg: h(d.reg), rm: h(d.src))
+                a.u32(UInt32(truncatingIfNeeded: d.imm))
+            case .movRI:
+                a.movImmediate(h(d.reg), d.imm & mask)
+            case .movzxR, .movsxR:
+                let opcode: UInt8 = (d.kind == .movzxR ? 0xB6 : 0xBE) | (d.op == 2 ? 1 : 0)
+                a.rr(w: w, [0x0F, opcode], reg: h(d.reg), rm: h(d.src), forceREX: d.op == 1)
+            case .lea:
+                if d.base == DecodedInstruction.ripBase {
+                    a.movImmediate(h(d.reg), (nextPC &+ d.disp) & mask)
+                } else {
+                    a.rm(w: w, [0x8D], reg: h(d.reg), base: d.base == DecodedInstruction.noRegister ? nil : h(d.base),
+                         index: d.index == DecodedInstruction.noRegister ? nil : h(d.index), scale: d.scale,
+                         disp: Int32(truncatingIfNeeded: d.disp))
+                }
+            case .load, .store, .storeImm:
+                // The linear address in R14.
+                if d.base == DecodedInstruction.ripBase {
+                    a.movImmediate(sa, nextPC &+ d.disp)
+                } else {
+                    a.rm(w: true, [0x8D], reg: sa, base: d.base == DecodedInstruction.noRegister ? nil : h(d.base),
+                         index: d.index == DecodedInstruction.noRegister ? nil : h(d.index), scale: d.scale,
+                         disp: Int32(truncatingIfNeeded: d.disp))
+                }
+                // R13 = the TLB base + 8 × the entry's index (bits 12-19 of the address).
+                a.rorx(sb, sa, 12)
+                a.rr(w: false, [0x0F, 0xB6], reg: sb, rm: sb, forceREX: true)  // movzx %r13b, %r13d
+                a.rm(w: true, [0x8B], reg: rcx, base: ctx, disp: slot(NativeSlot.tlbBase))
+                a.rm(w: true, [0x8D], reg: sb, base: rcx, index: sb, scale: 3)
+                let reading = d.kind == .load
+                a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: Int32(reading ? TLB.readTagOffset : TLB.writeTagOffset))
+                // RCX = address - tag + size - 1 (NOT and LEA: no flags): below 4096 exactly
+                // when the tag matches and the access stays within the page. Rotated right
+                // by 12 and shifted left by 12 (LEA ×8 four times), it is zero then.
+                a.rr(w: true, [0xF7], reg: 2, rm: rcx)  // not %rcx
+                a.rm(w: true, [0x8D], reg: rcx, base: rcx, index: sa, scale: 0, disp: Int32(d.size))
+                a.rorx(rcx, rcx, 12)
+                for _ in 0..<4 { a.rm(w: true, [0x8D], reg: rcx, base: nil, index: rcx, scale: 3, disp: 0) }
+                a.bytes(0xE3, 0x05)  // jrcxz +5: a hit
+                exits.append((a.jump(), pcs[k], d.through &- UInt16(d.retired)))
+                a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: Int32(reading ? TLB.readAddendOffset : TLB.writeAddendOffset))
+                switch d.kind {
+                case .load: a.rm(w: w, [0x8B], reg: h(d.reg), base: sa, index: rcx)
+                case .store: a.rm(w: w, [0x89], reg: h(d.reg), base: sa, index: rcx)
+                default:
+                    a.rm(w: w, [0xC7], reg: 0, base: sa, index: rcx)
+                    a.u32(UInt32(truncatingIfNeeded: d.imm))
+                }
+            case .jcc, .jccSub, .jccLogic:
+                let target = nextPC &+ d.disp
+                let at = a.jump(d.op & 0xF)
+                if k == loopEntry {
+                    a.patch(at, to: top)
+                } else {
+                    exits.append((at, target, d.through))
+                }
+            case .jmp:
+                if k == loopEntry { a.patch(a.jump(), to: top) }
+            default:
+                return NativeCode.never  // not reached: nativeRegisters admitted only the above
+            }
+        }
+        // The end of the native code: the block's end, or the first entry it does not do.
+        if !(loopEntry == n - 1 && last.kind == .jmp) { exits.append((a.jump(), pcs[n], last.through)) }
+        var toCommon: [Int] = []
+        for exit in exits {
+            a.patch(exit.at, to: a.count)
+            a.movImmediate(rcx, exit.rip)
+            a.rm(w: true, [0xC7], reg: 0, base: ctx, disp: slot(NativeSlot.partial))
+            a.u32(UInt32(exit.partial))
+            toCommon.append(a.jump())
+        }
+        // The common exit: flags, RIP and the guest registers out, the host's back.
+        for at in toCommon { a.patch(at, to: a.count) }
+        a.byte(0x9C)  // pushfq
+        a.rm(w: false, [0x8F], reg: 0, base: ctx, disp: slot(NativeSlot.flags))  // pop flags
+        a.rm(w: true, [0x89], reg: rcx, base: ctx, disp: slot(NativeSlot.rip))
+        for g in 0..<16 where used[g] { a.rm(w: true, [0x89], reg: host[g], base: ctx, disp: slot(g)) }
+        a.bytes(0x41, 0x5F, 0x41, 0x5E, 0x41, 0x5D, 0x41, 0x5C, 0x5D, 0x5B, 0xC3)
+        guard !a.overflow, let offset = buffer.install(a.count) else { return NativeCode.never }
+        nativeTranslations &+= 1
+        return NativeCode.slot(offset)
+    }
+
+    /// Counts a run of the untranslated block at `head`; true when it is hot enough to
+    /// translate.
+    @inline(__always) func countHit(_ head: UnsafeMutablePointer<DecodedBlock>) -> Bool {
+        let hits = head.pointee.hits &+ 1
+        head.pointee.hits = hits
+        return hits >= nativeThreshold
+    }
+
+    /// The linear address the native code at `slot` was translated for.
+    @inline(__always) func nativeLinear(_ slot: UInt16) -> UInt64 {
+        (decodeCache.nativeCode.base + NativeCode.offset(slot)).load(as: UInt64.self)
+    }
+
+    /// Runs the native code of `head` (entered at its ``nativeLinear(_:)``) with `left`
+    /// instructions of budget, at least the block's. Returns the next RIP and the
+    /// instructions retired.
+    @inline(never)
+    func runNative(_ head: UnsafeMutablePointer<DecodedBlock>, left: Int) -> (pc: UInt64, retired: Int) {
+        let block = head.pointee
+        let header = decodeCache.nativeCode.base + NativeCode.offset(block.native)
+        // Every pass may run to the block's end: pass i starts only when what is left after
+        // i - 1 passes of the loop covers the whole block.
+        let pass = Int(header.load(fromByteOffset: 8, as: UInt64.self))
+        let passes = (left - Int(block.retired)) / pass + 1
+        regs[NativeSlot.flags] = arithmeticFlags() | 0x2
+        regs[NativeSlot.budget] = UInt64(passes)
+        unsafeBitCast(header + NativeCode.headerBytes, to: NativeFunction.self)(UnsafeMutableRawPointer(regs))
+        flagsStored = (flagsStored & ~Flags.arithmetic) | (regs[NativeSlot.flags] & Flags.arithmetic)
+        lazyOp = .none
+        let started = passes - Int(regs[NativeSlot.budget])
+        let retired = (started - 1) * pass + Int(regs[NativeSlot.partial])
+        nativeRuns &+= UInt64(started)
+        nativeRetired &+= UInt64(retired)
+        return (regs[NativeSlot.rip], retired)
+    }
+}
