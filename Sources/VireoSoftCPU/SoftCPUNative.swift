@@ -203,10 +203,10 @@ struct X86Emitter {
 extension SoftCPU {
     typealias NativeFunction = @convention(c) (UnsafeMutableRawPointer) -> Void
 
-    /// Host registers that hold guest registers in native code (never RSP; RCX, R13, R14 and
-    /// R15 are the code's own).
-    static let nativePool: [UInt8] = [0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12]
-    static let hostRCX: UInt8 = 1, scratchB: UInt8 = 13, scratchA: UInt8 = 14, context: UInt8 = 15
+    /// Host registers that hold guest registers in native code (never RSP; RCX and R12-R15
+    /// are the code's own).
+    static let nativePool: [UInt8] = [0, 2, 3, 5, 6, 7, 8, 9, 10, 11]
+    static let hostRCX: UInt8 = 1, scratchC: UInt8 = 12, scratchB: UInt8 = 13, scratchA: UInt8 = 14, context: UInt8 = 15
 
     /// Whether this host can run native code (x86-64 with BMI2's RORX), once per process.
     static let nativeTierAvailable: Bool = {
@@ -350,7 +350,7 @@ extension SoftCPU {
 
         let buffer = decodeCache.nativeCode
         var a = X86Emitter(base: buffer.scratch, capacity: NativeCodeBuffer.scratchCapacity)
-        let ctx = Self.context, rcx = Self.hostRCX, sa = Self.scratchA, sb = Self.scratchB
+        let ctx = Self.context, rcx = Self.hostRCX, sa = Self.scratchA, sb = Self.scratchB, sc = Self.scratchC
         func slot(_ s: Int) -> Int32 { Int32(8 * s) }
         // Exits to emit after the body: where their jump is, the RIP and the instructions the
         // pass retired.
@@ -423,37 +423,66 @@ extension SoftCPU {
                          disp: Int32(truncatingIfNeeded: d.disp))
                 }
             case .load, .store, .storeImm:
-                // The linear address in R14.
+                // The TLB entry the interpreter would use (``SoftCPU/readPointer(_:)``,
+                // ``SoftCPU/writePointer(_:)``): its tag must equal the address's page exactly
+                // and the access must stay within the page, else the interpreter runs the
+                // instruction. Flag-free throughout (LEA, NOT, RORX, MOVZX, JRCXZ), so the
+                // guest's flags stay in the host's; R12-R14 and RCX are the code's own.
+                let reading = d.kind == .load
+                let tags = Int32(reading ? TLB.readTagOffset : TLB.writeTagOffset)
+                let addends = Int32(reading ? TLB.readAddendOffset : TLB.writeAddendOffset)
+                let miss = (pcs[k], d.through &- UInt16(d.retired))
                 if d.base == DecodedInstruction.ripBase {
-                    a.movImmediate(sa, nextPC &+ d.disp)
+                    // A constant address: its entry, page and page crossing are known now.
+                    let la = nextPC &+ d.disp
+                    let index = Int32((la >> 12) & UInt64(TLB.entries - 1)) * 8
+                    if la & 0xFFF > 4096 - UInt64(d.size) {
+                        exits.append((a.jump(), miss.0, miss.1))
+                    } else {
+                        a.rm(w: true, [0x8B], reg: sc, base: ctx, disp: slot(NativeSlot.tlbBase))
+                        a.rm(w: true, [0x8B], reg: rcx, base: sc, disp: tags + index)
+                        a.movImmediate(sa, 0 &- (la & ~0xFFF))
+                        a.rm(w: true, [0x8D], reg: rcx, base: rcx, index: sa)  // tag - page
+                        a.bytes(0xE3, 0x05)  // jrcxz +5: a hit
+                        exits.append((a.jump(), miss.0, miss.1))
+                        a.rm(w: true, [0x8B], reg: rcx, base: sc, disp: addends + index)
+                        a.movImmediate(sa, la)
+                    }
                 } else {
                     a.rm(w: true, [0x8D], reg: sa, base: d.base == DecodedInstruction.noRegister ? nil : h(d.base),
                          index: d.index == DecodedInstruction.noRegister ? nil : h(d.index), scale: d.scale,
                          disp: Int32(truncatingIfNeeded: d.disp))
+                    // R13 = the entry's index (bits 12-19 of the address); R12 = ~page: the
+                    // address rotated right by 12, then shifted left by 12 (LEA ×8 four times).
+                    a.rorx(sc, sa, 12)
+                    a.rr(w: false, [0x0F, 0xB6], reg: sb, rm: sc, forceREX: true)  // movzx %r12b, %r13d
+                    a.rm(w: true, [0x8D], reg: sc, base: nil, index: sc, scale: 3, disp: 0)
+                    for _ in 0..<3 { a.rm(w: true, [0x8D], reg: sc, base: nil, index: sc, scale: 3, disp: 0) }
+                    a.rr(w: true, [0xF7], reg: 2, rm: sc)  // not %r12
+                    // RCX = (offset in the page + size - 1) >> 12: 0 unless the access crosses.
+                    a.rm(w: true, [0x8D], reg: rcx, base: sc, index: sa, scale: 0, disp: Int32(d.size))
+                    a.rorx(rcx, rcx, 12)
+                    a.rr(w: false, [0x0F, 0xB6], reg: rcx, rm: rcx)  // movzx %cl, %ecx
+                    a.bytes(0xE3, 0x05)  // jrcxz +5: within the page
+                    exits.append((a.jump(), miss.0, miss.1))
+                    // R13 = the TLB base + 8 × index; RCX = tag - page.
+                    a.rm(w: true, [0x8B], reg: rcx, base: ctx, disp: slot(NativeSlot.tlbBase))
+                    a.rm(w: true, [0x8D], reg: sb, base: rcx, index: sb, scale: 3)
+                    a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: tags)
+                    a.rm(w: true, [0x8D], reg: rcx, base: rcx, index: sc, disp: 1)
+                    a.bytes(0xE3, 0x05)  // jrcxz +5: a hit
+                    exits.append((a.jump(), miss.0, miss.1))
+                    a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: addends)
                 }
-                // R13 = the TLB base + 8 × the entry's index (bits 12-19 of the address).
-                a.rorx(sb, sa, 12)
-                a.rr(w: false, [0x0F, 0xB6], reg: sb, rm: sb, forceREX: true)  // movzx %r13b, %r13d
-                a.rm(w: true, [0x8B], reg: rcx, base: ctx, disp: slot(NativeSlot.tlbBase))
-                a.rm(w: true, [0x8D], reg: sb, base: rcx, index: sb, scale: 3)
-                let reading = d.kind == .load
-                a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: Int32(reading ? TLB.readTagOffset : TLB.writeTagOffset))
-                // RCX = address - tag + size - 1 (NOT and LEA: no flags): below 4096 exactly
-                // when the tag matches and the access stays within the page. Rotated right
-                // by 12 and shifted left by 12 (LEA ×8 four times), it is zero then.
-                a.rr(w: true, [0xF7], reg: 2, rm: rcx)  // not %rcx
-                a.rm(w: true, [0x8D], reg: rcx, base: rcx, index: sa, scale: 0, disp: Int32(d.size))
-                a.rorx(rcx, rcx, 12)
-                for _ in 0..<4 { a.rm(w: true, [0x8D], reg: rcx, base: nil, index: rcx, scale: 3, disp: 0) }
-                a.bytes(0xE3, 0x05)  // jrcxz +5: a hit
-                exits.append((a.jump(), pcs[k], d.through &- UInt16(d.retired)))
-                a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: Int32(reading ? TLB.readAddendOffset : TLB.writeAddendOffset))
-                switch d.kind {
-                case .load: a.rm(w: w, [0x8B], reg: h(d.reg), base: sa, index: rcx)
-                case .store: a.rm(w: w, [0x89], reg: h(d.reg), base: sa, index: rcx)
-                default:
-                    a.rm(w: w, [0xC7], reg: 0, base: sa, index: rcx)
-                    a.u32(UInt32(truncatingIfNeeded: d.imm))
+                // The access at the address (R14) plus the entry's addend (RCX).
+                if !(d.base == DecodedInstruction.ripBase && (nextPC &+ d.disp) & 0xFFF > 4096 - UInt64(d.size)) {
+                    switch d.kind {
+                    case .load: a.rm(w: w, [0x8B], reg: h(d.reg), base: sa, index: rcx)
+                    case .store: a.rm(w: w, [0x89], reg: h(d.reg), base: sa, index: rcx)
+                    default:
+                        a.rm(w: w, [0xC7], reg: 0, base: sa, index: rcx)
+                        a.u32(UInt32(truncatingIfNeeded: d.imm))
+                    }
                 }
             case .jcc, .jccSub, .jccLogic:
                 let target = nextPC &+ d.disp

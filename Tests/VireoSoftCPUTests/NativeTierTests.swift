@@ -121,6 +121,27 @@ struct NativeTierTests {
         }
     }
 
+    @Test func accessesTheTLBHasNoEntryForOrThatCrossAPageGoToTheInterpreter() throws {
+        // mov $8, %edi; mov $3, %ecx; 1: mov %rcx, (%rdi); mov %rcx, 0x40ffc;
+        // mov %ecx, 0x42fe3(%rip) (0x52ffe); mov 0x40ffa, %rdx; dec %ecx; jnz 1b;
+        // movabs $0x8000000000000008, %rdi; mov %rcx, (%rdi); hlt — the first store meets
+        // page 0's empty TLB entry (an address next to the empty tag's value 1), three
+        // accesses cross a page (split by the interpreter), the last is non-canonical: #GP.
+        let code: [UInt8] = [
+            0xbf, 0x08, 0x00, 0x00, 0x00, 0xb9, 0x03, 0x00, 0x00, 0x00, 0x48, 0x89, 0x0f, 0x48, 0x89, 0x0c, 0x25, 0xfc, 0x0f,
+            0x04, 0x00, 0x89, 0x0d, 0xe3, 0x2f, 0x04, 0x00, 0x48, 0x8b, 0x14, 0x25, 0xfa, 0x0f, 0x04, 0x00, 0xff, 0xc9, 0x75,
+            0xe3, 0x48, 0xbf, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x80, 0x48, 0x89, 0x0f, 0xf4,
+        ]
+        for budget in [1, 4, 10_000] {
+            let m = try Self.agree(code, budget: budget)
+            #expect(m.exceptionVector == 13)
+            #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(8)) == 1)
+            #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40FFC)) == 1)
+            #expect(try m.memory.load(UInt32.self, at: GuestPhysicalAddress(0x52FFE)) == 1)
+            #expect(m.cpu[.rdx] == 1 << 16)
+        }
+    }
+
     @Test func aLoadFromAMissingPageFaultsAtTheLoad() throws {
         // mov $0x50000, %eax; mov $4, %edx; 1: mov (%rax), %rcx; add $4096, %rax; dec %edx;
         // jnz 1b; hlt — with 0x52000 not present: #PF on the third pass, RIP at the load,
