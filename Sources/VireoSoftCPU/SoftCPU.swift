@@ -113,8 +113,9 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
     /// Whether hot blocks run as native host code (SoftCPUNative.swift): on by default where
     /// the host can (x86-64 with BMI2), off with `VIREO_SOFTCPU_NATIVE=0`.
     public var nativeTier = SoftCPU.nativeTierDefault()
-    /// Runs of a block from the cache before it is translated (tests use 1).
-    var nativeThreshold: UInt8 = 8
+    /// Runs of a block from the cache before it is translated, and the fewest native entries
+    /// worth a call for a block that does not loop (tests use 1 and 1: everything translated).
+    var nativeThreshold: UInt8 = 8, nativeMinimumEntries = 3
     /// Blocks translated, passes of native code run and the instructions they retired (for
     /// tests and diagnostics).
     var nativeTranslations: UInt64 = 0, nativeRuns: UInt64 = 0, nativeRetired: UInt64 = 0

@@ -977,6 +977,22 @@ extension SoftCPU {
             } else {
                 d.kind = .aluMI
             }
+        case 0x04, 0x0C, 0x14, 0x1C, 0x24, 0x2C, 0x34, 0x3C, 0xA8:
+            // ALU AL, imm8 and TEST AL, imm8: the short forms with the accumulator.
+            d.size = 1
+            d.op = op == 0xA8 ? 8 : op >> 3
+            d.imm = UInt64(byte())
+            d.kind = .aluRI
+        case 0x05, 0x0D, 0x15, 0x1D, 0x25, 0x2D, 0x35, 0x3D, 0xA9:
+            // ALU eAX, imm32 (sign-extended for RAX) or imm16, and TEST eAX, imm.
+            d.op = op == 0xA9 ? 8 : op >> 3
+            if d.size == 2 {
+                d.imm = UInt64(p.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+                at += 2
+            } else {
+                d.imm = s32()
+            }
+            d.kind = DecodedKind.alu(d.op, immediate: true) ?? .aluRI
         case 0x88, 0x8A:
             d.size = 1
             if modrm() {

@@ -25,8 +25,8 @@ import Glibc
 //   block; a loop (the block's last entry branches back to its start) runs again inside the
 //   code while a pass count the run loop gives it lasts, checked with JRCXZ (no flags) at
 //   the top of each pass; every exit reports the instructions retired by its last pass.
-// - RFLAGS come in (the lazy flags evaluated) by POPFQ and go out by PUSHFQ: the run loop
-//   stores them as plain flags (`lazyOp = .none`).
+// - The flags come in (the lazy flags evaluated) by SAHF and an ADD that sets OF, and go out
+//   by PUSHFQ: the run loop stores them as plain flags (`lazyOp = .none`).
 // - The code lives in a buffer written only while it is not executable (mmap, then mprotect
 //   read-write to write and read-execute to run: never writable and executable at once),
 //   bounded in size, and emptied with the decode cache (every slice, every write to cached
@@ -36,7 +36,8 @@ import Glibc
 /// Words after the 16 guest registers in ``SoftCPU/regs`` that native code and the run loop
 /// exchange. The native code gets the pointer to `regs` as its only argument.
 enum NativeSlot {
-    /// In: the guest's arithmetic flags (| 2) for POPFQ. Out: RFLAGS after the code.
+    /// In: the guest's flags for SAHF and OF (AL = 0x7F when OF is set, else 0; AH = the low
+    /// byte of RFLAGS). Out: RFLAGS after the code (PUSHFQ).
     static let flags = 16
     /// Out: the guest RIP to go on at.
     static let rip = 17
@@ -66,8 +67,15 @@ final class NativeCodeBuffer {
     static let scratchCapacity = 32 << 10
     let base: UnsafeMutableRawPointer
     var used = 0
-    /// Where a block is assembled before it is installed.
-    let scratch: UnsafeMutablePointer<UInt8>
+    /// Where a block is assembled before it is installed (allocated at the first
+    /// translation: a vCPU that never runs hot code never needs it).
+    private var scratchStorage: UnsafeMutablePointer<UInt8>?
+    var scratch: UnsafeMutablePointer<UInt8> {
+        if let scratchStorage { return scratchStorage }
+        let made = UnsafeMutablePointer<UInt8>.allocate(capacity: Self.scratchCapacity)
+        scratchStorage = made
+        return made
+    }
 
     init() {
         guard let raw = mmap(nil, Self.capacity, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0),
@@ -75,12 +83,11 @@ final class NativeCodeBuffer {
             fatalError("SoftCPU: cannot reserve \(Self.capacity) bytes for native code")
         }
         base = raw
-        scratch = .allocate(capacity: Self.scratchCapacity)
     }
 
     deinit {
         munmap(base, Self.capacity)
-        scratch.deallocate()
+        scratchStorage?.deallocate()
     }
 
     func reset() { used = 0 }
@@ -208,7 +215,8 @@ extension SoftCPU {
     static let nativePool: [UInt8] = [0, 2, 3, 5, 6, 7, 8, 9, 10, 11]
     static let hostRCX: UInt8 = 1, scratchC: UInt8 = 12, scratchB: UInt8 = 13, scratchA: UInt8 = 14, context: UInt8 = 15
 
-    /// Whether this host can run native code (x86-64 with BMI2's RORX), once per process.
+    /// Whether this host can run native code (x86-64 with BMI2's RORX and SAHF in 64-bit
+    /// mode), once per process.
     static let nativeTierAvailable: Bool = {
         #if arch(x86_64)
         guard let file = fopen("/proc/cpuinfo", "r") else { return false }
@@ -217,7 +225,8 @@ extension SoftCPU {
         while fgets(&line, Int32(line.count), file) != nil {
             let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
             if text.hasPrefix("flags") {
-                return text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" }).contains("bmi2")
+                let flags = text.split(whereSeparator: { $0 == " " || $0 == "\t" || $0 == "\n" })
+                return flags.contains("bmi2") && flags.contains("lahf_lm")
             }
         }
         return false
@@ -346,6 +355,10 @@ extension SoftCPU {
                 break
             }
         }
+        // A call of native code costs about what a few interpreted instructions cost (the
+        // host's callee-saved registers, the flags in and out): a block that does not loop is
+        // translated only when native code covers at least 3 of its entries.
+        guard loopEntry >= 0 || n >= nativeMinimumEntries else { return NativeCode.never }
         let loopRetired = loopEntry >= 0 ? entries[loopEntry].through : block.retired
 
         let buffer = decodeCache.nativeCode
@@ -361,8 +374,10 @@ extension SoftCPU {
         // Prologue: callee-saved registers, the context, the flags, the guest registers.
         a.bytes(0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57)
         a.rr(w: true, [0x89], reg: 7, rm: ctx)  // mov %rdi, %r15
-        a.rm(w: false, [0xFF], reg: 6, base: ctx, disp: slot(NativeSlot.flags))  // push flags
-        a.byte(0x9D)  // popfq
+        // The flags without POPFQ (slow): ADD $1, %al sets OF exactly when AL is 0x7F, then
+        // SAHF sets SF, ZF, AF, PF and CF from AH and leaves OF. RAX is loaded after.
+        a.rm(w: false, [0x8B], reg: 0, base: ctx, disp: slot(NativeSlot.flags))  // mov flags, %eax
+        a.bytes(0x04, 0x01, 0x9E)  // add $1, %al; sahf
         for g in 0..<16 where used[g] { a.rm(w: true, [0x8B], reg: host[g], base: ctx, disp: slot(g)) }
         // The top of a pass: stop when the passes the budget covers are done (no flags touched).
         let top = a.count
@@ -544,7 +559,8 @@ extension SoftCPU {
         // i - 1 passes of the loop covers the whole block.
         let pass = Int(header.load(fromByteOffset: 8, as: UInt64.self))
         let passes = (left - Int(block.retired)) / pass + 1
-        regs[NativeSlot.flags] = arithmeticFlags() | 0x2
+        let flags = arithmeticFlags()
+        regs[NativeSlot.flags] = (flags & 0xFF) << 8 | (flags & Flags.OF != 0 ? 0x7F : 0)
         regs[NativeSlot.budget] = UInt64(passes)
         unsafeBitCast(header + NativeCode.headerBytes, to: NativeFunction.self)(UnsafeMutableRawPointer(regs))
         flagsStored = (flagsStored & ~Flags.arithmetic) | (regs[NativeSlot.flags] & Flags.arithmetic)

@@ -92,13 +92,17 @@ import VireoKVM
             if kind == 2 || kind == 3, defined & CF == 0 { return [] }
             flags(written: all, undefined: kind == 1 || kind == 4 || kind == 6 ? AF : 0)
             return rex(src, dst, w: wide) + [UInt8(kind * 8 + 1), modrm(src, dst)]
-        case 3:  // ALU r/m, imm8 or imm32
+        case 3:  // ALU r/m, imm8 or imm32; ALU AL, imm8 and eAX/RAX, imm32 (the short forms)
             let kind = r.below(8)
             if kind == 2 || kind == 3, defined & CF == 0 { return [] }
             flags(written: all, undefined: kind == 1 || kind == 4 || kind == 6 ? AF : 0)
-            if r.below(2) == 0 { return rex(0, dst, w: wide) + [0x83, modrm(kind, dst), UInt8(truncatingIfNeeded: r.next())] }
+            let form = r.below(4)
+            if form == 0 { return rex(0, dst, w: wide) + [0x83, modrm(kind, dst), UInt8(truncatingIfNeeded: r.next())] }
             let imm = UInt32(truncatingIfNeeded: r.next())
-            return rex(0, dst, w: wide) + [0x81, modrm(kind, dst)] + (0..<4).map { UInt8(truncatingIfNeeded: imm >> (8 * $0)) }
+            let imm32 = (0..<4).map { UInt8(truncatingIfNeeded: imm >> (8 * $0)) }
+            if form == 2 { return [UInt8(kind * 8 + 4), UInt8(truncatingIfNeeded: imm)] }
+            if form == 3 { return rex(0, 0, w: wide) + [UInt8(kind * 8 + 5)] + imm32 }
+            return rex(0, dst, w: wide) + [0x81, modrm(kind, dst)] + imm32
         case 4:  // INC, DEC, NOT, NEG
             switch r.below(4) {
             case 0, 1:

@@ -36,7 +36,9 @@ struct NativeTierTests {
         let data = GuestPhysicalAddress(TestMachine.data)
         #expect(try native.memory.bytes(at: data, count: 8192) == interpreted.memory.bytes(at: data, count: 8192),
                 sourceLocation: sourceLocation)
-        #expect(native.cpu.nativeTranslations > 0 && native.cpu.nativeRuns > 0, "the native tier ran", sourceLocation: sourceLocation)
+        if budget >= 20 {  // slices shorter than a block run only the interpreter
+            #expect(native.cpu.nativeTranslations > 0 && native.cpu.nativeRuns > 0, "the native tier ran", sourceLocation: sourceLocation)
+        }
         #expect(interpreted.cpu.nativeRuns == 0, sourceLocation: sourceLocation)
         return native
     }
@@ -86,7 +88,8 @@ struct NativeTierTests {
     @Test func flagsAtTheExitAreTheSDMs() throws {
         // mov $2, %ecx; xor %eax, %eax; 1: add $0x20000000, %eax; sub $1, %ecx; jnz 1b;
         // add $0x40000000, %eax; hlt — the last ADD overflows into the sign bit: OF, SF and
-        // PF (a zero low byte) set, CF, ZF and AF clear, left by native code.
+        // PF (a zero low byte) set, CF, ZF and AF clear, left by native code. (ADD to EAX
+        // in its short form, opcode 05.)
         let code: [UInt8] = [0xb9, 0x02, 0x00, 0x00, 0x00, 0x31, 0xc0, 0x05, 0x00, 0x00, 0x00, 0x20, 0x83, 0xe9, 0x01, 0x75,
                              0xf6, 0x05, 0x00, 0x00, 0x00, 0x40, 0xf4]
         let m = try Self.agree(code, budget: 10_000)
@@ -170,13 +173,15 @@ struct NativeTierTests {
     }
 
     @Test func codeTheGuestRewritesOnAnotherPageIsTranslatedAnew() throws {
-        // mov $40, %ecx; 1: call 0x11000; add %eax, %ebx; movb %cl, 0x11001; dec %ecx; jnz 1b;
-        // hlt — and at 0x11000: mov $1, %eax; ret. Each pass rewrites the immediate the
-        // function's native code was made with: EBX sums 1 + 40 + 39 + ... + 2.
-        let code: [UInt8] = [0xB9, 40, 0, 0, 0, 0xE8, 0xF6, 0x0F, 0, 0, 0x01, 0xC3, 0x88, 0x0C, 0x25, 0x01, 0x10, 0x01, 0x00,
+        // mov $40, %ecx; 1: call 0x11000; add %eax, %ebx; movl %ecx, 0x11001; dec %ecx; jnz 1b;
+        // hlt — and at 0x11000: mov $1, %eax; xor %edx, %edx; add %edx, %eax; ret. Each pass
+        // rewrites (from native code, which leaves the store to the interpreter: the page
+        // holds cached code) the immediate the function's native code was made with: EBX sums
+        // 1 + 40 + 39 + ... + 2.
+        let code: [UInt8] = [0xB9, 40, 0, 0, 0, 0xE8, 0xF6, 0x0F, 0, 0, 0x01, 0xC3, 0x89, 0x0C, 0x25, 0x01, 0x10, 0x01, 0x00,
                              0xFF, 0xC9, 0x75, 0xEE, 0xF4]
         let m = try Self.agree(code, budget: 10_000) { m in
-            try m.memory.write([0xB8, 1, 0, 0, 0, 0xC3], at: GuestPhysicalAddress(0x11000))
+            try m.memory.write([0xB8, 1, 0, 0, 0, 0x31, 0xD2, 0x01, 0xD0, 0xC3], at: GuestPhysicalAddress(0x11000))
         }
         #expect(m.cpu[.rbx] == 1 + (2...40).reduce(0, +))
     }

@@ -40,6 +40,7 @@ final class TestMachine {
         self.cpu = cpu
         cpu.nativeTier = native && SoftCPU.nativeTierAvailable
         cpu.nativeThreshold = 1
+        cpu.nativeMinimumEntries = 1
         cpu.setStartState(long: true, cr0: 0x8001_0011, cr3: 0x1000, cr4: 0x20, efer: 0xD00)
         cpu.setDescriptorTables(gdt: (0x5000, 23), idt: (0x6000, 32 * 16 - 1))
         cpu.rip = Self.code
