@@ -107,6 +107,13 @@ final class NativeCodeBuffer {
     }
 }
 
+/// A memory operand for native code: a constant linear address (RIP-relative), or host
+/// registers and a displacement.
+enum NativeAddress {
+    case constant(UInt64)
+    case operand(base: UInt8?, index: UInt8?, scale: UInt8, disp: Int32)
+}
+
 /// An x86-64 assembler for the few forms the translator needs, into a bounded buffer.
 struct X86Emitter {
     let base: UnsafeMutablePointer<UInt8>
@@ -251,7 +258,10 @@ extension SoftCPU {
             if d.index != DecodedInstruction.noRegister { r.append(d.index) }
             return r
         }
-        guard d.size >= 4 || d.kind == .jcc || d.kind == .jccSub || d.kind == .jccLogic || d.kind == .jmp else { return nil }
+        switch d.kind {
+        case .jcc, .jccSub, .jccLogic, .jmp, .call, .ret, .push, .pop: break
+        default: guard d.size >= 4 else { return nil }
+        }
         switch d.kind {
         case .movRR:
             guard d.second != .general else { return [d.reg, d.src] }
@@ -280,6 +290,15 @@ extension SoftCPU {
                 return nil
             }
             return memory()
+        case .aluRM:
+            guard d.op <= 8, d.base == DecodedInstruction.ripBase || Int64(Int32(truncatingIfNeeded: d.disp)) == Int64(bitPattern: d.disp) else {
+                return nil
+            }
+            return [d.reg] + memory()
+        case .push, .pop:
+            return [d.reg, 4]
+        case .call, .ret:
+            return [4]
         case .jcc, .jccSub, .jccLogic, .jmp:
             return []
         default:
@@ -401,6 +420,58 @@ extension SoftCPU {
                 a.u32(UInt32(truncatingIfNeeded: imm))
             }
         }
+        var dynamicExits: [Int] = []
+        // The TLB entry the interpreter would use (``SoftCPU/readPointer(_:)``,
+        // ``SoftCPU/writePointer(_:)``) for `size` bytes at `address`: its tag must equal the
+        // address's page exactly and the access must stay within the page, else the code
+        // exits to the interpreter at `miss`. Leaves the address in R14 and the entry's addend
+        // in RCX; false when the access always misses (a constant address crossing a page).
+        // Flag-free throughout (LEA, NOT, RORX, MOVZX, JRCXZ), so the guest's flags stay in
+        // the host's; R12-R14 and RCX are the code's own.
+        func tlb(_ address: NativeAddress, size: UInt8, reading: Bool, miss: (UInt64, UInt16)) -> Bool {
+            let tags = Int32(reading ? TLB.readTagOffset : TLB.writeTagOffset)
+            let addends = Int32(reading ? TLB.readAddendOffset : TLB.writeAddendOffset)
+            switch address {
+            case .constant(let la):
+                // Its entry, page and page crossing are known now.
+                let index = Int32((la >> 12) & UInt64(TLB.entries - 1)) * 8
+                guard la & 0xFFF <= 4096 - UInt64(size) else {
+                    exits.append((a.jump(), miss.0, miss.1))
+                    return false
+                }
+                a.rm(w: true, [0x8B], reg: sc, base: ctx, disp: slot(NativeSlot.tlbBase))
+                a.rm(w: true, [0x8B], reg: rcx, base: sc, disp: tags + index)
+                a.movImmediate(sa, 0 &- (la & ~0xFFF))
+                a.rm(w: true, [0x8D], reg: rcx, base: rcx, index: sa)  // tag - page
+                a.bytes(0xE3, 0x05)  // jrcxz +5: a hit
+                exits.append((a.jump(), miss.0, miss.1))
+                a.rm(w: true, [0x8B], reg: rcx, base: sc, disp: addends + index)
+                a.movImmediate(sa, la)
+            case .operand(let base, let index, let scale, let disp):
+                a.rm(w: true, [0x8D], reg: sa, base: base, index: index, scale: scale, disp: disp)
+                // R13 = the entry's index (bits 12-19 of the address); R12 = ~page: the
+                // address rotated right by 12, then shifted left by 12 (LEA ×8 four times).
+                a.rorx(sc, sa, 12)
+                a.rr(w: false, [0x0F, 0xB6], reg: sb, rm: sc, forceREX: true)  // movzx %r12b, %r13d
+                for _ in 0..<4 { a.rm(w: true, [0x8D], reg: sc, base: nil, index: sc, scale: 3, disp: 0) }
+                a.rr(w: true, [0xF7], reg: 2, rm: sc)  // not %r12
+                // RCX = (offset in the page + size - 1) >> 12: 0 unless the access crosses.
+                a.rm(w: true, [0x8D], reg: rcx, base: sc, index: sa, scale: 0, disp: Int32(size))
+                a.rorx(rcx, rcx, 12)
+                a.rr(w: false, [0x0F, 0xB6], reg: rcx, rm: rcx)  // movzx %cl, %ecx
+                a.bytes(0xE3, 0x05)  // jrcxz +5: within the page
+                exits.append((a.jump(), miss.0, miss.1))
+                // R13 = the TLB base + 8 × index; RCX = tag - page.
+                a.rm(w: true, [0x8B], reg: rcx, base: ctx, disp: slot(NativeSlot.tlbBase))
+                a.rm(w: true, [0x8D], reg: sb, base: rcx, index: sb, scale: 3)
+                a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: tags)
+                a.rm(w: true, [0x8D], reg: rcx, base: rcx, index: sc, disp: 1)
+                a.bytes(0xE3, 0x05)  // jrcxz +5: a hit
+                exits.append((a.jump(), miss.0, miss.1))
+                a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: addends)
+            }
+            return true
+        }
         for k in 0..<n {
             let d = entries[k]
             let w = d.size == 8
@@ -437,67 +508,49 @@ extension SoftCPU {
                          index: d.index == DecodedInstruction.noRegister ? nil : h(d.index), scale: d.scale,
                          disp: Int32(truncatingIfNeeded: d.disp))
                 }
-            case .load, .store, .storeImm:
-                // The TLB entry the interpreter would use (``SoftCPU/readPointer(_:)``,
-                // ``SoftCPU/writePointer(_:)``): its tag must equal the address's page exactly
-                // and the access must stay within the page, else the interpreter runs the
-                // instruction. Flag-free throughout (LEA, NOT, RORX, MOVZX, JRCXZ), so the
-                // guest's flags stay in the host's; R12-R14 and RCX are the code's own.
-                let reading = d.kind == .load
-                let tags = Int32(reading ? TLB.readTagOffset : TLB.writeTagOffset)
-                let addends = Int32(reading ? TLB.readAddendOffset : TLB.writeAddendOffset)
-                let miss = (pcs[k], d.through &- UInt16(d.retired))
-                if d.base == DecodedInstruction.ripBase {
-                    // A constant address: its entry, page and page crossing are known now.
-                    let la = nextPC &+ d.disp
-                    let index = Int32((la >> 12) & UInt64(TLB.entries - 1)) * 8
-                    if la & 0xFFF > 4096 - UInt64(d.size) {
-                        exits.append((a.jump(), miss.0, miss.1))
-                    } else {
-                        a.rm(w: true, [0x8B], reg: sc, base: ctx, disp: slot(NativeSlot.tlbBase))
-                        a.rm(w: true, [0x8B], reg: rcx, base: sc, disp: tags + index)
-                        a.movImmediate(sa, 0 &- (la & ~0xFFF))
-                        a.rm(w: true, [0x8D], reg: rcx, base: rcx, index: sa)  // tag - page
-                        a.bytes(0xE3, 0x05)  // jrcxz +5: a hit
-                        exits.append((a.jump(), miss.0, miss.1))
-                        a.rm(w: true, [0x8B], reg: rcx, base: sc, disp: addends + index)
-                        a.movImmediate(sa, la)
-                    }
-                } else {
-                    a.rm(w: true, [0x8D], reg: sa, base: d.base == DecodedInstruction.noRegister ? nil : h(d.base),
-                         index: d.index == DecodedInstruction.noRegister ? nil : h(d.index), scale: d.scale,
-                         disp: Int32(truncatingIfNeeded: d.disp))
-                    // R13 = the entry's index (bits 12-19 of the address); R12 = ~page: the
-                    // address rotated right by 12, then shifted left by 12 (LEA ×8 four times).
-                    a.rorx(sc, sa, 12)
-                    a.rr(w: false, [0x0F, 0xB6], reg: sb, rm: sc, forceREX: true)  // movzx %r12b, %r13d
-                    a.rm(w: true, [0x8D], reg: sc, base: nil, index: sc, scale: 3, disp: 0)
-                    for _ in 0..<3 { a.rm(w: true, [0x8D], reg: sc, base: nil, index: sc, scale: 3, disp: 0) }
-                    a.rr(w: true, [0xF7], reg: 2, rm: sc)  // not %r12
-                    // RCX = (offset in the page + size - 1) >> 12: 0 unless the access crosses.
-                    a.rm(w: true, [0x8D], reg: rcx, base: sc, index: sa, scale: 0, disp: Int32(d.size))
-                    a.rorx(rcx, rcx, 12)
-                    a.rr(w: false, [0x0F, 0xB6], reg: rcx, rm: rcx)  // movzx %cl, %ecx
-                    a.bytes(0xE3, 0x05)  // jrcxz +5: within the page
-                    exits.append((a.jump(), miss.0, miss.1))
-                    // R13 = the TLB base + 8 × index; RCX = tag - page.
-                    a.rm(w: true, [0x8B], reg: rcx, base: ctx, disp: slot(NativeSlot.tlbBase))
-                    a.rm(w: true, [0x8D], reg: sb, base: rcx, index: sb, scale: 3)
-                    a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: tags)
-                    a.rm(w: true, [0x8D], reg: rcx, base: rcx, index: sc, disp: 1)
-                    a.bytes(0xE3, 0x05)  // jrcxz +5: a hit
-                    exits.append((a.jump(), miss.0, miss.1))
-                    a.rm(w: true, [0x8B], reg: rcx, base: sb, disp: addends)
-                }
+            case .load, .store, .storeImm, .aluRM:
+                let reading = d.kind != .store && d.kind != .storeImm
+                let address: NativeAddress = d.base == DecodedInstruction.ripBase ? .constant(nextPC &+ d.disp)
+                    : .operand(base: d.base == DecodedInstruction.noRegister ? nil : h(d.base),
+                               index: d.index == DecodedInstruction.noRegister ? nil : h(d.index), scale: d.scale,
+                               disp: Int32(truncatingIfNeeded: d.disp))
                 // The access at the address (R14) plus the entry's addend (RCX).
-                if !(d.base == DecodedInstruction.ripBase && (nextPC &+ d.disp) & 0xFFF > 4096 - UInt64(d.size)) {
-                    switch d.kind {
-                    case .load: a.rm(w: w, [0x8B], reg: h(d.reg), base: sa, index: rcx)
-                    case .store: a.rm(w: w, [0x89], reg: h(d.reg), base: sa, index: rcx)
-                    default:
-                        a.rm(w: w, [0xC7], reg: 0, base: sa, index: rcx)
-                        a.u32(UInt32(truncatingIfNeeded: d.imm))
-                    }
+                guard tlb(address, size: d.size, reading: reading, miss: (pcs[k], d.through &- UInt16(d.retired))) else { break }
+                switch d.kind {
+                case .load: a.rm(w: w, [0x8B], reg: h(d.reg), base: sa, index: rcx)
+                case .store: a.rm(w: w, [0x89], reg: h(d.reg), base: sa, index: rcx)
+                case .storeImm:
+                    a.rm(w: w, [0xC7], reg: 0, base: sa, index: rcx)
+                    a.u32(UInt32(truncatingIfNeeded: d.imm))
+                default:  // ALU with a memory source: loaded into R13, then the register form
+                    a.rm(w: w, [0x8B], reg: sb, base: sa, index: rcx)
+                    a.rr(w: w, [d.op == 8 ? 0x85 : d.op << 3 | 1], reg: sb, rm: h(d.reg))
+                }
+            case .push, .call:
+                // The stack pointer moves only once the store is done (a miss leaves it).
+                guard tlb(.operand(base: h(4), index: nil, scale: 0, disp: -8), size: 8, reading: false,
+                          miss: (pcs[k], d.through &- UInt16(d.retired))) else { break }
+                if d.kind == .push {
+                    a.rm(w: true, [0x89], reg: h(d.reg), base: sa, index: rcx)
+                } else {
+                    a.movImmediate(sb, nextPC)
+                    a.rm(w: true, [0x89], reg: sb, base: sa, index: rcx)
+                }
+                a.rm(w: true, [0x8D], reg: h(4), base: h(4), disp: -8)
+                if d.kind == .call { exits.append((a.jump(), nextPC &+ d.disp, d.through)) }
+            case .pop, .ret:
+                guard tlb(.operand(base: h(4), index: nil, scale: 0, disp: 0), size: 8, reading: true,
+                          miss: (pcs[k], d.through &- UInt16(d.retired))) else { break }
+                a.rm(w: true, [0x8B], reg: sb, base: sa, index: rcx)
+                a.rm(w: true, [0x8D], reg: h(4), base: h(4), disp: 8)
+                if d.kind == .pop {
+                    a.rr(w: true, [0x89], reg: sb, rm: h(d.reg))  // after RSP: POP %RSP loads it
+                } else {
+                    // The return address is the exit's RIP: straight to the common exit.
+                    a.rr(w: true, [0x89], reg: sb, rm: rcx)
+                    a.rm(w: true, [0xC7], reg: 0, base: ctx, disp: slot(NativeSlot.partial))
+                    a.u32(UInt32(d.through))
+                    dynamicExits.append(a.jump())
                 }
             case .jcc, .jccSub, .jccLogic:
                 let target = nextPC &+ d.disp
@@ -524,7 +577,7 @@ extension SoftCPU {
             toCommon.append(a.jump())
         }
         // The common exit: flags, RIP and the guest registers out, the host's back.
-        for at in toCommon { a.patch(at, to: a.count) }
+        for at in toCommon + dynamicExits { a.patch(at, to: a.count) }
         a.byte(0x9C)  // pushfq
         a.rm(w: false, [0x8F], reg: 0, base: ctx, disp: slot(NativeSlot.flags))  // pop flags
         a.rm(w: true, [0x89], reg: rcx, base: ctx, disp: slot(NativeSlot.rip))

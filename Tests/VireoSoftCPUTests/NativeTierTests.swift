@@ -85,6 +85,23 @@ struct NativeTierTests {
         for budget in [1, 2, 5, 13, 64, 10_000] { try Self.agree(Self.mixed, budget: budget) }
     }
 
+    @Test func stackOperationsCallsAndMemorySourcesAgreeWithTheInterpreter() throws {
+        // mov $200, %ecx; xor %eax, %eax; 1: push %rcx; push %rax; call 2f; add (%rsp), %rax;
+        // pop %rdx; pop %rsi; cmp 0x40000, %esi; sbb 0x30000(%rip), %rax; test %rdx, 8(%rsp);
+        // dec %ecx; jnz 1b; push %rsp; pop %rsp; hlt; 2: lea 3(%rax,%rcx,2), %rax;
+        // mov %rsp, %rbx; ret — PUSH, POP (of RSP too), CALL and RET through the TLB, and
+        // ALU with a memory source (register, absolute and RIP-relative addresses).
+        let code: [UInt8] = [
+            0xb9, 0xc8, 0x00, 0x00, 0x00, 0x31, 0xc0, 0x51, 0x50, 0xe8, 0x20, 0x00, 0x00, 0x00, 0x48, 0x03, 0x04, 0x24, 0x5a,
+            0x5e, 0x3b, 0x34, 0x25, 0x00, 0x00, 0x04, 0x00, 0x48, 0x1b, 0x05, 0x00, 0x00, 0x03, 0x00, 0x48, 0x85, 0x54, 0x24,
+            0x08, 0xff, 0xc9, 0x75, 0xdc, 0x54, 0x5c, 0xf4, 0x48, 0x8d, 0x44, 0x48, 0x03, 0x48, 0x89, 0xe3, 0xc3,
+        ]
+        for budget in [1, 2, 5, 9, 33, 10_000] {
+            let m = try Self.agree(code, budget: budget)
+            #expect(m.cpu[.rsp] == TestMachine.stackTop && m.cpu[.rbx] == TestMachine.stackTop - 24)
+        }
+    }
+
     @Test func flagsAtTheExitAreTheSDMs() throws {
         // mov $2, %ecx; xor %eax, %eax; 1: add $0x20000000, %eax; sub $1, %ecx; jnz 1b;
         // add $0x40000000, %eax; hlt — the last ADD overflows into the sign bit: OF, SF and
