@@ -316,6 +316,11 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
                     if nativeTier {
                         if block.native == NativeCode.none, countHit(head) {
                             head.pointee.native = translateNative(head, linear: pc)
+                            if decodeCache.generation != view.generation {
+                                // The code buffer was full: it and the cache were emptied.
+                                view = cacheView()
+                                continue
+                            }
                         }
                         let native = head.pointee.native
                         if native > NativeCode.never, nativeLinear(native) == pc {

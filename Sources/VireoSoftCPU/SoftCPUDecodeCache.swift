@@ -300,8 +300,6 @@ final class DecodeCache {
         }
         generation &+= 1 << 48
         used = 0
-        // No live block refers to native code any more (their tags are stale).
-        nativeCode.reset()
         if generation >> 48 == 0xFFFF || generation == 0 {
             generation = 1 << 48
             for i in 0..<Self.blockSlots { blocks[i].tag = Self.invalid }
@@ -491,6 +489,11 @@ extension SoftCPU {
         }
         head.pointee = DecodedBlock(tag: gpa | generation, start: UInt16(cache.used), count: UInt8(count), retired: UInt16(retired))
         cache.used += count
+        // Native code made for the same bytes in an earlier slice runs again without being
+        // made anew (the bytes are compared: anyone may have written them since).
+        if nativeTier, count > 0 {
+            head.pointee.native = cache.nativeCode.find(gpa: gpa, retired: UInt16(retired), code: UnsafeRawPointer(codeHost))
+        }
     }
 
     /// The effective address of a decoded memory operand (64-bit addressing, flat segments).

@@ -51,13 +51,18 @@ enum NativeSlot {
 }
 
 /// ``DecodedBlock/native``: not translated yet, not translatable, or where the block's
-/// native code is: a 16-byte header (the linear address it was translated for, the
-/// instructions a pass of its loop retires) and the code, at a 16-byte-aligned offset.
+/// native code is, at a 16-byte-aligned offset: a header, a copy of the guest bytes it was
+/// made from, then the code.
 enum NativeCode {
     static let none: UInt16 = 0, never: UInt16 = 1
     static func slot(_ offset: Int) -> UInt16 { UInt16(offset / 16 + 2) }
     static func offset(_ slot: UInt16) -> Int { (Int(slot) - 2) * 16 }
-    static let headerBytes = 16
+    // The header: the linear address the code was made for (its RIP-relative operands and
+    // exits are linear), the instructions a pass of its loop retires, the block's
+    // guest-physical address, the page offset and count of the guest bytes copied after the
+    // header, the instructions the block retires, and where the code starts.
+    static let linear = 0, loopRetired = 8, gpa = 16, bytesOffset = 24, bytesCount = 26, retired = 28, codeOffset = 30
+    static let headerBytes = 32
 }
 
 /// The executable buffer of one vCPU: reserved once (512 KiB of address space, committed as
@@ -67,6 +72,8 @@ final class NativeCodeBuffer {
     static let scratchCapacity = 32 << 10
     let base: UnsafeMutableRawPointer
     var used = 0
+    /// Times it was full and emptied (for tests).
+    var resets = 0
     /// Where a block is assembled before it is installed (allocated at the first
     /// translation: a vCPU that never runs hot code never needs it).
     private var scratchStorage: UnsafeMutablePointer<UInt8>?
@@ -83,14 +90,41 @@ final class NativeCodeBuffer {
             fatalError("SoftCPU: cannot reserve \(Self.capacity) bytes for native code")
         }
         base = raw
+        index.initialize(repeating: NativeCode.none, count: DecodeCache.blockSlots)
     }
 
     deinit {
         munmap(base, Self.capacity)
+        index.deallocate()
         scratchStorage?.deallocate()
     }
 
-    func reset() { used = 0 }
+    /// Code by the block's guest-physical address (``DecodeCache/blockSlot(_:)``): the
+    /// latest block translated in each slot, found again when the decode cache rebuilds the
+    /// block (every slice) if its guest bytes are the same.
+    let index = UnsafeMutablePointer<UInt16>.allocate(capacity: DecodeCache.blockSlots)
+
+    /// Drops all code (the buffer is full): the caller flushes the decode cache, whose blocks
+    /// refer to it.
+    func reset() {
+        resets += 1
+        used = 0
+        index.update(repeating: NativeCode.none, count: DecodeCache.blockSlots)
+    }
+
+    /// The code made for the block at `gpa` retiring `retired` instructions, if its guest
+    /// bytes are still those at `code` (the block's page).
+    func find(gpa: UInt64, retired: UInt16, code: UnsafeRawPointer) -> UInt16 {
+        let slot = index[DecodeCache.blockSlot(gpa)]
+        guard slot > NativeCode.never else { return NativeCode.none }
+        let header = UnsafeRawPointer(base + NativeCode.offset(slot))
+        guard header.load(fromByteOffset: NativeCode.gpa, as: UInt64.self) == gpa,
+              header.load(fromByteOffset: NativeCode.retired, as: UInt16.self) == retired else { return NativeCode.none }
+        let offset = Int(header.load(fromByteOffset: NativeCode.bytesOffset, as: UInt16.self))
+        let count = Int(header.load(fromByteOffset: NativeCode.bytesCount, as: UInt16.self))
+        guard offset + count <= 4096, memcmp(header + NativeCode.headerBytes, code + offset, count) == 0 else { return NativeCode.none }
+        return slot
+    }
 
     /// Copies `count` bytes of assembled code from ``scratch`` into the buffer and returns
     /// their offset, or nil when the buffer is full. The pages written are read-write (not
@@ -128,6 +162,8 @@ struct X86Emitter {
     }
 
     mutating func bytes(_ bs: UInt8...) { for b in bs { byte(b) } }
+
+    mutating func u16(_ v: UInt16) { byte(UInt8(truncatingIfNeeded: v)); byte(UInt8(truncatingIfNeeded: v >> 8)) }
 
     mutating func u32(_ v: UInt32) { for i in 0..<4 { byte(UInt8(truncatingIfNeeded: v >> UInt32(8 * i))) } }
 
@@ -387,8 +423,28 @@ extension SoftCPU {
         // Exits to emit after the body: where their jump is, the RIP and the instructions the
         // pass retired.
         var exits: [(at: Int, rip: UInt64, partial: UInt16)] = []
+        // The header and the guest bytes the block was decoded from: from its first
+        // instruction to the end of its last (forward jumps' gaps included).
+        let gpa = block.tag & 0xFFFF_FFFF_FFFF
+        let first = Int(gpa & 0xFFF)
+        var bytesEnd = first, offset = first
+        for k in 0..<count {
+            let d = entries[k]
+            offset += Int(d.length) + (d.kind == .movRR && d.second != .general ? Int(d.secondLength) : 0)
+            bytesEnd = max(bytesEnd, offset)
+            if d.kind == .jmp { offset &+= Int(Int64(bitPattern: d.disp)) }
+        }
+        guard bytesEnd <= 4096 else { return NativeCode.never }
+        let codeStart = (NativeCode.headerBytes + (bytesEnd - first) + 15) & ~15
         a.u64(linear)
         a.u64(UInt64(loopRetired))
+        a.u64(gpa)
+        a.u16(UInt16(first))
+        a.u16(UInt16(bytesEnd - first))
+        a.u16(block.retired)
+        a.u16(UInt16(codeStart))
+        for i in first..<bytesEnd { a.byte(codeHost.load(fromByteOffset: i, as: UInt8.self)) }
+        while a.count < codeStart { a.byte(0xCC) }
 
         // Prologue: callee-saved registers, the context, the flags, the guest registers.
         a.bytes(0x53, 0x55, 0x41, 0x54, 0x41, 0x55, 0x41, 0x56, 0x41, 0x57)
@@ -583,9 +639,17 @@ extension SoftCPU {
         a.rm(w: true, [0x89], reg: rcx, base: ctx, disp: slot(NativeSlot.rip))
         for g in 0..<16 where used[g] { a.rm(w: true, [0x89], reg: host[g], base: ctx, disp: slot(g)) }
         a.bytes(0x41, 0x5F, 0x41, 0x5E, 0x41, 0x5D, 0x41, 0x5C, 0x5D, 0x5B, 0xC3)
-        guard !a.overflow, let offset = buffer.install(a.count) else { return NativeCode.never }
+        guard !a.overflow else { return NativeCode.never }
+        guard let offset = buffer.install(a.count) else {
+            // Full: all code goes, and with it the blocks that refer to it.
+            buffer.reset()
+            decodeCache.flush()
+            return NativeCode.never
+        }
         nativeTranslations &+= 1
-        return NativeCode.slot(offset)
+        let slot = NativeCode.slot(offset)
+        buffer.index[DecodeCache.blockSlot(gpa)] = slot
+        return slot
     }
 
     /// Counts a run of the untranslated block at `head`; true when it is hot enough to
@@ -610,12 +674,13 @@ extension SoftCPU {
         let header = decodeCache.nativeCode.base + NativeCode.offset(block.native)
         // Every pass may run to the block's end: pass i starts only when what is left after
         // i - 1 passes of the loop covers the whole block.
-        let pass = Int(header.load(fromByteOffset: 8, as: UInt64.self))
+        let pass = Int(header.load(fromByteOffset: NativeCode.loopRetired, as: UInt64.self))
         let passes = (left - Int(block.retired)) / pass + 1
         let flags = arithmeticFlags()
         regs[NativeSlot.flags] = (flags & 0xFF) << 8 | (flags & Flags.OF != 0 ? 0x7F : 0)
         regs[NativeSlot.budget] = UInt64(passes)
-        unsafeBitCast(header + NativeCode.headerBytes, to: NativeFunction.self)(UnsafeMutableRawPointer(regs))
+        let code = header + Int(header.load(fromByteOffset: NativeCode.codeOffset, as: UInt16.self))
+        unsafeBitCast(code, to: NativeFunction.self)(UnsafeMutableRawPointer(regs))
         flagsStored = (flagsStored & ~Flags.arithmetic) | (regs[NativeSlot.flags] & Flags.arithmetic)
         lazyOp = .none
         let started = passes - Int(regs[NativeSlot.budget])

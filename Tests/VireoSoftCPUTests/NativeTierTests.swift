@@ -178,15 +178,30 @@ struct NativeTierTests {
         #expect(try m.stackWord(1) == TestMachine.code + 10)
     }
 
-    @Test func codeTheHostRewritesIsTranslatedAnew() throws {
-        // 1: mov $1, %eax; add $1, %ebx; jmp 1b — translated in the first run; the host
-        // rewrites the immediate; the next run (a new slice drops the cache) runs the new one.
+    @Test func codeTheHostRewritesIsTranslatedAnewAndOnlyThen() throws {
+        // 1: mov $1, %eax; add $1, %ebx; jmp 1b — translated in the first run; the next runs
+        // (each a new slice, which drops the decode cache) find the same bytes and run the
+        // same code; the host rewrites the immediate: the next run translates and runs it.
         let m = try TestMachine([0xB8, 1, 0, 0, 0, 0x83, 0xC3, 0x01, 0xEB, 0xF6])
         #expect(m.cpu.run(budget: 300) == .budget && m.cpu[.rax] == 1 && m.cpu[.rbx] == 100)
         #expect(m.cpu.nativeRuns >= 99)
+        let translations = m.cpu.nativeTranslations
+        for run in 2...4 { #expect(m.cpu.run(budget: 300) == .budget && m.cpu[.rbx] == 100 * UInt64(run)) }
+        #expect(m.cpu.nativeTranslations == translations)
         try m.memory.write([5], at: GuestPhysicalAddress(TestMachine.code + 1))
-        #expect(m.cpu.run(budget: 300) == .budget && m.cpu[.rax] == 5 && m.cpu[.rbx] == 200)
-        #expect(m.cpu.nativeTranslations >= 2)
+        #expect(m.cpu.run(budget: 300) == .budget && m.cpu[.rax] == 5 && m.cpu[.rbx] == 500)
+        #expect(m.cpu.nativeTranslations > translations)
+    }
+
+    @Test func aFullCodeBufferStartsAgain() throws {
+        // 2000 blocks of 64 entries (add $1, %eax), each translated at its first run: more
+        // code than the buffer holds. It empties itself (and the cache) and goes on.
+        let code: [UInt8] = (0..<(2000 * 64)).flatMap { _ in [0x83, 0xC0, 0x01] as [UInt8] } + [0xF4]
+        let m = try TestMachine(code)
+        #expect(m.run(limit: 200_000) == .halt)
+        #expect(m.cpu[.rax] == 2000 * 64)
+        #expect(m.cpu.decodeCache.nativeCode.resets >= 1)
+        #expect(m.cpu.nativeTranslations >= 1900)
     }
 
     @Test func codeTheGuestRewritesOnAnotherPageIsTranslatedAnew() throws {
