@@ -7,8 +7,9 @@ import Glibc
 // the same operation at the same operand size on host registers, so the host CPU computes
 // the result and all six arithmetic flags exactly as the guest's x86 would. Only a whitelist
 // of kinds is translated (register ALU, MOV, shifts by an immediate, IMUL, INC/DEC, LEA,
-// MOVZX/MOVSX, Jcc/JMP, and loads and stores of 4 or 8 bytes); the block's native code ends
-// at the first entry outside it and exits to the interpreter there.
+// MOVZX/MOVSX, Jcc/JMP, loads and stores of 4 or 8 bytes, ALU with a memory source, PUSH,
+// POP, CALL and RET); the block's native code ends at the first entry outside it and exits
+// to the interpreter there. Docs/softcpu.md describes the tier.
 //
 // The code's rules:
 // - Guest registers live in host registers inside the code, loaded from `SoftCPU.regs` at
@@ -16,22 +17,23 @@ import Glibc
 //   a pool register like any other), and the code touches no host memory but `regs`, the
 //   TLB's arrays (read only) and guest pages the TLB maps.
 // - Memory goes through the software TLB inline: the code looks up the entry the
-//   interpreter would use, with flag-free instructions (LEA, NOT, RORX, JRCXZ) so the
+//   interpreter would use, with flag-free instructions (LEA, NOT, RORX, MOVZX, JRCXZ) so the
 //   guest's flags stay in the host's. A miss, an access crossing its page, or a write to a
 //   page with cached code (such pages never get a write entry, see `markCode`) exits to the
 //   interpreter *at* that instruction, with every register and flag exact; the interpreter
 //   then takes the slow path (page walk, fault, invalidation).
 // - Instructions are counted exactly: native code runs only when the budget covers the whole
-//   block; a loop (the block's last entry branches back to its start) runs again inside the
+//   block; a loop (the block's first branch back to its start) runs again inside the
 //   code while a pass count the run loop gives it lasts, checked with JRCXZ (no flags) at
 //   the top of each pass; every exit reports the instructions retired by its last pass.
 // - The flags come in (the lazy flags evaluated) by SAHF and an ADD that sets OF, and go out
 //   by PUSHFQ: the run loop stores them as plain flags (`lazyOp = .none`).
 // - The code lives in a buffer written only while it is not executable (mmap, then mprotect
 //   read-write to write and read-execute to run: never writable and executable at once),
-//   bounded in size, and emptied with the decode cache (every slice, every write to cached
-//   code): a block's code is reachable only from its head, whose tag dies with the cache's
-//   generation.
+//   bounded in size and emptied when full. A block's code is reachable only from its head,
+//   whose tag dies with the decode cache's generation (every slice, every write to cached
+//   code); a rebuilt block finds its code again only if the guest bytes it was made from are
+//   unchanged (a copy is kept with the code).
 
 /// Words after the 16 guest registers in ``SoftCPU/regs`` that native code and the run loop
 /// exchange. The native code gets the pointer to `regs` as its only argument.
