@@ -346,11 +346,13 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
                     var outcome = runEntries(first, end, from: pc, generation: view.generation)
                     // A loop whose back edge returns to the block's start runs it again
                     // without a lookup while the budget covers it whole.
-                    // (A loop is hot: once it has run often enough, its next pass goes through
-                    // the lookup, which translates it.)
+                    // (A loop is hot: once it has run often enough, or when it has native code
+                    // (its first access missed the TLB), its next pass goes through the lookup,
+                    // which translates it or runs its code.)
                     while outcome.fault == nil, outcome.pc == start, outcome.entry == end,
                           Int(block.retired) * 2 <= left, decodeCache.generation == view.generation,
-                          !(nativeTier && head.pointee.native == NativeCode.none && countHit(head)) {
+                          !(nativeTier && head.pointee.native != NativeCode.never
+                            && (head.pointee.native != NativeCode.none || countHit(head))) {
                         left -= Int(block.retired)
                         outcome = runEntries(first, end, from: start, generation: view.generation)
                     }

@@ -71,7 +71,8 @@ enum NativeCode {
 /// written), filled by a bump pointer and emptied with the decode cache.
 final class NativeCodeBuffer {
     static let capacity = 512 << 10
-    static let scratchCapacity = 32 << 10
+    /// 64 memory entries take about 12 KiB; a block that does not fit is not translated.
+    static let scratchCapacity = 16 << 10
     let base: UnsafeMutableRawPointer
     var used = 0
     /// Times it was full and emptied (for tests).

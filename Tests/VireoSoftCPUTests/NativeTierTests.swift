@@ -193,6 +193,18 @@ struct NativeTierTests {
         #expect(m.cpu.nativeTranslations > translations)
     }
 
+    @Test func aBlockOfSixtyStoresAgreesWithTheInterpreter() throws {
+        // mov $10, %ecx; mov $0x40000, %edi; 1: 60 × mov %rax, 0x10(%rdi,%rcx,8); dec %ecx;
+        // jnz 1b; hlt — the largest native code a block makes (every entry a TLB check).
+        let body: [UInt8] = (0..<60).flatMap { _ in [0x48, 0x89, 0x44, 0xCF, 0x10] as [UInt8] }
+        let back = UInt32(bitPattern: Int32(10 - (10 + body.count + 2 + 6)))  // jnz rel32 to the loop's start
+        let code: [UInt8] = [0xB9, 10, 0, 0, 0, 0xBF, 0x00, 0x00, 0x04, 0x00] + body + [0xFF, 0xC9, 0x0F, 0x85]
+            + (0..<4).map { UInt8(truncatingIfNeeded: back >> (8 * $0)) } + [0xF4]
+        let m = try Self.agree(code, budget: 10_000) { m in m.cpu[.rax] = 0x1122_3344_5566_7788 }
+        #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40000 + 0x10 + 8)) == 0x1122_3344_5566_7788)
+        #expect(m.cpu.nativeRetired >= 9 * 62)
+    }
+
     @Test func aFullCodeBufferStartsAgain() throws {
         // 2000 blocks of 64 entries (add $1, %eax), each translated at its first run: more
         // code than the buffer holds. It empties itself (and the cache) and goes on.
