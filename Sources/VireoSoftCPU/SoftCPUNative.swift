@@ -7,8 +7,8 @@ import Glibc
 // the same operation at the same operand size on host registers, so the host CPU computes
 // the result and all six arithmetic flags exactly as the guest's x86 would. Only a whitelist
 // of kinds is translated (register ALU, MOV, shifts by an immediate, IMUL, INC/DEC, LEA,
-// MOVZX/MOVSX, Jcc/JMP, loads and stores of 4 or 8 bytes, ALU with a memory source, PUSH,
-// POP, CALL and RET); the block's native code ends at the first entry outside it and exits
+// MOVZX/MOVSX, Jcc/JMP, loads and stores of 4 or 8 bytes, ALU with memory on either side,
+// PUSH, POP, CALL and RET); the block's native code ends at the first entry outside it and exits
 // to the interpreter there. Docs/softcpu.md describes the tier.
 //
 // The code's rules:
@@ -329,11 +329,11 @@ extension SoftCPU {
                 return nil
             }
             return memory()
-        case .aluRM:
+        case .aluRM, .aluMR, .aluMI:
             guard d.op <= 8, d.base == DecodedInstruction.ripBase || Int64(Int32(truncatingIfNeeded: d.disp)) == Int64(bitPattern: d.disp) else {
                 return nil
             }
-            return [d.reg] + memory()
+            return d.kind == .aluMI ? memory() : [d.reg] + memory()
         case .push, .pop:
             return [d.reg, 4]
         case .call, .ret:
@@ -567,8 +567,9 @@ extension SoftCPU {
                          index: d.index == DecodedInstruction.noRegister ? nil : h(d.index), scale: d.scale,
                          disp: Int32(truncatingIfNeeded: d.disp))
                 }
-            case .load, .store, .storeImm, .aluRM:
-                let reading = d.kind != .store && d.kind != .storeImm
+            case .load, .store, .storeImm, .aluRM, .aluMR, .aluMI:
+                // A read-modify-write needs the write entry (CMP and TEST only read).
+                let reading = d.kind == .load || d.kind == .aluRM || d.op >= 7 && (d.kind == .aluMR || d.kind == .aluMI)
                 let address: NativeAddress = d.base == DecodedInstruction.ripBase ? .constant(nextPC &+ d.disp)
                     : .operand(base: d.base == DecodedInstruction.noRegister ? nil : h(d.base),
                                index: d.index == DecodedInstruction.noRegister ? nil : h(d.index), scale: d.scale,
@@ -581,9 +582,14 @@ extension SoftCPU {
                 case .storeImm:
                     a.rm(w: w, [0xC7], reg: 0, base: sa, index: rcx)
                     a.u32(UInt32(truncatingIfNeeded: d.imm))
-                default:  // ALU with a memory source: loaded into R13, then the register form
+                case .aluRM:  // ALU with a memory source: loaded into R13, then the register form
                     a.rm(w: w, [0x8B], reg: sb, base: sa, index: rcx)
                     a.rr(w: w, [d.op == 8 ? 0x85 : d.op << 3 | 1], reg: sb, rm: h(d.reg))
+                case .aluMR:  // on the guest's memory itself, as the guest's x86 would
+                    a.rm(w: w, [d.op == 8 ? 0x85 : d.op << 3 | 1], reg: h(d.reg), base: sa, index: rcx)
+                default:
+                    a.rm(w: w, [d.op == 8 ? 0xF7 : 0x81], reg: d.op == 8 ? 0 : d.op, base: sa, index: rcx)
+                    a.u32(UInt32(truncatingIfNeeded: d.imm))
                 }
             case .push, .call:
                 // The stack pointer moves only once the store is done (a miss leaves it).

@@ -102,6 +102,26 @@ struct NativeTierTests {
         }
     }
 
+    @Test func readModifyWritesOnMemoryAgreeWithTheInterpreter() throws {
+        // mov $100, %ecx; mov $0x40100, %edi; mov $7, %eax; 1: addl $1, 0x30000(%rip);
+        // add %rax, (%rdi); sub %ecx, 8(%rdi); cmpq $500, (%rdi); jb 2f; adcl $3, 12(%rdi);
+        // 2: testl $0x10, 8(%rdi); jz 3f; xor %rcx, 16(%rdi); 3: orq $-2, 24(%rdi,%rcx,8);
+        // andl $0xff0, 0x40fff (across a page: the interpreter splits it); dec %ecx; jnz 1b; hlt
+        let code: [UInt8] = [
+            0xb9, 0x64, 0x00, 0x00, 0x00, 0xbf, 0x00, 0x01, 0x04, 0x00, 0xb8, 0x07, 0x00, 0x00, 0x00, 0x83, 0x05, 0x00, 0x00,
+            0x03, 0x00, 0x01, 0x48, 0x01, 0x07, 0x29, 0x4f, 0x08, 0x48, 0x81, 0x3f, 0xf4, 0x01, 0x00, 0x00, 0x72, 0x04, 0x83,
+            0x57, 0x0c, 0x03, 0xf7, 0x47, 0x08, 0x10, 0x00, 0x00, 0x00, 0x74, 0x04, 0x48, 0x31, 0x4f, 0x10, 0x48, 0x83, 0x4c,
+            0xcf, 0x18, 0xfe, 0x81, 0x24, 0x25, 0xff, 0x0f, 0x04, 0x00, 0xf0, 0x0f, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xc4, 0xf4,
+        ]
+        for budget in [1, 3, 8, 50, 10_000] {
+            let m = try Self.agree(code, budget: budget) { m in
+                try m.memory.write([UInt8](repeating: 0xA5, count: 8), at: GuestPhysicalAddress(0x40FF8))
+            }
+            #expect(try m.memory.load(UInt32.self, at: GuestPhysicalAddress(0x40016)) == 100)
+            #expect(try m.memory.load(UInt64.self, at: GuestPhysicalAddress(0x40100)) == 700)
+        }
+    }
+
     @Test func flagsAtTheExitAreTheSDMs() throws {
         // mov $2, %ecx; xor %eax, %eax; 1: add $0x20000000, %eax; sub $1, %ecx; jnz 1b;
         // add $0x40000000, %eax; hlt — the last ADD overflows into the sign bit: OF, SF and
