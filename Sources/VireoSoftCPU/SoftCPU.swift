@@ -63,7 +63,8 @@ public enum GPR: Int, CaseIterable, Sendable {
 /// The execution loop allocates nothing: registers and the TLB live in memory allocated once.
 public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; kick is atomic
     public let memory: GuestMemory
-    /// The general registers, indexed by ``GPR``.
+    /// The general registers, indexed by ``GPR``; after them, the words native code
+    /// exchanges with the run loop (``NativeSlot``): the pointer native code gets.
     let regs: UnsafeMutablePointer<UInt64>
     public var rip: UInt64 = 0
     /// RFLAGS apart from the arithmetic flags while they are lazy (see ``rflags``).
@@ -109,6 +110,15 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
     public internal(set) var instructions: UInt64 = 0
     /// Instructions the run loop handed to the full decoder (not run from the decode cache).
     var fullDecodes: UInt64 = 0
+    /// Whether hot blocks run as native host code (SoftCPUNative.swift): on by default where
+    /// the host can (x86-64 with BMI2), off with `VIREO_SOFTCPU_NATIVE=0`.
+    public var nativeTier = SoftCPU.nativeTierDefault()
+    /// Runs of a block from the cache before it is translated, and the fewest native entries
+    /// worth a call for a block that does not loop (tests use 1 and 1: everything translated).
+    var nativeThreshold: UInt8 = 8, nativeMinimumEntries = 3
+    /// Blocks translated, passes of native code run and the instructions they retired (for
+    /// tests and diagnostics).
+    var nativeTranslations: UInt64 = 0, nativeRuns: UInt64 = 0, nativeRetired: UInt64 = 0
 
     /// Instructions the engine does not implement: bytes and address, each logged once by
     /// the runner through this hook (cold path).
@@ -167,9 +177,11 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
     /// with flat segments, paging off. `vcpu` appears in CPUID.1:EBX (the initial APIC id).
     public init(memory: GuestMemory, vcpu: UInt32 = 0, hypervisorLeaves: [CPUIDLeaf] = []) {
         self.memory = memory
-        regs = .allocate(capacity: 16)
-        regs.initialize(repeating: 0, count: 16)
+        // The 16 registers, then the native tier's context words (``NativeSlot``).
+        regs = .allocate(capacity: NativeSlot.words)
+        regs.initialize(repeating: 0, count: NativeSlot.words)
         tlb = TLB()
+        regs[NativeSlot.tlbBase] = UInt64(UInt(bitPattern: tlb.base))
         decodeCache = DecodeCache(ramFrames: Int(memory.ramFrames))
         fetchScratch = .allocate(byteCount: 32, alignment: 16)
         fetchScratch.initializeMemory(as: UInt8.self, repeating: 0, count: 32)
@@ -301,14 +313,46 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
                         stepsOnly = true
                         break
                     }
+                    if nativeTier {
+                        if block.native == NativeCode.none, countHit(head) {
+                            head.pointee.native = translateNative(head, linear: pc)
+                            if decodeCache.generation != view.generation {
+                                // The code buffer was full: it and the cache were emptied.
+                                view = cacheView()
+                                continue
+                            }
+                        }
+                        let native = head.pointee.native
+                        if native > NativeCode.never, nativeLinear(native) == pc {
+                            // Native code: it never faults or writes cached code (both exit
+                            // to the entries at that instruction), so the view stays valid.
+                            let (next, retired) = runNative(head, left: left)
+                            if retired > 0 || next != pc {
+                                left -= retired
+                                pc = next
+                                if kicked.load(ordering: .relaxed) {
+                                    rip = pc
+                                    break running
+                                }
+                                continue
+                            }
+                            // It left at its first instruction (a TLB miss there): the
+                            // entries run it, filling the TLB or faulting.
+                        }
+                    }
                     let first = view.entries + Int(block.start)
                     let end = first + Int(block.count)
                     let start = pc
                     var outcome = runEntries(first, end, from: pc, generation: view.generation)
                     // A loop whose back edge returns to the block's start runs it again
                     // without a lookup while the budget covers it whole.
+                    // (A loop is hot: once it has run often enough, or when it has native code
+                    // (its first access missed the TLB), its next pass goes through the lookup,
+                    // which translates it or runs its code.)
                     while outcome.fault == nil, outcome.pc == start, outcome.entry == end,
-                          Int(block.retired) * 2 <= left, decodeCache.generation == view.generation {
+                          Int(block.retired) * 2 <= left, decodeCache.generation == view.generation,
+                          !(nativeTier && head.pointee.native != NativeCode.never
+                            && (head.pointee.native != NativeCode.none || countHit(head))) {
                         left -= Int(block.retired)
                         outcome = runEntries(first, end, from: start, generation: view.generation)
                     }

@@ -188,11 +188,16 @@ struct DecodedBlock {
     /// 48-63; ``DecodeCache/invalid`` or 0 for an empty slot.
     var tag: UInt64
     /// Its first entry in ``DecodeCache/entries``.
-    var start: UInt32
+    var start: UInt16
     /// Entries; 0 when the first instruction is one the cache leaves to the full decoder.
-    var count: UInt16
+    var count: UInt8
+    /// Runs from the cache since it was built, counted until it is translated to native code.
+    var hits: UInt8 = 0
     /// Guest instructions the entries retire (a fused pair retires two).
     var retired: UInt16
+    /// Its native code (SoftCPUNative.swift): ``NativeCode/none`` not translated yet,
+    /// ``NativeCode/never`` not translatable, else ``NativeCode/slot(_:)`` of its header.
+    var native: UInt16 = NativeCode.none
 }
 
 /// The decode cache: per vCPU, blocks of decoded instructions found through a direct-mapped
@@ -226,6 +231,8 @@ final class DecodeCache {
     let frameState: UnsafeMutablePointer<UInt8>
     let frameInvalidations: UnsafeMutablePointer<UInt8>
     let frames: Int
+    /// Native code for hot blocks (SoftCPUNative.swift), emptied with the cache.
+    let nativeCode = NativeCodeBuffer()
     /// Bits 48-63 of every live tag (never 0xFFFF, so no live tag equals `invalid`); kept
     /// behind a pointer the run loop holds, to check after every instruction whether the
     /// cache was flushed under the running block.
@@ -404,7 +411,7 @@ extension SoftCPU {
         var count = 0, retired = 0
         switch cache.frameState[Int(frame)] {
         case DecodeCache.uncacheable:
-            head.pointee = DecodedBlock(tag: gpa | cache.generation, start: UInt32(cache.used), count: 0, retired: 0)
+            head.pointee = DecodedBlock(tag: gpa | cache.generation, start: UInt16(cache.used), count: 0, retired: 0)
             return
         case DecodeCache.noCode: markCode(frame: frame)
         default: break
@@ -480,8 +487,13 @@ extension SoftCPU {
             case .other: live = true
             }
         }
-        head.pointee = DecodedBlock(tag: gpa | generation, start: UInt32(cache.used), count: UInt16(count), retired: UInt16(retired))
+        head.pointee = DecodedBlock(tag: gpa | generation, start: UInt16(cache.used), count: UInt8(count), retired: UInt16(retired))
         cache.used += count
+        // Native code made for the same bytes in an earlier slice runs again without being
+        // made anew (the bytes are compared: anyone may have written them since).
+        if nativeTier, count > 0 {
+            head.pointee.native = cache.nativeCode.find(gpa: gpa, retired: UInt16(retired), code: UnsafeRawPointer(codeHost))
+        }
     }
 
     /// The effective address of a decoded memory operand (64-bit addressing, flat segments).
@@ -968,6 +980,22 @@ extension SoftCPU {
             } else {
                 d.kind = .aluMI
             }
+        case 0x04, 0x0C, 0x14, 0x1C, 0x24, 0x2C, 0x34, 0x3C, 0xA8:
+            // ALU AL, imm8 and TEST AL, imm8: the short forms with the accumulator.
+            d.size = 1
+            d.op = op == 0xA8 ? 8 : op >> 3
+            d.imm = UInt64(byte())
+            d.kind = .aluRI
+        case 0x05, 0x0D, 0x15, 0x1D, 0x25, 0x2D, 0x35, 0x3D, 0xA9:
+            // ALU eAX, imm32 (sign-extended for RAX) or imm16, and TEST eAX, imm.
+            d.op = op == 0xA9 ? 8 : op >> 3
+            if d.size == 2 {
+                d.imm = UInt64(p.loadUnaligned(fromByteOffset: at, as: UInt16.self))
+                at += 2
+            } else {
+                d.imm = s32()
+            }
+            d.kind = DecodedKind.alu(d.op, immediate: true) ?? .aluRI
         case 0x88, 0x8A:
             d.size = 1
             if modrm() {

@@ -8,19 +8,24 @@ import VireoCore
 final class TLB {
     static let entries = 256
     static let invalid: UInt64 = 1  // never a page-aligned address
-    let readTag = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
-    let writeTag = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
-    let execTag = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
-    let readAddend = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
-    let writeAddend = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
-    let execAddend = UnsafeMutablePointer<UInt64>.allocate(capacity: entries)
+    /// The six arrays in one allocation, in this order, so that native code (see
+    /// SoftCPUNative.swift) reaches any of them from one base pointer at fixed offsets.
+    let base = UnsafeMutablePointer<UInt64>.allocate(capacity: 6 * entries)
+    var readTag: UnsafeMutablePointer<UInt64> { base }
+    var writeTag: UnsafeMutablePointer<UInt64> { base + Self.entries }
+    var execTag: UnsafeMutablePointer<UInt64> { base + 2 * Self.entries }
+    var readAddend: UnsafeMutablePointer<UInt64> { base + 3 * Self.entries }
+    var writeAddend: UnsafeMutablePointer<UInt64> { base + 4 * Self.entries }
+    var execAddend: UnsafeMutablePointer<UInt64> { base + 5 * Self.entries }
+    /// Byte offsets of the arrays from ``base``.
+    static let readTagOffset = 0, writeTagOffset = 8 * entries, readAddendOffset = 24 * entries, writeAddendOffset = 32 * entries
 
     init() {
-        for p in [readTag, writeTag, execTag, readAddend, writeAddend, execAddend] { p.initialize(repeating: Self.invalid, count: Self.entries) }
+        base.initialize(repeating: Self.invalid, count: 6 * Self.entries)
     }
 
     deinit {
-        for p in [readTag, writeTag, execTag, readAddend, writeAddend, execAddend] { p.deallocate() }
+        base.deallocate()
     }
 
     func flush() {

@@ -14,7 +14,9 @@ final class TestMachine {
     static let code: UInt64 = 0x10000, stackTop: UInt64 = 0x30000, data: UInt64 = 0x40000
     static let pageTable: UInt64 = 0x4000, handlers: UInt64 = 0x7000
 
-    init(_ code: [UInt8], interruptsOn: Bool = true) throws {
+    /// `native`: whether the native tier runs (where the host can), translating every block
+    /// on its first run so that every test goes through it; false runs the interpreter alone.
+    init(_ code: [UInt8], interruptsOn: Bool = true, native: Bool = true) throws {
         let memory = try GuestMemory(ramBytes: 4 << 20, specialFrames: 1)
         self.memory = memory
         func store(_ v: UInt64, _ at: UInt64) throws { try memory.store(v, at: GuestPhysicalAddress(at)) }
@@ -36,6 +38,9 @@ final class TestMachine {
         try memory.write(code, at: GuestPhysicalAddress(Self.code))
         let cpu = SoftCPU(memory: memory)
         self.cpu = cpu
+        cpu.nativeTier = native && SoftCPU.nativeTierAvailable
+        cpu.nativeThreshold = 1
+        cpu.nativeMinimumEntries = 1
         cpu.setStartState(long: true, cr0: 0x8001_0011, cr3: 0x1000, cr4: 0x20, efer: 0xD00)
         cpu.setDescriptorTables(gdt: (0x5000, 23), idt: (0x6000, 32 * 16 - 1))
         cpu.rip = Self.code
