@@ -126,7 +126,7 @@ let package = Package(
         .testTarget(name: "GuestKitTests", dependencies: ["GuestKit", "VireoBackends", "VireoHypervisor", "VireoStore", "VireoCore", "VireoABI", "VireoHypercalls"]),
         .testTarget(name: "ArchitectureTests"),
         .testTarget(name: "VireoToolstackTests", dependencies: ["VireoToolstack"]),
-        .testTarget(name: "VireoMachineTests", dependencies: ["VireoMachine", "VireoBackends", "VireoBenchmarks", "VireoGuestBuilder", "VireoHypervisor", "VireoABI"]),
+        .testTarget(name: "VireoMachineTests", dependencies: ["VireoMachine", "VireoBackends", "VireoBenchmarks", "VireoGuestBuilder", "VireoHypervisor", "VireoCore", "VireoABI"]),
         .testTarget(name: "VireoDaemonTests", dependencies: ["VireoDaemon", "VireoToolstack", "VireoStore", "VireoBackends", "VireoLinux"]),
         .testTarget(name: "TutorialTests", dependencies: ["VireoBackends", "VireoMachine", "VireoGuestBuilder", "VireoHypervisor", "VireoCore", "VireoABI"]),
         .testTarget(name: "CLITests", dependencies: ["vireo"]),
