@@ -372,11 +372,10 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             flushStatistics()
             throw BackendError("\(error)")
         }
-        if notify {
-            pending.notifications += 1
-            try? c.link.host.send(c.port)
-        }
+        // Counted before the event: a frontend woken by it finds its frames in the statistics.
+        if notify { pending.notifications += 1 }
         flushStatistics()
+        if notify { try? c.link.host.send(c.port) }
     }
 
     /// At once when the last pass left work, after the rate limit's wait when it holds a
@@ -578,11 +577,9 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             if c.rx.ring.pushResponsesAndCheckNotify() { notify = (c.link.host, c.port) }
         }
         pthread_mutex_unlock(inboxLock)
-        if let (host, port) = notify {
-            counts.notifications += 1
-            try? host.send(port)
-        }
+        if notify != nil { counts.notifications += 1 }
         if counts != Statistics() { record(counts) }
+        if let (host, port) = notify { try? host.send(port) }
     }
 
     /// What ``deliverHeld(header:length:checksum:scratch:host:copy:)`` did with a frame.
