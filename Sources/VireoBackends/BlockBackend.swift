@@ -278,10 +278,8 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
                         try? queue.link.host.send(queue.port)
                     }
                 }
-                if queue.mapped.ring.pushResponsesAndCheckNotify() {
-                    notified += 1
-                    try? queue.link.host.send(queue.port)
-                }
+                // Counted before the turn's last push: once the frontend sees its last response,
+                // the counters (the domain's metrics) include it.
                 if served > 0 {
                     counters.requests.add(served, ordering: .relaxed)
                     counters.batches.add(1, ordering: .relaxed)
@@ -290,6 +288,10 @@ public final class BlockDevice: XenbusDevice, @unchecked Sendable {  // immutabl
                         io.requests.add(served, ordering: .relaxed)
                         if errors > 0 { io.errors.add(errors, ordering: .relaxed) }
                     }
+                }
+                if queue.mapped.ring.pushResponsesAndCheckNotify() {
+                    notified += 1
+                    try? queue.link.host.send(queue.port)
                 }
                 if notified > 0 { counters.notifications.add(notified, ordering: .relaxed) }
                 if left == 0 {

@@ -106,6 +106,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         /// `connection`, used per frame without reference counting (`connection` keeps it alive).
         var borrowed: Unmanaged<Connection>?
         var unpushed = false
+        /// Frames delivered straight since the last push (pushed every ``NetDevice/pushInterval``).
+        var unpushedFrames = 0
         var counts = Statistics()
     }
 
@@ -220,6 +222,12 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     static let routeBytes = 64
     /// Packets served per ring per pass, so neither direction starves the other.
     static let batch = 256
+    /// Responses are pushed (and the frontend notified if it asked) every this many packets
+    /// within a pass, as Linux's netback pushes per copy batch (COPY_BATCH_SIZE, 64), not
+    /// once at the pass's end: a frontend on another core takes its frames, reposts its pages
+    /// and refills its transmit ring while the pass goes on, instead of the two taking turns
+    /// with a ring's worth each (see Docs/network.md, "The threaded shape").
+    static let pushInterval = 64
     private static let knownTxFlags = UInt16(VIREO_NETTXF_csum_blank | VIREO_NETTXF_data_validated
                                                  | VIREO_NETTXF_more_data | VIREO_NETTXF_extra_info)
 
@@ -372,11 +380,10 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             flushStatistics()
             throw BackendError("\(error)")
         }
-        if notify {
-            pending.notifications += 1
-            try? c.link.host.send(c.port)
-        }
+        // Counted before the event: a frontend woken by it finds its frames in the statistics.
+        if notify { pending.notifications += 1 }
         flushStatistics()
+        if notify { try? c.link.host.send(c.port) }
     }
 
     /// At once when the last pass left work, after the rate limit's wait when it holds a
@@ -462,6 +469,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             defer {
                 if served > 0 || r.unpushed {
                     r.unpushed = false
+                    r.unpushedFrames = 0
                     if c.rx.ring.pushResponsesAndCheckNotify() { notify = true }
                 }
             }
@@ -577,12 +585,11 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             inbox.unpushed = false
             if c.rx.ring.pushResponsesAndCheckNotify() { notify = (c.link.host, c.port) }
         }
+        inbox.unpushedFrames = 0
         pthread_mutex_unlock(inboxLock)
-        if let (host, port) = notify {
-            counts.notifications += 1
-            try? host.send(port)
-        }
+        if notify != nil { counts.notifications += 1 }
         if counts != Statistics() { record(counts) }
+        if let (host, port) = notify { try? host.send(port) }
     }
 
     /// What ``deliverHeld(header:length:checksum:scratch:host:copy:)`` did with a frame.
@@ -634,6 +641,18 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                     inbox.counts.rxBytes += length
                 } else {
                     inbox.counts.rxErrors += 1
+                }
+                inbox.unpushedFrames += 1
+                if inbox.unpushedFrames == Self.pushInterval {
+                    // A long run: push what it delivered so far and notify if the frontend
+                    // asked (rsp_event), not only at the run's end. The send marks the
+                    // frontend's port pending and wakes its vCPU; it takes no inbox.
+                    inbox.unpushed = false
+                    inbox.unpushedFrames = 0
+                    if c.rx.ring.pushResponsesAndCheckNotify() {
+                        inbox.counts.notifications += 1
+                        try? c.link.host.send(c.port)
+                    }
                 }
                 return .delivered
             } catch {
@@ -712,6 +731,10 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 }
             }
             served += 1
+            if served % Self.pushInterval == 0, c.tx.ring.pushResponsesAndCheckNotify() {
+                pending.notifications += 1
+                try? c.link.host.send(c.port)
+            }
         }
     }
 

@@ -42,7 +42,8 @@ final class WakePipe: Sendable {
     func wait(milliseconds: Int32) -> Bool {
         var poller = pollfd(fd: readEnd, events: Int16(POLLIN), revents: 0)
         let ready = poll(&poller, 1, milliseconds) > 0
-        drain()
+        // Nothing to read after a timeout: a kick that comes now leaves its byte for the next wait.
+        if ready { drain() }
         return ready
     }
 
@@ -57,12 +58,16 @@ final class WakePipe: Sendable {
         var pollers = [pollfd(fd: readEnd, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0)]
         _ = poll(&pollers, 2, milliseconds)
-        drain()
+        if pollers[0].revents != 0 { drain() }
     }
 
+    /// Reads what the pipe holds: one byte, since a kick writes only while none is untaken (a
+    /// read that fills the buffer reads again, so a full buffer cannot leave bytes behind),
+    /// so a wake-up costs one read, not a second one that finds the pipe empty.
     private func drain() {
         var bytes: (UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64, UInt64) = (0, 0, 0, 0, 0, 0, 0, 0)
-        while withUnsafeMutableBytes(of: &bytes, { Glibc.read(readEnd, $0.baseAddress, $0.count) }) > 0 {}
+        let size = MemoryLayout.size(ofValue: bytes)
+        while withUnsafeMutableBytes(of: &bytes, { Glibc.read(readEnd, $0.baseAddress, $0.count) }) == size {}
         // After the drain: a kick from here on writes a byte again, and the next wait sees it.
         _ = kicked.exchange(false, ordering: .acquiringAndReleasing)
     }

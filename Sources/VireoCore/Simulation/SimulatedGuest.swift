@@ -1,6 +1,8 @@
 import Glibc
 import Synchronization
 import VireoABI
+import VireoAtomics
+import VireoLinux
 
 /// A guest played from the host, for tests and benchmarks (the core's counterpart of an
 /// embedded event loop): it owns real guest memory with a shared_info page and a grant table
@@ -64,7 +66,7 @@ public final class SimulatedGuest: @unchecked Sendable {  // mutable state sits 
         self.state = Mutex(State(grants: GuestGrantTable(frames: guestView)))
         let upcalls = self.upcalls
         try hub.registerDomain(id, vcpus: 1, sharedInfo: try memory.specialRegion(0), portLimit: portLimit,
-                               owner: memory, upcall: { _ in upcalls.count.add(1, ordering: .sequentiallyConsistent) })
+                               owner: memory, upcall: { _ in upcalls.raised() })
         do {
             try grantTables.add(table)
         } catch {
@@ -166,20 +168,60 @@ public final class SimulatedGuest: @unchecked Sendable {  // mutable state sits 
         return ports
     }
 
-    /// Waits (polling, as a halted vCPU would be woken) until an event is pending or `timeout`
-    /// passes; returns the pending ports, empty on timeout.
+    /// Waits until an event is pending or `timeout` passes, as a halted vCPU does: asleep
+    /// until the hub raises the guest's upcall (which wakes it), not polling on a timer; returns
+    /// the pending ports, empty on timeout.
     public func waitForEvents(timeout: Duration) -> [EventPort] {
         let clock = ContinuousClock()
         let deadline = clock.now.advanced(by: timeout)
         while true {
+            // Reset before looking: an upcall after this point stores 1 again and the sleep
+            // below returns at once (the scan's exchanges are full barriers after this store).
+            upcalls.rearm()
             let ports = takePendingEvents()
-            if !ports.isEmpty || clock.now >= deadline { return ports }
-            usleep(20)
+            if !ports.isEmpty { return ports }
+            let left = clock.now.duration(to: deadline)
+            guard left > .zero else { return [] }
+            let (seconds, attoseconds) = left.components
+            upcalls.sleep(nanoseconds: seconds >= Int64.max / 1_000_000_000 - 1
+                ? Int64.max : seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
         }
     }
 }
 
-/// The upcall hook's counter, shared with the hub without a reference to the guest itself.
-private final class UpcallCounter: Sendable {
+/// The upcall hook's state, shared with the hub without a reference to the guest itself: how
+/// many upcalls were raised, and the word a halted ``SimulatedGuest/waitForEvents(timeout:)``
+/// sleeps on (a futex: 0 while nothing was raised since the sleeper looked).
+private final class UpcallCounter: @unchecked Sendable {  // `word` is touched only through atomics and futex calls
     let count = Atomic<Int>(0)
+    private let sleepers = Atomic<Int>(0)
+    private let word: UnsafeMutablePointer<UInt32>
+
+    init() {
+        word = .allocate(capacity: 1)
+        word.initialize(to: 0)
+    }
+
+    deinit { word.deallocate() }
+
+    /// The hook: counts, marks the word, and wakes a sleeper if there is one (no system call
+    /// when the guest is not halted).
+    func raised() {
+        count.add(1, ordering: .sequentiallyConsistent)
+        vireo_store_release_u32(word, 1)
+        vireo_fence_full()
+        if sleepers.load(ordering: .sequentiallyConsistent) > 0 { _ = vireo_futex_wake(word, Int32.max) }
+    }
+
+    func rearm() {
+        vireo_store_release_u32(word, 0)
+        vireo_fence_full()
+    }
+
+    /// Sleeps while no upcall was raised since ``rearm()``, at most `nanoseconds`.
+    func sleep(nanoseconds: Int64) {
+        sleepers.add(1, ordering: .sequentiallyConsistent)
+        _ = vireo_futex_wait(word, 0, nanoseconds)
+        sleepers.subtract(1, ordering: .sequentiallyConsistent)
+    }
 }
