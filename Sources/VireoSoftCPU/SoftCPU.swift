@@ -115,7 +115,7 @@ public final class SoftCPU: @unchecked Sendable {  // owned by its vCPU thread; 
     public var nativeTier = SoftCPU.nativeTierDefault()
     /// Runs of a block from the cache before it is translated, and the fewest native entries
     /// worth a call for a block that does not loop (tests use 1 and 1: everything translated).
-    var nativeThreshold: UInt8 = 8, nativeMinimumEntries = 3
+    var nativeThreshold: UInt8 = 64, nativeMinimumEntries = 3
     /// Blocks translated, passes of native code run and the instructions they retired (for
     /// tests and diagnostics).
     var nativeTranslations: UInt64 = 0, nativeRuns: UInt64 = 0, nativeRetired: UInt64 = 0
