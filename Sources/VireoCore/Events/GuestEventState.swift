@@ -139,6 +139,14 @@ public struct GuestEventState: Sendable {
     /// during the pass raises the upcall flag again (the next pass finds it).
     @discardableResult
     public func scanPending(vcpu: Int, _ handle: (EventPort) -> Void) -> Int {
+        scanPending(vcpu: vcpu, within: { _ in ~0 }, handle)
+    }
+
+    /// ``scanPending(vcpu:_:)`` taking only the ports whose bits `within(word)` has set: the
+    /// others stay pending, for a scan by the vCPU they notify (the host domain's immediate
+    /// pass takes only its immediate ports this way).
+    @discardableResult
+    public func scanPending(vcpu: Int, within: (_ word: Int) -> UInt64, _ handle: (EventPort) -> Void) -> Int {
         guard let info = vcpuInfo(vcpu) else { return 0 }
         // 1. Acknowledge first, so an event arriving during the scan raises the flag again.
         info.storeRelease8(0, at: TwoLevelLayout.upcallPendingOffset)
@@ -150,7 +158,7 @@ public struct GuestEventState: Sendable {
             selector &= selector - 1
             let pendingWord = TwoLevelLayout.pendingOffset + word * 8
             var bits = sharedInfo.loadAcquire64(at: pendingWord)
-                & ~sharedInfo.loadAcquire64(at: TwoLevelLayout.maskOffset + word * 8)
+                & ~sharedInfo.loadAcquire64(at: TwoLevelLayout.maskOffset + word * 8) & within(word)
             while bits != 0 {
                 let bit = bits.trailingZeroBitCount
                 bits &= bits - 1

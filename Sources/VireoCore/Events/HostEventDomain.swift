@@ -67,28 +67,13 @@ private final class HostWaker: Sendable {
     /// once, with no lock held. Passes on several threads at once take each event once.
     func runImmediate() {
         let events = GuestEventState(sharedInfo: page.sharedInfo)
-        guard let info = events.vcpuInfo(HostEventDomain.immediateVcpu) else { return }
-        let shared = page.sharedInfo
+        let immediate = page.immediatePorts
         repeat {
-            info.storeRelease8(0, at: TwoLevelLayout.upcallPendingOffset)
-            var selector = info.exchange64(0, at: TwoLevelLayout.pendingSelOffset)
-            while selector != 0 {
-                let word = selector.trailingZeroBitCount
-                selector &= selector - 1
-                let pendingWord = TwoLevelLayout.pendingOffset + word * 8
-                var bits = shared.loadAcquire64(at: pendingWord)
-                    & ~shared.loadAcquire64(at: TwoLevelLayout.maskOffset + word * 8)
-                    & page.immediatePorts.loadAcquire64(at: word * 8)
-                while bits != 0 {
-                    let bit = bits.trailingZeroBitCount
-                    bits &= bits - 1
-                    guard shared.testAndClearBit(bit, inWordAt: pendingWord) else { continue }
-                    let port = EventPort(UInt32(word * TwoLevelLayout.bitsPerWord + bit))
-                    let handler = handlers.withLock { $0[port] }
-                    handler?(port)
-                }
+            events.scanPending(vcpu: HostEventDomain.immediateVcpu, within: { immediate.loadAcquire64(at: $0 * 8) }) { port in
+                let handler = handlers.withLock { $0[port] }
+                handler?(port)
             }
-        } while info.loadAcquire8(at: TwoLevelLayout.upcallPendingOffset) != 0
+        } while events.upcallPending(vcpu: HostEventDomain.immediateVcpu)
     }
 }
 
