@@ -1,9 +1,7 @@
 import Foundation
-import Synchronization
 import VireoABI
 import VireoBench
 import VireoCore
-import VireoHypervisor
 import VireoKVM
 import VireoMachine
 
@@ -102,37 +100,19 @@ public struct CPUBenchmark: Benchmark {
                                baselineName: baselineName, goal: ">= 3e8 instructions/s and ratio >= 0.1", extra: extra)
     }
 
-    final class Output: Sendable {
-        let text = Mutex("")
-    }
-
     /// One boot of cpubench on `engine`: wall time of the run, the vCPUs' CPU time, the
     /// instructions retired (counted by the SoftCPU; 0 on KVM) and the console output.
     static func boot(_ engine: ExecutionEngine, _ kernel: [UInt8], iterations: UInt64) throws -> Run {
         let hub = EventChannels(), grants = GrantTables()
         let host = try HostEventDomain(hub: hub)
-        let router = UpcallRouter()
-        let output = Output()
-        let built = try DomainBuilder.build(
-            config: DomainConfig(id: DomainID(1), name: "cpubench", memoryBytes: 16 << 20), kernel: kernel,
-            commandLine: "\(iterations)", hub: hub, grantTables: grants,
-            console: { bytes in output.text.withLock { $0 += String(decoding: bytes, as: UTF8.self) } },
-            upcall: { router.upcall($0) })
-        defer { built.domain.destroy() }
-        let runner: any DomainRunner = switch engine {
-        case .kvm: try KVMDomainRunner(built: built, router: router)
-        case .soft: try SoftDomainRunner(built: built, router: router)
-        }
-        let start = Measure.now()
-        let reason = runner.run()
-        let end = Measure.now()
+        let run = try GuestBoot.run(kernel, name: "cpubench", commandLine: "\(iterations)", on: engine, hub: hub, grants: grants)
         withExtendedLifetime(host) {}
-        guard reason == .poweroff else {
+        guard run.reason == .poweroff else {
             let on = engine == .kvm ? "KVM" : "the SoftCPU"
-            throw BenchmarkError.unavailable(name: "cpu", reason: "cpubench on \(on) ended with \(reason) \(runner.failureDescription ?? "")")
+            throw BenchmarkError.unavailable(name: "cpu", reason: "cpubench on \(on) ended with \(run.reason) \(run.failure ?? "")")
         }
-        return Run(seconds: Double(end - start) / 1e9, cpuSeconds: Double(runner.cpuTimeNanoseconds) / 1e9,
-                   instructions: (runner as? SoftDomainRunner)?.instructions ?? 0, output: output.text.withLock { $0 })
+        return Run(seconds: Double(run.nanoseconds) / 1e9, cpuSeconds: Double(run.cpuNanoseconds) / 1e9,
+                   instructions: run.instructions, output: run.output)
     }
 
     /// Spawn → exit of QEMU TCG running cpubench (the runtime powers off through isa-debug-exit).

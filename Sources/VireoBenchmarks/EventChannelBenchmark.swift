@@ -4,7 +4,6 @@ import VireoABI
 import VireoBackends
 import VireoBench
 import VireoCore
-import VireoHypervisor
 import VireoKVM
 import VireoMachine
 
@@ -110,28 +109,14 @@ public struct EventChannelBenchmark: Benchmark {
         }
         let dispatcher = HostEventDispatcher(host, name: "vireo-bench-evtchn-echo")
         defer { dispatcher.stop() }
-        let router = UpcallRouter()
-        let output = Mutex<String>("")
-        let built = try DomainBuilder.build(
-            config: DomainConfig(id: DomainID(1), name: "evtchnping", memoryBytes: 16 << 20), kernel: kernel,
-            commandLine: "port=\(given ?? port.rawValue) rounds=\(rounds)", hub: hub, grantTables: grants,
-            console: { bytes in output.withLock { $0 += String(decoding: bytes, as: UTF8.self) } },
-            upcall: { router.upcall($0) })
-        defer { built.domain.destroy() }
-        let runner: any DomainRunner = switch engine {
-        case .kvm: try KVMDomainRunner(built: built, router: router)
-        case .soft: try SoftDomainRunner(built: built, router: router)
-        }
-        let start = Measure.now()
-        let reason = runner.run()
-        let end = Measure.now()
-        let failure = runner.failureDescription
-        let text = output.withLock { $0 }
-        guard reason == .poweroff, text.contains("evtchnping: \(rounds) round trips ok\n") else {
+        let run = try GuestBoot.run(
+            kernel, name: "evtchnping", commandLine: "port=\(given ?? port.rawValue) rounds=\(rounds)",
+            on: engine == .kvm ? .kvm : .soft, hub: hub, grants: grants)
+        guard run.reason == .poweroff, run.output.contains("evtchnping: \(rounds) round trips ok\n") else {
             throw BenchmarkError.unavailable(
-                name: "evtchn", reason: "evtchnping on \(engine.rawValue) ended with \(reason) \(failure ?? ""): \(text)")
+                name: "evtchn", reason: "evtchnping on \(engine.rawValue) ended with \(run.reason) \(run.failure ?? ""): \(run.output)")
         }
-        return Run(nanoseconds: end - start, output: text, echoed: echoed.count.load(ordering: .relaxed))
+        return Run(nanoseconds: run.nanoseconds, output: run.output, echoed: echoed.count.load(ordering: .relaxed))
     }
 }
 
