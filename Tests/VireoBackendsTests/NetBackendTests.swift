@@ -477,15 +477,8 @@ private func pair(_ a: NetBackend.Configuration = .init(), _ b: NetBackend.Confi
         let one = try rig.vif(1), two = try rig.vif(2)
         fabric.connect(one.backend)
         fabric.connect(two.backend)
-        let dispatcher = HostEventDispatcher(rig.host, name: "test-net-events")
-        let threads = [one.backend, two.backend].map { backend in Thread { backend.run() } }
-        for t in threads { t.start() }
-        defer {
-            one.backend.stop()
-            two.backend.stop()
-            dispatcher.stop()
-            while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
-        }
+        let stopLoops = rig.runLoops([one, two], name: "test-net-events")
+        defer { stopLoops() }
         for vif in [one, two] {
             let txFrame = try vif.guest.allocatePage(), rxFrame = try vif.guest.allocatePage()
             vif.txFrame = txFrame

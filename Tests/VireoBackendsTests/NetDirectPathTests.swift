@@ -185,15 +185,8 @@ import VireoHypercalls
         let (_, one, two) = try pair(posted: 0)
         try one.postReceive(64)
         try two.postReceive(64)
-        let dispatcher = HostEventDispatcher(rig.host, name: "test-direct-events")
-        let threads = [one.backend, two.backend].map { backend in Thread { backend.run() } }
-        for t in threads { t.start() }
-        defer {
-            one.backend.stop()
-            two.backend.stop()
-            dispatcher.stop()
-            while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
-        }
+        let stopLoops = rig.runLoops([one, two], name: "test-direct-events")
+        defer { stopLoops() }
         let count = 400
         let frames = [(one, two), (two, one)].map { from, to in
             (0..<count).map { ethernetFrame(to: to.mac, from: from.mac, payload: 46 + $0 % 1400, seed: UInt8(truncatingIfNeeded: $0)) }

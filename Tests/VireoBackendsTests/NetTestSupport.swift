@@ -51,6 +51,21 @@ final class NetRig {
     func pump(passes: Int = 4) {
         for _ in 0..<passes { for v in vifs { v.backend.poll() } }
     }
+
+    /// Runs each of `fronts`' backends in its own `run()` loop on a thread, beside a dispatcher
+    /// for the host domain's ports (the deployed shape); the returned closure stops them all
+    /// and waits for the threads.
+    func runLoops(_ fronts: [NetFront], name: String) -> () -> Void {
+        let dispatcher = HostEventDispatcher(host, name: name)
+        let backends = fronts.map(\.backend)
+        let threads = backends.map { backend in Thread { backend.run() } }
+        for t in threads { t.start() }
+        return {
+            for backend in backends { backend.stop() }
+            dispatcher.stop()
+            while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
+        }
+    }
 }
 
 /// A frontend played by hand: the guest's half of Xen's vif handshake, and raw tx/rx rings.
