@@ -22,6 +22,20 @@ import VireoMachine
     }
 
     /// A step that spins for `microseconds` of this thread's CPU time, until `stop`.
+    /// The CPU two busy domains got over 2 s, counted from 0.3 s on (past the first periods,
+    /// when neither has credit yet): `a`'s over `b`'s, and each one's nanoseconds. Stops them
+    /// (`stop`) and waits for their vCPUs.
+    static func shares(_ a: ScheduledDomain, _ b: ScheduledDomain, stop: Flag) -> (ratio: Double, a: UInt64, b: UInt64) {
+        usleep(300_000)
+        let (a0, b0) = (a.cpuTimeNanoseconds, b.cpuTimeNanoseconds)
+        usleep(2_000_000)
+        let (a1, b1) = (a.cpuTimeNanoseconds, b.cpuTimeNanoseconds)
+        stop.set()
+        a.waitForVCPUs()
+        b.waitForVCPUs()
+        return (Double(a1 - a0) / Double(max(1, b1 - b0)), a1 - a0, b1 - b0)
+    }
+
     static func busy(_ stop: Flag, microseconds: UInt64 = 300) -> @Sendable () -> CreditScheduler.Step {
         {
             if stop.isSet { return .done }
@@ -45,16 +59,9 @@ import VireoMachine
         let light = try scheduler.addDomain(name: "light", weight: 256)
         _ = heavy.addVCPU(step: Self.busy(stop), preempt: {})
         _ = light.addVCPU(step: Self.busy(stop), preempt: {})
-        usleep(300_000)  // past the first periods, when neither has credit yet
-        let (h0, l0) = (heavy.cpuTimeNanoseconds, light.cpuTimeNanoseconds)
-        usleep(2_000_000)
-        let (h1, l1) = (heavy.cpuTimeNanoseconds, light.cpuTimeNanoseconds)
-        stop.set()
-        heavy.waitForVCPUs()
-        light.waitForVCPUs()
-        let ratio = Double(h1 - h0) / Double(max(1, l1 - l0))
+        let (ratio, h, l) = Self.shares(heavy, light, stop: stop)
         print("512:256 on one thread: \(ratio):1")
-        #expect(ratio > 1.8 && ratio < 2.2, "CPU given 512:256 came to \(ratio):1 (\(h1 - h0) ns, \(l1 - l0) ns)")
+        #expect(ratio > 1.8 && ratio < 2.2, "CPU given 512:256 came to \(ratio):1 (\(h) ns, \(l) ns)")
     }
 
     @Test func weightsChangeAtRunTime() throws {
@@ -67,14 +74,7 @@ import VireoMachine
         _ = b.addVCPU(step: Self.busy(stop), preempt: {})
         try a.set(weight: 768)
         #expect(a.parameters == (768, 0))
-        usleep(300_000)
-        let (a0, b0) = (a.cpuTimeNanoseconds, b.cpuTimeNanoseconds)
-        usleep(2_000_000)
-        let (a1, b1) = (a.cpuTimeNanoseconds, b.cpuTimeNanoseconds)
-        stop.set()
-        a.waitForVCPUs()
-        b.waitForVCPUs()
-        let ratio = Double(a1 - a0) / Double(max(1, b1 - b0))
+        let ratio = Self.shares(a, b, stop: stop).ratio
         #expect(ratio > 2.7 && ratio < 3.3, "768:256 came to \(ratio):1")
     }
 
