@@ -159,7 +159,7 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
             var masked: [ServiceWorker.Channel] = []
             if case .deferred = worker.state {
                 deferred.removeAll { $0 === worker }
-                masked = worker.eventChannels
+                masked = worker.channels
             }
             worker.state = .stopped
             worker.release()
@@ -255,7 +255,7 @@ public final class BackendWorkerPool: @unchecked Sendable {  // every mutable fi
                 next = min(next, until)
                 return false
             }
-            unmasking += worker.eventChannels
+            unmasking += worker.channels
             enqueue(worker)
             return true
         }
@@ -308,7 +308,8 @@ public final class ServiceWorker: @unchecked Sendable {  // `state`, `rewoken` a
     var spurious = 0
     /// A port whose events wake a worker.
     typealias Channel = (host: HostEventDomain, port: EventPort)
-    private var channels: [Channel] = []
+    /// The ports its events come on (read by the pool under its lock).
+    private(set) var channels: [Channel] = []
     private var body: (@Sendable (Int) throws(BackendError) -> ServiceTurn)?
     private var failed: (@Sendable (BackendError) -> Void)?
     private let stopping = Atomic<Bool>(false)
@@ -373,9 +374,6 @@ public final class ServiceWorker: @unchecked Sendable {  // `state`, `rewoken` a
     func maskEvents() {
         for channel in channels { try? channel.host.mask(channel.port) }
     }
-
-    /// The ports its events come on (read under the pool's lock).
-    var eventChannels: [Channel] { channels }
 
     /// Unmasks `channels`; called without the pool's lock held.
     static func unmask(_ channels: [Channel]) {
