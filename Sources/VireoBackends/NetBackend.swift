@@ -19,7 +19,7 @@ import VireoStore
 /// the ring once and validated as a whole before any byte moves; then its pages are pinned,
 /// its first bytes copied into a host buffer and checked there, and the frame goes either
 /// straight into the posted pages of the vif the switch routes it to (one copy, guest to guest:
-/// ``deliverHeld(header:length:checksum:scratch:host:copy:)``) or, whole in the host buffer, to
+/// ``deliverHeld(header:length:checksum:scratch:copy:)``) or, whole in the host buffer, to
 /// the ``NetworkAttachment``. Every slot
 /// gets its response (OKAY, ERROR for an invalid packet, DROPPED when the host side refused it,
 /// NULL for an extra slot). A chain that breaks the ring rules (runs past the producer, crosses
@@ -39,6 +39,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     public typealias TxResponse = vireo_netif_tx_response
     public typealias RxRequest = vireo_netif_rx_request
     public typealias RxResponse = vireo_netif_rx_response
+    public typealias ControlRequest = vireo_xen_netif_ctrl_request
+    public typealias ControlResponse = vireo_xen_netif_ctrl_response
 
     /// What a vif is made with.
     public struct Configuration: Sendable {
@@ -51,17 +53,23 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         public var rateBytesPerSecond: UInt64?
         /// The token bucket's depth; nil: Xen's (50 ms of the rate, at least 128 KiB).
         public var rateBurstBytes: UInt64?
+        /// Most grants the frontend may keep mapped through the control ring (static grants,
+        /// what GET_GREF_MAPPING_SIZE answers): by default both rings' worth of slots. 0 refuses
+        /// them (NOT_SUPPORTED).
+        public var staticGrants: Int
         /// Monotonic nanoseconds (tests pass their own).
         public var clock: @Sendable () -> UInt64
 
         public init(mac: EthernetAddress? = nil, queueFrames: Int = 256, queueBytes: Int = 1 << 20,
                     rateBytesPerSecond: UInt64? = nil, rateBurstBytes: UInt64? = nil,
+                    staticGrants: Int = NetDevice.defaultStaticGrants,
                     clock: @escaping @Sendable () -> UInt64 = ConsoleBackend.monotonicNanoseconds) {
             self.mac = mac
             self.queueFrames = queueFrames
             self.queueBytes = queueBytes
             self.rateBytesPerSecond = rateBytesPerSecond
             self.rateBurstBytes = rateBurstBytes
+            self.staticGrants = staticGrants
             self.clock = clock
         }
     }
@@ -192,7 +200,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         var held = false
         var frames = 0, delivered = 0, dropped = 0
     }
-    /// The receive ring's state that other vifs' loops share (``deliverHeld(header:length:checksum:scratch:host:copy:)``),
+    /// The receive ring's state that other vifs' loops share (``deliverHeld(header:length:checksum:scratch:copy:)``),
     /// touched only with `inboxLock` held. A pthread mutex, not a `Mutex`: a sending vif's loop
     /// takes it once for its pass's consecutive frames to this vif, not once per frame.
     @exclusivity(unchecked) private var inbox = Receiving()
@@ -210,6 +218,10 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         var controlOnly = false
     }
 
+    /// Static grants a vif holds by default: a transmit and a receive ring's worth of slots.
+    public static let defaultStaticGrants = Int(VIREO_ABI_NETIF_TX_RING_SIZE + VIREO_ABI_NETIF_RX_RING_SIZE)
+    /// Entries in one ADD_/DEL_GREF_MAPPING table: a page of xen_netif_gref.
+    static let grefTableEntries = 4096 / MemoryLayout<vireo_xen_netif_gref>.size
     /// Data slots a packet may use (Xen's XEN_NETIF_NR_SLOTS_MIN, what every backend accepts).
     public static let maxSlots = Int(VIREO_XEN_NETIF_NR_SLOTS_MIN)
     /// Receive pages a frame may use (a frame is at most 65535 bytes).
@@ -244,8 +256,13 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         let frontendSG: Bool
         let blankIPv4: Bool
         let blankIPv6: Bool
+        /// The control ring and its port, when the frontend set one up (ctrl-ring-ref).
+        let control: (ring: MappedBackRing<ControlRequest, ControlResponse>, port: EventPort)?
+        /// The grants the frontend keeps mapped (changed with the inbox lock held).
+        let statics: StaticGrants
         init(tx: MappedBackRing<TxRequest, TxResponse>, rx: MappedBackRing<RxRequest, RxResponse>, port: EventPort,
-             link: FrontendLink, table: GrantTable, frontendSG: Bool, blankIPv4: Bool, blankIPv6: Bool) {
+             link: FrontendLink, table: GrantTable, frontendSG: Bool, blankIPv4: Bool, blankIPv6: Bool,
+             control: (ring: MappedBackRing<ControlRequest, ControlResponse>, port: EventPort)?, statics: StaticGrants) {
             self.tx = tx
             self.rx = rx
             self.port = port
@@ -254,6 +271,20 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             self.frontendSG = frontendSG
             self.blankIPv4 = blankIPv4
             self.blankIPv6 = blankIPv6
+            self.control = control
+            self.statics = statics
+        }
+
+        /// `body` with the pages of `refs` in `pages`: the held pages when every one is a
+        /// static grant (no pin), otherwise each pinned for `body` alone
+        /// (``GrantTable/withMappedPages(_:by:writable:pages:_:)``).
+        @inline(__always)
+        func withPages<R>(_ refs: UnsafeBufferPointer<GrantRef>, writable: Bool, pages: UnsafeMutableBufferPointer<SharedRegion>,
+                          _ body: (UnsafeMutableBufferPointer<SharedRegion>) -> R) throws(GrantStatus) -> R {
+            if statics.count > 0 && statics.fill(refs, writable: writable, into: pages) {
+                return body(UnsafeMutableBufferPointer(rebasing: pages[0..<refs.count]))
+            }
+            return try table.withMappedPages(refs, by: link.host.id, writable: writable, pages: pages, body)
         }
     }
 
@@ -265,6 +296,9 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             throw BackendError("vif: the receive queue needs at least 1 frame and 64 KiB")
         }
         if let rate = configuration.rateBytesPerSecond, rate == 0 { throw BackendError("vif: rate 0 (give bytes per second > 0)") }
+        guard configuration.staticGrants >= 0, configuration.staticGrants <= 1 << 16 else {
+            throw BackendError("vif: staticGrants \(configuration.staticGrants) (give 0 to 65536)")
+        }
         self.handle = handle
         self.configuration = configuration
         mac = configuration.mac ?? .generated(domain: frontend.rawValue, handle: handle)
@@ -313,7 +347,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
          ("feature-no-csum-offload", "0"), ("feature-ipv6-csum-offload", "1"),
          ("feature-rx-copy", "1"), ("feature-rx-flip", "0"),
          ("feature-split-event-channels", "0"), ("feature-multicast-control", "0"),
-         ("feature-ctrl-ring", "0")]
+         ("feature-ctrl-ring", "1")]
     }
 
     public var frontendNodes: [(key: String, value: String)] {
@@ -348,10 +382,24 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         }
         let tx: MappedBackRing<TxRequest, TxResponse> = try link.mapRing("tx-ring-ref")
         let rx: MappedBackRing<RxRequest, RxResponse> = try link.mapRing("rx-ring-ref")
-        let port = try link.bindEvent("event-channel")
+        var control: (ring: MappedBackRing<ControlRequest, ControlResponse>, port: EventPort)?
+        if link.read("ctrl-ring-ref") != nil {
+            guard (try? link.number("event-channel-ctrl")) != nil else {
+                throw BackendError("\(node)/event-channel-ctrl: missing or not a port (ctrl-ring-ref needs one)")
+            }
+            control = (try link.mapRing("ctrl-ring-ref"), try link.bindEvent("event-channel-ctrl"))
+        }
+        let port: EventPort
+        do { port = try link.bindEvent("event-channel") } catch {
+            if let control { try? link.host.close(control.port) }
+            throw error
+        }
         held = false
         let connection = Connection(tx: tx, rx: rx, port: port, link: link, table: table, frontendSG: link.flag("feature-sg"),
-                                    blankIPv4: !link.flag("feature-no-csum-offload"), blankIPv6: link.flag("feature-ipv6-csum-offload"))
+                                    blankIPv4: !link.flag("feature-no-csum-offload"), blankIPv6: link.flag("feature-ipv6-csum-offload"),
+                                    control: control, statics: StaticGrants(capacity: configuration.staticGrants,
+                                                                 references: table.maxFrames * GrantTableLayout.entriesPerFrame,
+                                                                 filler: txRegion))
         withInbox { $0.connection = connection }
         accepting.store(true, ordering: .releasing)
         return connection
@@ -364,6 +412,15 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         next = .max
         var notify = false
         do {
+            if let control = c.control {
+                try control.ring.serve(notifying: control.port, from: c.link.host) { request, slot in
+                    let (status, data) = self.control(request, c)
+                    slot.set(\.id, to: request.id)
+                    slot.set(\.type, to: request.type)
+                    slot.set(\.status, to: status)
+                    slot.set(\.data, to: status == UInt32(VIREO_XEN_NETIF_CTRL_STATUS_SUCCESS) ? data : 0)
+                }
+            }
             do {
                 // Another vif's inbox is held only within the transmit pass: never while this
                 // loop takes its own (below), so two vifs sending to each other cannot deadlock.
@@ -410,7 +467,84 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
             io?.errors.add(dropped, ordering: .relaxed)
         }
         held = false
+        // Static grants end with the connection: the guest may end its access to them again.
+        withInbox { _ in c.statics.removeAll() }
         try? c.link.host.close(c.port)
+        if let control = c.control { try? c.link.host.close(control.port) }
+    }
+
+    // MARK: Control ring
+
+    /// Answers one control request: (status, data). Static grants are served; hashing is not
+    /// offered (multi-queue-max-queues is not published), so its requests get NOT_SUPPORTED,
+    /// as does any other type.
+    private func control(_ request: ControlRequest, _ c: Connection) -> (UInt32, UInt32) {
+        let notSupported = UInt32(VIREO_XEN_NETIF_CTRL_STATUS_NOT_SUPPORTED)
+        let invalid = UInt32(VIREO_XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER)
+        let success = UInt32(VIREO_XEN_NETIF_CTRL_STATUS_SUCCESS)
+        let (queueIndex, tableRef, entries) = request.data
+        switch Int32(request.type) {
+        case VIREO_XEN_NETIF_CTRL_TYPE_GET_GREF_MAPPING_SIZE:
+            guard c.statics.capacity > 0 else { return (notSupported, 0) }
+            guard queueIndex == 0 else { return (invalid, 0) }  // one queue
+            return (success, UInt32(c.statics.capacity))
+        case VIREO_XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING, VIREO_XEN_NETIF_CTRL_TYPE_DEL_GREF_MAPPING:
+            guard c.statics.capacity > 0 else { return (notSupported, 0) }
+            let adding = Int32(request.type) == VIREO_XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING
+            guard queueIndex == 0, Int(entries) <= Self.grefTableEntries else { return (invalid, 0) }
+            if entries == 0 { return (success, 0) }
+            // The list's page, mapped writable for this request only (DEL writes each status).
+            guard let list = try? StaticGrants.Held(c.table, GrantRef(tableRef), by: c.link.host.id, readOnly: false) else {
+                return (invalid, 0)
+            }
+            // Each entry copied out once, then validated.
+            var table = [vireo_xen_netif_gref](repeating: vireo_xen_netif_gref(), count: Int(entries))
+            table.withUnsafeMutableBytes { list.page.copyBytes(from: 0, into: $0) }
+            return adding ? addStatics(table, c) : (success, removeStatics(table, list.page, c))
+        default:
+            return (notSupported, 0)
+        }
+    }
+
+    /// ADD_GREF_MAPPING: every entry mapped and held, or none (INVALID_PARAMETER: an unknown
+    /// flag, a grant listed twice or held already, more than the capacity, or a grant that
+    /// cannot be mapped as asked).
+    private func addStatics(_ table: [vireo_xen_netif_gref], _ c: Connection) -> (UInt32, UInt32) {
+        let invalid = (UInt32(VIREO_XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER), UInt32(0))
+        var seen = Set<UInt32>()
+        for entry in table {
+            guard entry.flags & ~UInt16(VIREO_XEN_NETIF_CTRLF_GREF_readonly) == 0, seen.insert(entry.ref).inserted,
+                  !c.statics.contains(GrantRef(entry.ref)) else { return invalid }
+        }
+        guard c.statics.count + table.count <= c.statics.capacity else { return invalid }
+        var grants: [StaticGrants.Held] = []
+        grants.reserveCapacity(table.count)
+        for entry in table {
+            let readOnly = entry.flags & UInt16(VIREO_XEN_NETIF_CTRLF_GREF_readonly) != 0
+            // A failure drops `grants`, which unmaps every one mapped so far.
+            guard let grant = try? StaticGrants.Held(c.table, GrantRef(entry.ref), by: c.link.host.id, readOnly: readOnly) else {
+                return invalid
+            }
+            grants.append(grant)
+        }
+        guard withInbox({ _ in c.statics.add(grants) }) else { return invalid }
+        return (UInt32(VIREO_XEN_NETIF_CTRL_STATUS_SUCCESS), 0)
+    }
+
+    /// DEL_GREF_MAPPING: each held entry unmapped (status SUCCESS), any other INVALID_PARAMETER,
+    /// each status written back into the list's page; how many were unmapped.
+    private func removeStatics(_ table: [vireo_xen_netif_gref], _ page: SharedRegion, _ c: Connection) -> UInt32 {
+        var removed: UInt32 = 0
+        let statusOffset = MemoryLayout<vireo_xen_netif_gref>.offset(of: \.status)!
+        withInbox { _ in
+            for (i, entry) in table.enumerated() {
+                let done = c.statics.remove(GrantRef(entry.ref))
+                if done { removed += 1 }
+                let status = UInt16(done ? VIREO_XEN_NETIF_CTRL_STATUS_SUCCESS : VIREO_XEN_NETIF_CTRL_STATUS_INVALID_PARAMETER)
+                page.store(status, at: i * MemoryLayout<vireo_xen_netif_gref>.stride + statusOffset)
+            }
+        }
+        return removed
     }
 
     private func flushStatistics() {
@@ -473,7 +607,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                     if c.rx.ring.pushResponsesAndCheckNotify() { notify = true }
                 }
             }
-            let host = c.link.host.id, scratch = rxScratch
+            let scratch = rxScratch
             while let frame = queue.oldest() {
                 if served == Self.batch { return true }
                 let length = frame.bytes.count
@@ -511,8 +645,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 var copied = taken == needed
                 if copied {
                     let source = queueRegion, start = frame.start
-                    copied = (try? c.table.withMappedPages(UnsafeBufferPointer(rebasing: scratch.refs[0..<taken]), by: host,
-                                                           writable: true, pages: scratch.pages) { (pages) -> Void in
+                    copied = (try? c.withPages(UnsafeBufferPointer(rebasing: scratch.refs[0..<taken]),
+                                               writable: true, pages: scratch.pages) { (pages) -> Void in
                         for i in 0..<taken {
                             pages[i].copyBytes(from: source, offset: start + i * 4096, to: 0, count: min(4096, length - i * 4096))
                         }
@@ -570,7 +704,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         return try body(&inbox)
     }
 
-    /// Takes the inbox lock for a run of ``deliverHeld(header:length:checksum:scratch:host:copy:)``
+    /// Takes the inbox lock for a run of ``deliverHeld(header:length:checksum:scratch:copy:)``
     /// calls; ``releaseInbox()`` ends the run. The holder takes no other vif's inbox lock
     /// meanwhile and never waits for one, so two vifs sending to each other cannot deadlock.
     func holdInbox() { pthread_mutex_lock(inboxLock) }
@@ -592,7 +726,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         if let (host, port) = notify { try? host.send(port) }
     }
 
-    /// What ``deliverHeld(header:length:checksum:scratch:host:copy:)`` did with a frame.
+    /// What ``deliverHeld(header:length:checksum:scratch:copy:)`` did with a frame.
     enum Delivery { case delivered, fallback }
 
     /// Puts a frame that another vif is transmitting straight into the pages this vif's
@@ -610,7 +744,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     /// are posted (the queue's path asks for an event), the frame needs several pages and the
     /// frontend takes one, or its blank checksum must be computed over the whole frame.
     func deliverHeld(header: UnsafeRawBufferPointer, length: Int, checksum: FrameChecksum, scratch: PageScratch,
-                     host: DomainID, copy: (UnsafeMutableBufferPointer<SharedRegion>) -> Void) -> Delivery {
+                     copy: (UnsafeMutableBufferPointer<SharedRegion>) -> Void) -> Delivery {
         let needed = (length + 4095) / 4096
         guard needed <= scratch.refs.count, let connection = inbox.borrowed, queue.isEmpty else { return .fallback }
         return connection._withUnsafeGuaranteedRef { c in
@@ -631,8 +765,8 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 let taken = try Self.take(needed, from: c, into: scratch)
                 var copied = taken == needed
                 if copied {
-                    copied = (try? c.table.withMappedPages(UnsafeBufferPointer(rebasing: scratch.refs[0..<taken]), by: host,
-                                                           writable: true, pages: scratch.pages, copy)) != nil
+                    copied = (try? c.withPages(UnsafeBufferPointer(rebasing: scratch.refs[0..<taken]),
+                                               writable: true, pages: scratch.pages, copy)) != nil
                 }
                 try Self.respond(c, scratch, count: taken, length: length, flags: flags, copied: copied)
                 inbox.unpushed = true
@@ -827,9 +961,9 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         let count = fragments.count
         for i in 0..<count { txScratch.refs[i] = GrantRef(fragments[i].ref) }
         do {
-            return try c.table.withMappedPages(UnsafeBufferPointer(rebasing: txScratch.refs[0..<count]), by: c.link.host.id,
-                                               writable: false, pages: txScratch.pages) { pages in
-                transmitMapped(pages, host: c.link.host.id)
+            return try c.withPages(UnsafeBufferPointer(rebasing: txScratch.refs[0..<count]),
+                                   writable: false, pages: txScratch.pages) { pages in
+                transmitMapped(pages)
             }
         } catch {
             pending.txErrors += 1  // a fragment's grant could not be pinned
@@ -842,7 +976,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     /// vif, the rest goes from these pages straight into that vif's posted pages (one copy);
     /// otherwise it is copied after the header in the host buffer and the attachment takes the
     /// whole frame. Every byte of the guest's is read once.
-    private func transmitMapped(_ pages: UnsafeMutableBufferPointer<SharedRegion>, host: DomainID) -> Int16 {
+    private func transmitMapped(_ pages: UnsafeMutableBufferPointer<SharedRegion>) -> Int16 {
         let size = parsed.size
         let blank = parsed.flags & UInt16(VIREO_NETTXF_csum_blank) != 0
         let headerLength = min(size, blank ? Self.headerBytes : Self.routeBytes)
@@ -890,7 +1024,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 }
             }
             let delivery = destination._withUnsafeGuaranteedRef {
-                $0.deliverHeld(header: header, length: size, checksum: checksum, scratch: scratch, host: host, copy: write)
+                $0.deliverHeld(header: header, length: size, checksum: checksum, scratch: scratch, copy: write)
             }
             if delivery == .delivered {
                 taken = true

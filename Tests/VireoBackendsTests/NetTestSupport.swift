@@ -84,6 +84,10 @@ final class NetFront {
     var nextRxID: UInt16 = 0
     /// Transmit responses by id (extra slots' NULLs under `nulls`).
     var txResponses: [(id: UInt16, status: Int16)] = []
+    /// The control ring and its port, after ``connectControl()``.
+    var control: FrontRing<vireo_xen_netif_ctrl_request, vireo_xen_netif_ctrl_response>!
+    var controlPort = EventPort(0)
+    private var nextControlID: UInt16 = 0
 
     init(rig: NetRig, guest: SimulatedGuest, backend: NetBackend) {
         self.rig = rig
@@ -126,6 +130,45 @@ final class NetFront {
         for (key, value) in keys + extra { #expect(write(node + "/" + key, value)?.type == .write) }
         #expect(write(node + "/state", "\(state)")?.type == .write)
         backend.poll()
+    }
+
+    /// Sets up a control ring and its own port; returns the keys that offer them to the
+    /// backend (for ``connect(extra:omit:state:oneRingPage:)``).
+    func controlKeys() throws -> [(String, String)] {
+        let frame = try guest.allocatePage()
+        control = try guest.frontRing(on: frame)
+        let ref = try guest.grantAccess(to: rig.host.id, frame: frame, readOnly: false)
+        controlPort = try guest.allocUnbound(remote: rig.host.id)
+        return [("ctrl-ring-ref", "\(ref.rawValue)"), ("event-channel-ctrl", "\(controlPort.rawValue)")]
+    }
+
+    /// One control request, answered by a backend pass: the response.
+    func controlRequest(_ type: Int32, _ data: (UInt32, UInt32, UInt32)) throws -> vireo_xen_netif_ctrl_response {
+        var request = vireo_xen_netif_ctrl_request()
+        nextControlID &+= 1
+        request.id = nextControlID
+        request.type = UInt16(type)
+        request.data = data
+        try control.produceRequest(request)
+        if control.pushRequestsAndCheckNotify() { try guest.notify(controlPort) }
+        backend.poll()
+        let response = try #require(try control.consumeResponse(), "a control response")
+        #expect(response.id == request.id && response.type == request.type)
+        return response
+    }
+
+    /// A writable page listing `entries` (xen_netif_gref: ref, flags) for ADD_/DEL_GREF_MAPPING.
+    func grefTable(_ entries: [(GrantRef, UInt16)]) throws -> (ref: GrantRef, page: SharedRegion) {
+        let frame = try guest.allocatePage()
+        let page = try guest.page(frame)
+        for (i, (ref, flags)) in entries.enumerated() {
+            var entry = vireo_xen_netif_gref()
+            entry.ref = ref.rawValue
+            entry.flags = flags
+            entry.status = 0xBEEF
+            page.store(entry, at: i * MemoryLayout<vireo_xen_netif_gref>.stride)
+        }
+        return (try guest.grantAccess(to: rig.host.id, frame: frame, readOnly: false), page)
     }
 
     func setState(_ state: UInt32) {

@@ -482,6 +482,14 @@ public struct GrantMapping: ~Copyable, Sendable {
         page.store(value, at: offset)
     }
 
+    /// The page as a shared region for a backend that keeps the grant mapped across many I/Os
+    /// (netif's static grants), read-only grants included: the caller writes through it only
+    /// when the mapping is writable, and never after the mapping ends.
+    public func mappedRegion() throws(GrantStatus) -> SharedRegion {
+        guard isValid else { throw .badHandle }
+        return page
+    }
+
     /// The page as a shared region, for a ring a backend serves for the mapping's lifetime.
     /// Only writable grants give one (a backend writes responses), and the region must not be
     /// used after the mapping ends.
