@@ -86,6 +86,53 @@ private func pairWithControl(_ a: NetBackend.Configuration = .init(), _ b: NetBa
         #expect(try one.takeTransmitted().map(\.status) == [rspError])
     }
 
+    /// Frames from held pages switched to another vif: the one-slot ones go the short way
+    /// (transmitDirect), the rest the general way; every one arrives whole, or is refused as
+    /// without static grants.
+    @Test func heldFramesOfEveryShapeArriveWhole() throws {
+        let (rig, one, two) = try pairWithControl()
+        let posted = two.posted.values.map(\.ref)
+        let rxList = try two.grefTable(posted.map { ($0, 0) })
+        #expect(try two.controlRequest(add, (0, rxList.ref.rawValue, UInt32(posted.count))).status == success)
+        // Pages the sender holds: a short frame, one at an offset, a validated one, one of two slots.
+        let short = ethernetFrame(to: two.mac, from: one.mac, payload: 20)
+        let long = ethernetFrame(to: two.mac, from: one.mac, payload: 3000, seed: 9)
+        let refs = [try one.grantedPage(short), try one.grantedPage(long, at: 100), try one.grantedPage(short, at: 4000 - short.count),
+                    try one.grantedPage(Array(long[0..<1000])), try one.grantedPage(Array(long[1000...]))]
+        let txList = try one.grefTable(refs.map { ($0, readOnly) })
+        #expect(try one.controlRequest(add, (0, txList.ref.rawValue, UInt32(refs.count))).status == success)
+        let validated = VIREO_NETTXF_data_validated
+        try one.tx.produceRequest(NetFront.request(gref: refs[0], offset: 0, flags: 0, id: 0, size: short.count))
+        try one.tx.produceRequest(NetFront.request(gref: refs[1], offset: 100, flags: validated, id: 1, size: long.count))
+        try one.tx.produceRequest(NetFront.request(gref: refs[2], offset: 4000 - short.count, flags: 0, id: 2, size: short.count))
+        try one.tx.produceRequest(NetFront.request(gref: refs[3], offset: 0, flags: VIREO_NETTXF_more_data, id: 3, size: long.count))
+        try one.tx.produceRequest(NetFront.request(gref: refs[4], offset: 0, flags: 0, id: 4, size: long.count - 1000))
+        // Too short for an Ethernet header: ERROR, as on the general path.
+        try one.tx.produceRequest(NetFront.request(gref: refs[0], offset: 0, flags: 0, id: 5, size: 13))
+        try one.push()
+        rig.pump()
+        #expect(try one.takeTransmitted().map(\.status) == [rspOkay, rspOkay, rspOkay, rspOkay, rspOkay, rspError])
+        let got = try two.takeReceived()
+        #expect(got.map(\.bytes) == [short, long, short, long])
+        #expect(got.map(\.flags) == [0, UInt16(VIREO_NETRXF_data_validated), 0, 0])
+        // With no page posted the last frame waits in the receiver's queue, and arrives once one is.
+        let left = two.posted.count
+        for id in 0...left { try one.tx.produceRequest(NetFront.request(gref: refs[0], offset: 0, flags: 0, id: UInt16(6 + id), size: short.count)) }
+        try one.push()
+        rig.pump()
+        #expect(try one.takeTransmitted().map(\.status) == Array(repeating: rspOkay, count: left + 1))
+        #expect(try two.takeReceived().count == left && two.posted.isEmpty)
+        try two.postReceive(1)
+        rig.pump()
+        #expect(try two.takeReceived().map(\.bytes) == [short])
+        // A held slot that crosses its page breaks the ring rules: the sender's vif disconnects.
+        try one.tx.produceRequest(NetFront.request(gref: refs[1], offset: 4000, flags: 0, id: 99, size: 200))
+        try one.push()
+        rig.pump()
+        #expect(one.backendState == "\(XenbusBackendState.closing)")
+        #expect(two.backendState == connected)
+    }
+
     @Test func aHeldGrantIsNotPinnedAgainForEachCopy() throws {
         let rig = try NetRig()
         let vif = try rig.vif(3)
