@@ -761,7 +761,10 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                 break
             }
             do throws(RingError) {
-                guard try c.rx.ring.unconsumedRequests() >= needed else { return .fallback }
+                // `req_prod` is read again only when the requests known from the last read run out.
+                if c.rx.ring.knownRequests < needed {
+                    guard try c.rx.ring.unconsumedRequests() >= needed else { return .fallback }
+                }
                 let taken = try Self.take(needed, from: c, into: scratch)
                 var copied = taken == needed
                 if copied {
@@ -1117,6 +1120,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     /// The vif the switch routes a frame with these first bytes to (see ``Routing``).
+    @inline(__always)
     private func route(_ header: UnsafeRawBufferPointer) -> Unmanaged<NetDevice>? {
         guard switchPort != nil else { return nil }
         // Both addresses as two loads (a header holds at least 14 bytes), compared as a pair.

@@ -160,7 +160,10 @@ import VireoHypercalls
                 model.requestsPublishedCount = new
             case 2:  // back consumes
                 model.backAsleep = false
+                // What the back knew from its last read never exceeds what is published.
+                #expect(back.knownRequests <= model.publishedRequests.count, "step \(step)")
                 #expect(try back.unconsumedRequests() == model.publishedRequests.count)
+                #expect(back.knownRequests == model.publishedRequests.count, "step \(step): known after a read")
                 for _ in 0..<burst {
                     let request = try back.consumeRequest()
                     guard let expected = model.publishedRequests.first else {

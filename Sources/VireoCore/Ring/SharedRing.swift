@@ -318,6 +318,11 @@ public struct BackRing<Request: BitwiseCopyable, Response: BitwiseCopyable>: Sen
         return Int(min(published, room))
     }
 
+    /// Requests known to be published and not consumed yet, as of the last `req_prod` read
+    /// (no read now): a lower bound of ``unconsumedRequests()``, for a back that consumes
+    /// many in a row and reads `req_prod` again only when these run out.
+    @inlinable public var knownRequests: Int { Int(requestsAvailable &- requestConsumer) }
+
     /// Copies the next request out of the ring and returns the copy, or nil when none is
     /// published. The slot is read once; validate the copy, never the ring. Throws, and
     /// disconnects the ring without reading any slot, when `req_prod` is out of range.
