@@ -41,7 +41,16 @@ public struct NetPacket: Sendable {
 /// then revokes it (a revocation the backend still blocks is counted in ``leakedGrants`` and the
 /// page is never reused). At most ``transmitSlots`` slots are in flight. Receive keeps
 /// ``receiveBuffers`` whole pages posted, each granted writable for one packet slot only, and
-/// hands each packet to the caller. Every response is validated: ids out of range or not in
+/// hands each packet to the caller.
+///
+/// With `staticGrants` (and a backend offering `feature-ctrl-ring`) the frontend instead grants
+/// its own pages once, for the connection: each transmit slot's copy buffer read-only and each
+/// receive page writable, and asks the backend over the control ring to keep them all mapped
+/// (Xen's static grants, ADD_GREF_MAPPING; ``staticGrantsHeld``), which spares it a pin and
+/// unpin per copy. The backend can then write a receive page while the frontend reads it, as
+/// with any mapping it holds: the frontend still copies each packet out once before looking at
+/// it. Packets sent from the caller's own pages (``send(fragments:checksumBlank:)``) are granted
+/// per packet as before. Every response is validated: ids out of range or not in
 /// flight, lengths past the page, broken fragment chains and oversized packets are dropped
 /// and counted, never trusted.
 public final class NetFrontend<Platform: GuestPlatform> {
@@ -85,12 +94,30 @@ public final class NetFrontend<Platform: GuestPlatform> {
     var rxRing: FrontRing<RxRequest, RxResponse>?
     var txRingRef = GrantRef(0), rxRingRef = GrantRef(0)
 
+    /// Whether ``connect()`` asks for static grants (see the type's documentation).
+    public let staticGrants: Bool
+    /// The backend answered ADD_GREF_MAPPING with success: it holds every copy buffer and
+    /// receive page mapped. False without `staticGrants`, or when it refused (the pages stay
+    /// granted for the connection and are pinned per copy).
+    public private(set) var staticGrantsHeld = false
+    /// Pages granted once for the connection (`staticGrants` and a backend with a control ring).
+    var grantedForConnection = false
+    typealias ControlRequest = vireo_xen_netif_ctrl_request
+    typealias ControlResponse = vireo_xen_netif_ctrl_response
+    var controlRing: FrontRing<ControlRequest, ControlResponse>?
+    var controlRingRef = GrantRef(0)
+    var controlPort = EventPort(0)
+
     struct TxSlot {
         var inFlight = false
         var ref = GrantRef(0)
         var packet: UInt64 = 0
         /// The copy buffer of this id (0 until first used, or after its grant leaked).
         var page: UInt64 = 0
+        /// The copy buffer's grant for the connection (static grants), or nil.
+        var bufferRef: GrantRef?
+        /// Whether `ref` is `bufferRef` (kept after the response) rather than a grant of its own.
+        var refIsBuffers = false
     }
     var txSlots: [TxSlot] = []
     var freeTxIDs: [UInt16] = []
@@ -124,7 +151,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
 
     /// Opens vif `handle` from the frontend node `device/vif/<handle>`.
     public init(guest: Guest<Platform>, store: XenStoreClient<Platform>, grants: GuestGrants<Platform>,
-                handle: UInt32 = 0, transmitSlots: Int = 64, receiveBuffers: Int = 64) throws(GuestError) {
+                handle: UInt32 = 0, transmitSlots: Int = 64, receiveBuffers: Int = 64, staticGrants: Bool = false) throws(GuestError) {
         guard transmitSlots >= 1, transmitSlots <= Int(VIREO_ABI_NETIF_TX_RING_SIZE),
               receiveBuffers >= 1, receiveBuffers <= Int(VIREO_ABI_NETIF_RX_RING_SIZE) else { throw GuestError.EINVAL }
         self.guest = guest
@@ -132,6 +159,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
         self.grants = grants
         self.transmitSlots = transmitSlots
         self.receiveBuffers = receiveBuffers
+        self.staticGrants = staticGrants
         let digits = String(decoding: Bytes.decimal(UInt64(handle)), as: UTF8.self)
         bus = try XenbusFrontend(store: store, node: "device/vif/" + digits)
     }
@@ -181,6 +209,11 @@ public final class NetFrontend<Platform: GuestPlatform> {
         for _ in 0..<receiveBuffers { rxBuffers.append(RxBuffer(page: guest.platform.allocatePage())) }
         freeRxBuffers = Array((0..<receiveBuffers).reversed())
         postedAt = Array(repeating: -1, count: rxRing!.size)
+        staticGrantsHeld = false
+        grantedForConnection = false
+        if staticGrants && flag(bus.backend + "/feature-ctrl-ring") {
+            try setUpStaticGrants()
+        }
 
         let node = bus.node
         try store.transaction { tx throws(GuestError) in
@@ -193,11 +226,91 @@ public final class NetFrontend<Platform: GuestPlatform> {
             try store.write(node + "/feature-sg", Bytes.of("1"), transaction: tx)
             // Blank checksums are handed to the caller as such (NetPacket.checksumBlank).
             try store.write(node + "/feature-no-csum-offload", Bytes.of("0"), transaction: tx)
+            if controlRing != nil {
+                try store.write(node + "/ctrl-ring-ref", Bytes.decimal(UInt64(controlRingRef.rawValue)), transaction: tx)
+                try store.write(node + "/event-channel-ctrl", Bytes.decimal(UInt64(controlPort.rawValue)), transaction: tx)
+            }
             try bus.switchState(.initialised, transaction: tx)
         }
         try refill()
         try bus.switchState(.connected)
         guard try bus.waitForBackend([.connected, .closing, .closed]) == .connected else { throw GuestError.EIO }
+        if controlRing != nil { staticGrantsHeld = try addStaticGrants() }
+    }
+
+    // MARK: Static grants
+
+    /// The control ring and its port, and every copy buffer and receive page granted once.
+    func setUpStaticGrants() throws(GuestError) {
+        let page = guest.platform.allocatePage()
+        do {
+            controlRing = try FrontRing<ControlRequest, ControlResponse>(initializing: guest.platform.memory(at: page, count: guestPageSize))
+        } catch {
+            throw GuestError.EINVAL
+        }
+        guard let ref = grants.grantAccess(to: bus.backendDomain, frame: GuestFrame(page >> guestPageShift), readOnly: false) else {
+            throw GuestError.ENOSPC
+        }
+        controlRingRef = ref
+        controlPort = try guest.allocUnbound(remote: bus.backendDomain)
+        guest.setHandler(for: controlPort) { _ in }
+        for i in 0..<txSlots.count {
+            txSlots[i].page = guest.platform.allocatePage()
+            guard let buffer = grants.grantAccess(to: bus.backendDomain, frame: GuestFrame(txSlots[i].page >> guestPageShift),
+                                                  readOnly: true) else { throw GuestError.ENOSPC }
+            txSlots[i].bufferRef = buffer
+        }
+        for i in 0..<rxBuffers.count {
+            guard let buffer = grants.grantAccess(to: bus.backendDomain, frame: GuestFrame(rxBuffers[i].page >> guestPageShift),
+                                                  readOnly: false) else { throw GuestError.ENOSPC }
+            rxBuffers[i].ref = buffer
+        }
+        grantedForConnection = true
+    }
+
+    /// ADD_GREF_MAPPING for every copy buffer (read-only) and receive page (writable), listed in
+    /// a page granted for the request; waits for the answer. Whether the backend holds them.
+    func addStaticGrants() throws(GuestError) -> Bool {
+        let listPage = guest.platform.allocatePage()
+        let list = guest.platform.memory(at: listPage, count: guestPageSize)
+        var count = 0
+        for slot in txSlots {
+            guard let ref = slot.bufferRef else { continue }
+            var entry = vireo_xen_netif_gref()
+            entry.ref = ref.rawValue
+            entry.flags = UInt16(VIREO_XEN_NETIF_CTRLF_GREF_readonly)
+            list.store(entry, at: count * MemoryLayout<vireo_xen_netif_gref>.stride)
+            count += 1
+        }
+        for buffer in rxBuffers {
+            var entry = vireo_xen_netif_gref()
+            entry.ref = buffer.ref.rawValue
+            list.store(entry, at: count * MemoryLayout<vireo_xen_netif_gref>.stride)
+            count += 1
+        }
+        guard let listRef = grants.grantAccess(to: bus.backendDomain, frame: GuestFrame(listPage >> guestPageShift), readOnly: false)
+        else { return false }
+        var request = ControlRequest()
+        request.id = 1
+        request.type = UInt16(VIREO_XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING)
+        request.data = (0, listRef.rawValue, UInt32(count))
+        do throws(RingError) { try controlRing!.produceRequest(request) } catch { throw GuestError.EIO }
+        if controlRing!.pushRequestsAndCheckNotify() { try guest.send(controlPort) }
+        var answer: ControlResponse?
+        while answer == nil {
+            let waiting: Bool
+            do throws(RingError) {
+                answer = try controlRing!.consumeResponse()
+                waiting = answer == nil ? try !controlRing!.finalCheckForResponses() : false
+            } catch {
+                throw GuestError.EIO
+            }
+            if waiting { guest.runOnce() }
+        }
+        guard let response = answer else { throw GuestError.EIO }
+        // The backend maps the list only while it answers.
+        if !grants.endAccess(listRef) { leakedGrants += 1 }
+        return response.id == request.id && response.status == UInt32(VIREO_XEN_NETIF_CTRL_STATUS_SUCCESS)
     }
 
     func flag(_ path: String) -> Bool {
@@ -239,6 +352,8 @@ public final class NetFrontend<Platform: GuestPlatform> {
             let id = freeTxIDs.removeLast()
             ids.append(id)
             if txSlots[Int(id)].page == 0 { txSlots[Int(id)].page = guest.platform.allocatePage() }
+            // Granted for the connection (static grants): the copy goes out under that grant.
+            txSlots[Int(id)].refIsBuffers = txSlots[Int(id)].bufferRef != nil
             let page = txSlots[Int(id)].page
             let length = bytes.count - offset < guestPageSize ? bytes.count - offset : guestPageSize
             bytes.withUnsafeBytes { source in
@@ -272,7 +387,11 @@ public final class NetFrontend<Platform: GuestPlatform> {
         guard !checksumBlank || !backendNoChecksumOffload else { throw GuestError.ENOSYS }
         try waitForTransmitSlots(fragments.count)
         var ids: [UInt16] = []
-        for _ in fragments { ids.append(freeTxIDs.removeLast()) }
+        for _ in fragments {
+            let id = freeTxIDs.removeLast()
+            txSlots[Int(id)].refIsBuffers = false
+            ids.append(id)
+        }
         return try post(fragments, ids: ids, checksumBlank: checksumBlank)
     }
 
@@ -295,9 +414,13 @@ public final class NetFrontend<Platform: GuestPlatform> {
     /// Grants and queues one packet's slots (ids already taken), publishes them, notifies.
     func post(_ fragments: [NetFragment], ids: [UInt16], checksumBlank: Bool) throws(GuestError) -> UInt64 {
         var refs: [GrantRef] = []
-        for fragment in fragments {
+        for (i, fragment) in fragments.enumerated() {
+            if txSlots[Int(ids[i])].refIsBuffers, let buffer = txSlots[Int(ids[i])].bufferRef {
+                refs.append(buffer)
+                continue
+            }
             guard let ref = grants.grantAccess(to: bus.backendDomain, frame: fragment.frame, readOnly: true) else {
-                for r in refs where !grants.endAccess(r) { leakedGrants += 1 }
+                for (j, r) in refs.enumerated() where !txSlots[Int(ids[j])].refIsBuffers && !grants.endAccess(r) { leakedGrants += 1 }
                 freeTxIDs += ids.reversed()
                 throw GuestError.ENOSPC
             }
@@ -341,7 +464,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
                 badResponses += 1
                 continue
             }
-            if !grants.endAccess(txSlots[id].ref) {
+            if !txSlots[id].refIsBuffers && !grants.endAccess(txSlots[id].ref) {
                 // The backend still holds the page: it stays granted and is never reused.
                 leakedGrants += 1
                 txSlots[id].page = 0
@@ -360,8 +483,9 @@ public final class NetFrontend<Platform: GuestPlatform> {
         var posted = false
         while !freeRxBuffers.isEmpty && rxRing!.freeRequests > 0 {
             let index = freeRxBuffers[freeRxBuffers.count - 1]
-            guard let ref = grants.grantAccess(to: bus.backendDomain, frame: GuestFrame(rxBuffers[index].page >> guestPageShift),
-                                               readOnly: false) else { break }
+            let granted = grantedForConnection ? rxBuffers[index].ref
+                : grants.grantAccess(to: bus.backendDomain, frame: GuestFrame(rxBuffers[index].page >> guestPageShift), readOnly: false)
+            guard let ref = granted else { break }
             freeRxBuffers.removeLast()
             rxBuffers[index].ref = ref
             rxBuffers[index].posted = true
@@ -408,11 +532,12 @@ public final class NetFrontend<Platform: GuestPlatform> {
     }
 
     /// One receive slot: its page is revoked first, so the backend cannot change the bytes
-    /// being read; then the slot adds to the packet being assembled. Returns a finished packet.
+    /// being read (unless it is granted for the connection: static grants); then the slot adds
+    /// to the packet being assembled. Returns a finished packet.
     func take(_ response: RxResponse, buffer: Int) -> NetPacket? {
         let page = rxBuffers[buffer].page
         var pageUsable = true
-        if !grants.endAccess(rxBuffers[buffer].ref) {
+        if !grantedForConnection && !grants.endAccess(rxBuffers[buffer].ref) {
             leakedGrants += 1
             pageUsable = false
             rxBuffers[buffer].page = guest.platform.allocatePage()
@@ -502,12 +627,14 @@ public final class NetFrontend<Platform: GuestPlatform> {
         try bus.switchState(.closed)
         _ = try bus.waitForBackend([.closed])
         guard txRing != nil else { return }
-        for i in 0..<txSlots.count where txSlots[i].inFlight {
-            if !grants.endAccess(txSlots[i].ref) { leakedGrants += 1 }
+        for i in 0..<txSlots.count {
+            if txSlots[i].inFlight && !txSlots[i].refIsBuffers && !grants.endAccess(txSlots[i].ref) { leakedGrants += 1 }
+            if let buffer = txSlots[i].bufferRef, !grants.endAccess(buffer) { leakedGrants += 1 }
+            txSlots[i].bufferRef = nil
+            if txSlots[i].inFlight { freeTxIDs.append(UInt16(i)) }
             txSlots[i].inFlight = false
-            freeTxIDs.append(UInt16(i))
         }
-        for i in 0..<rxBuffers.count where rxBuffers[i].posted {
+        for i in 0..<rxBuffers.count where rxBuffers[i].posted || grantedForConnection {
             if !grants.endAccess(rxBuffers[i].ref) { leakedGrants += 1 }
             rxBuffers[i].posted = false
         }
@@ -517,5 +644,13 @@ public final class NetFrontend<Platform: GuestPlatform> {
         rxRing = nil
         guest.removeHandler(for: port)
         try? guest.close(port)
+        if controlRing != nil {
+            if !grants.endAccess(controlRingRef) { leakedGrants += 1 }
+            controlRing = nil
+            guest.removeHandler(for: controlPort)
+            try? guest.close(controlPort)
+        }
+        grantedForConnection = false
+        staticGrantsHeld = false
     }
 }

@@ -13,7 +13,8 @@ import VireoStore
 /// handle, mac and the features besides XenbusBackend's own; the frontend directory
 /// `/local/domain/<domid>/device/vif/<handle>` handle and mac. On connect it reads
 /// tx-ring-ref, rx-ring-ref, event-channel, request-rx-copy and the frontend's features, maps
-/// both rings and binds the event channel.
+/// both rings and binds the event channel; and, when the frontend offers one, the control ring
+/// (ctrl-ring-ref, event-channel-ctrl), whose static grants (``StaticGrants``) it serves.
 ///
 /// Transmit: each packet's slots (first request, extra info slots, fragments) are copied out of
 /// the ring once and validated as a whole before any byte moves; then its pages are pinned,

@@ -70,14 +70,18 @@ import VireoStore
         return frames
     }
 
-    @Test func arpAndEchoRepliesGoOutThroughTheRealBackendAndFramesComeIn() throws {
+    /// Both ways of granting: per packet (as Linux's netfront), and the frontend's own pages
+    /// granted once and held by the backend through the control ring (static grants).
+    @Test(arguments: [false, true])
+    func arpAndEchoRepliesGoOutThroughTheRealBackendAndFramesComeIn(staticGrants: Bool) throws {
         let rig = try Rig()
         let guest = Guest(platform: rig.machine.platform)
         try guest.mapSharedInfo()
         let store = try XenStoreClient(guest: guest)
-        let net = try NetFrontend(guest: guest, store: store, grants: try GuestGrants(guest: guest))
+        let net = try NetFrontend(guest: guest, store: store, grants: try GuestGrants(guest: guest), staticGrants: staticGrants)
         try net.connect()
         #expect(rig.backend.state == XenbusBackendState.connected)
+        #expect(net.staticGrantsHeld == staticGrants, "the backend holds the pages only when asked")
         #expect(net.mac == MACAddress(octets: [0x02, 0x16, 0x3e, 0x00, 0x07, 0x00]), "the MAC netback generated for domain 7")
 
         // The host asks who has 10.0.0.2: the frame reaches the guest, its answer the host side.
@@ -124,6 +128,6 @@ import VireoStore
 
         try net.disconnect()
         #expect(rig.backend.state == XenbusBackendState.closed)
-        #expect(net.leakedGrants == 0)
+        #expect(net.leakedGrants == 0, "every grant ended, the held ones included once the backend closed")
     }
 }

@@ -194,6 +194,30 @@ private func pairWithControl(_ a: NetBackend.Configuration = .init(), _ b: NetBa
         #expect(try plain.controlRequest(add, (0, 0, 1)).status == notSupported)
     }
 
+    @Test func deletingSomeKeepsTheRestHeldAndInUse() throws {
+        let (rig, one, two) = try pairWithControl()
+        let frame = ethernetFrame(to: two.mac, from: one.mac, payload: 100)
+        let refs = try (0..<5).map { _ in try one.grantedPage(frame) }
+        let list = try one.grefTable(refs.map { ($0, readOnly) })
+        #expect(try one.controlRequest(add, (0, list.ref.rawValue, 5)).status == success)
+        // The first and the middle one go (each leaves a hole the last held one moves into).
+        let gone = try one.grefTable([(refs[0], readOnly), (refs[2], readOnly)])
+        #expect(try one.controlRequest(del, (0, gone.ref.rawValue, 2)).data == 2)
+        #expect(refs.map { one.guest.isInUse($0) } == [false, true, false, true, true])
+        // Every one still sends its frame, held or pinned per copy.
+        for (id, ref) in refs.enumerated() {
+            try one.tx.produceRequest(NetFront.request(gref: ref, offset: 0, flags: 0, id: UInt16(id), size: frame.count))
+        }
+        try one.push()
+        rig.pump()
+        #expect(try one.takeTransmitted().map(\.status) == Array(repeating: rspOkay, count: 5))
+        #expect(try two.takeReceived().map(\.bytes) == Array(repeating: frame, count: 5))
+        #expect(refs.map { one.guest.isInUse($0) } == [false, true, false, true, true])
+        // Added again after DEL: held again.
+        #expect(try one.controlRequest(add, (0, gone.ref.rawValue, 2)).status == success)
+        #expect(refs.allSatisfy { one.guest.isInUse($0) })
+    }
+
     @Test func theConnectionsEndReleasesEveryHeldGrant() throws {
         let (rig, one, two) = try pairWithControl()
         let posted = two.posted.values.map(\.ref)
