@@ -10,7 +10,8 @@ import VireoMachine
 /// Two real guests on one embedded host, connected by Vireo's in-process switch: `netecho`
 /// answering at 10.0.0.2, and a second `netecho` at 10.0.0.3 that resolves it by ARP and pings
 /// it. Both vifs are netback ports of one NetworkSwitch; every frame crosses two netbacks, the
-/// switch and both guests' NetFrontends on KVM.
+/// switch and both guests' NetFrontends on KVM. The asker grants its pages once and has its
+/// backend hold them (static grants, over the control ring); the answerer grants per packet.
 @Suite struct TwoGuestsOnASwitchTests {
     static let root = URL(fileURLWithPath: #filePath)
         .deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
@@ -35,7 +36,7 @@ import VireoMachine
         let outcomes = Mutex<[Int: EmbeddedHost.Outcome]>([:])
         let failures = Mutex<[String]>([])
         // The answering guest stops after the asker's ARP request and three echo requests.
-        let guests = [(name: "echo", cmdline: "ip=10.0.0.2 count=4"), (name: "asker", cmdline: "ip=10.0.0.3 ping=10.0.0.2 pings=3")]
+        let guests = [(name: "echo", cmdline: "ip=10.0.0.2 count=4"), (name: "asker", cmdline: "ip=10.0.0.3 ping=10.0.0.2 pings=3 grants=static")]
         var threads: [Thread] = []
         for (index, guest) in guests.enumerated() {
             let thread = Thread {
@@ -59,6 +60,8 @@ import VireoMachine
         #expect(failures.withLock { $0 }.isEmpty, "\(failures.withLock { $0 })")
         #expect(!threads.contains(where: { !$0.isFinished }), "a guest did not finish: \(echo)\n\(asker)")
         #expect(asker.contains("netecho: ping 10.0.0.2: 3/3 replies\n"), "\(asker)")
+        #expect(asker.contains(", static grants held\n"), "\(asker)")
+        #expect(!echo.contains("static grants"), "\(echo)")
         #expect(echo.contains("netecho: done, ") && echo.contains(" arp 1 icmp 3 "), "\(echo)")
         #expect(outcomes.withLock { $0[0]?.reason } == .poweroff && outcomes.withLock { $0[1]?.reason } == .poweroff)
     }

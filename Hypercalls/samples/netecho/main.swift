@@ -12,8 +12,12 @@
 //                      ICMP echo requests, resending every 200 ms (for up to 30 s); print
 //                      "netecho: ping A.B.C.D: N/N replies" and power off (a crash when
 //                      replies are missing). It answers requests meanwhile, as always.
+//   grants=static      ask the backend to hold its copy buffers and receive pages mapped
+//                      (Xen's static grants, over the control ring) instead of granting each
+//                      page per packet (grants=copy, the default)
 //
-// It prints "netecho: vif0 connected, mac M, ip A" once connected, a counter line every 16
+// It prints "netecho: vif0 connected, mac M, ip A" once connected (with ", static grants held"
+// or ", static grants refused" after grants=static), a counter line every 16
 // packets received, and "netecho: done, ..." before a count= exit.
 import GuestKit
 import VireoABI
@@ -36,6 +40,7 @@ struct Options {
     var count: UInt64?
     var ping: IPv4Address?
     var pings: UInt64 = 3
+    var staticGrants = false
     var bad: [UInt8]?
 
     init(_ line: [UInt8]) {
@@ -69,6 +74,8 @@ struct Options {
             ping = address
         } else if let v = Self.value(word, "pings"), let n = Bytes.decimal(v), n >= 1, n <= 64 {
             pings = n
+        } else if let v = Self.value(word, "grants"), Bytes.equal(v, "static") || Bytes.equal(v, "copy") {
+            staticGrants = Bytes.equal(v, "static")
         } else {
             bad = word
         }
@@ -78,13 +85,13 @@ struct Options {
 func run() throws(GuestError) {
     var options = Options(Array(String(cString: vireo_guest_cmdline()).utf8))
     if let bad = options.bad {
-        say("netecho: ignoring '\(text(bad))' (give ip=A.B.C.D mac=M port=N count=N)\n")
+        say("netecho: ignoring '\(text(bad))' (give ip=A.B.C.D mac=M port=N count=N grants=static|copy)\n")
     }
     try guest.mapSharedInfo()
     let store = try XenStoreClient(guest: guest)
     let net: NetFrontend<PVHPlatform>
     do {
-        net = try NetFrontend(guest: guest, store: store, grants: try GuestGrants(guest: guest))
+        net = try NetFrontend(guest: guest, store: store, grants: try GuestGrants(guest: guest), staticGrants: options.staticGrants)
     } catch {
         if error == .ENOENT { say("netecho: no network device (device/vif/0 is missing)\n") }
         throw error
@@ -92,7 +99,8 @@ func run() throws(GuestError) {
     try net.connect()
     let mac = options.mac ?? net.mac
     options.mac = mac
-    say("netecho: vif0 connected, mac \(text(mac.text)), ip \(text(options.ip.text))\n")
+    let held = !options.staticGrants ? "" : net.staticGrantsHeld ? ", static grants held" : ", static grants refused"
+    say("netecho: vif0 connected, mac \(text(mac.text)), ip \(text(options.ip.text))\(held)\n")
 
     if let peer = options.ping { return try ping(peer, count: Int(options.pings), net: net, mac: mac, ip: options.ip, port: options.port) }
 
