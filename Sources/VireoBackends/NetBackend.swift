@@ -963,22 +963,30 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
     }
 
     /// The commonest packet the short way, without parsing it into `slots` and `fragments`:
-    /// one slot (no fragments, no extra info, no blank checksum) in a page the frontend keeps
-    /// mapped (a static grant), switched to another vif that takes it into its posted pages at
-    /// once. Its first bytes are copied into the host buffer once and switched on there, and the
-    /// rest goes page to page, as ``transmitMapped(_:)`` does. Returns the packet's status, or
-    /// nil when it is not of this shape or cannot go straight: nothing was delivered, and the
-    /// packet takes the general path from the same copy of its slot.
+    /// one slot (no fragments, no extra info, no blank checksum), switched to another vif that
+    /// takes it into its posted pages at once. Its page is the held one when the frontend keeps
+    /// it mapped (a static grant), else pinned for the copy as any other. Its first bytes are
+    /// copied into the host buffer once and switched on there, and the rest goes page to page,
+    /// as ``transmitMapped(_:)`` does. Returns the packet's status, or nil when it is not of
+    /// this shape or cannot go straight (its grant refused, no route to one vif, the receiver
+    /// not ready): nothing was delivered, and the packet takes the general path from the same
+    /// copy of its slot.
     @inline(__always)
     private func transmitDirect(_ c: Connection, _ request: TxRequest) -> Int16? {
         let size = Int(request.size), offset = Int(request.offset)
         guard request.flags & ~UInt16(VIREO_NETTXF_data_validated) == 0, size >= 14, offset + size <= 4096,
-              switchPort != nil, c.statics.count > 0 else { return nil }
+              switchPort != nil else { return nil }
         txScratch.refs[0] = GrantRef(request.gref)
-        guard c.statics.fill(UnsafeBufferPointer(rebasing: txScratch.refs[0..<1]), writable: false, into: txScratch.pages) else {
-            return nil
+        let sent = try? c.withPages(UnsafeBufferPointer(rebasing: txScratch.refs[0..<1]), writable: false, pages: txScratch.pages) {
+            pages in sendDirect(from: pages[0], request, size: size, offset: offset)
         }
-        let page = txScratch.pages[0], buffer = txRegion
+        return sent ?? nil
+    }
+
+    /// ``transmitDirect(_:_:)`` with the packet's page in hand.
+    @inline(__always)
+    private func sendDirect(from page: SharedRegion, _ request: TxRequest, size: Int, offset: Int) -> Int16? {
+        let buffer = txRegion
         let headerLength = min(size, Self.routeBytes)
         Self.copyHeader(from: page, at: offset, to: buffer, at: 0, count: headerLength)
         let header = UnsafeRawBufferPointer(start: txBuffer, count: headerLength)
