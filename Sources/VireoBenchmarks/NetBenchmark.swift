@@ -17,8 +17,8 @@ import VireoStore
 /// Two kinds of frontend, alternated phase by phase in each round: one that keeps its ring
 /// pages mapped in the backend through Xen's static grants (ADD_GREF_MAPPING on the control
 /// ring), so no page is pinned per frame (`value`, `ratio`, `pps_64`, `cpu_*`), and one that
-/// grants each page per copy as Linux's netfront does (the `per_copy_*` fields; the threaded
-/// phase uses this one).
+/// grants each page per copy as Linux's netfront does (the `per_copy_*` fields). The threaded
+/// phase measures both too: `threaded_*` per copy, `threaded_static_*` with static grants.
 /// Baseline: memcpy of the same bytes (one copy per frame, between page-sized buffers as
 /// many as the ring's pages) in the same run. `value` is Gbit/s at 1500-byte frames, `ratio`
 /// that against memcpy; 64-byte frames per second are extra fields, and so are the CPU time
@@ -75,16 +75,22 @@ public struct NetBenchmark: Benchmark {
         // the idle dispatcher's), per frame: what the deployed shape costs the host beside
         // what it delivers.
         rig.startThreads()
-        var threadedLarge: [Measure.Rate] = [], threadedSmall: [Measure.Rate] = []
-        var threadedLargeCPU = ThreadCPU(clock: CLOCK_PROCESS_CPUTIME_ID), threadedSmallCPU = ThreadCPU(clock: CLOCK_PROCESS_CPUTIME_ID)
+        var threaded = Phases(largeCPU: ThreadCPU(clock: CLOCK_PROCESS_CPUTIME_ID), smallCPU: ThreadCPU(clock: CLOCK_PROCESS_CPUTIME_ID))
+        var threadedStatics = threaded
         for round in 1...rounds {
-            options.log("net: threaded round \(round)")
-            try rig.load(frameBytes: 1500)
-            threadedLarge.append(try Measure.rate(seconds: seconds) { try threadedLargeCPU.count { UInt64(try rig.drive(batch)) } })
-            try rig.load(frameBytes: 64)
-            threadedSmall.append(try Measure.rate(seconds: seconds) { try threadedSmallCPU.count { UInt64(try rig.drive(batch)) } })
+            options.log("net: threaded round \(round), per-copy and static grants")
+            for useStatics in [false, true] {
+                try rig.useStaticGrants(useStatics)
+                var p = useStatics ? threadedStatics : threaded
+                try rig.load(frameBytes: 1500)
+                p.large.append(try Measure.rate(seconds: seconds) { try p.largeCPU.count { UInt64(try rig.drive(batch)) } })
+                try rig.load(frameBytes: 64)
+                p.small.append(try Measure.rate(seconds: seconds) { try p.smallCPU.count { UInt64(try rig.drive(batch)) } })
+                if useStatics { threadedStatics = p } else { threaded = p }
+            }
         }
-        let threadedGbit = gbit(Measure.median(threadedLarge), 1500)
+        let threadedGbit = gbit(Measure.median(threaded.large), 1500)
+        let threadedStaticGbit = gbit(Measure.median(threadedStatics.large), 1500)
         let value = gbit(Measure.median(statics.large), 1500), baseline = gbit(Measure.median(base.large), 1500)
         let perCopyGbit = gbit(Measure.median(perCopy.large), 1500)
         let a = rig.sender.statistics, b = rig.receiver.statistics
@@ -116,9 +122,14 @@ public struct NetBenchmark: Benchmark {
                 ("per_copy_cpu_ns_per_frame_64", .number(perCopy.smallCPU.nanosecondsPerFrame)),
                 ("threaded_gbit_1500", .number(threadedGbit)),
                 ("threaded_ratio", .number(threadedGbit / baseline)),
-                ("threaded_pps_64", .number(Measure.median(threadedSmall).perSecond.rounded())),
-                ("threaded_cpu_ns_per_frame_1500", .number(threadedLargeCPU.nanosecondsPerFrame)),
-                ("threaded_cpu_ns_per_frame_64", .number(threadedSmallCPU.nanosecondsPerFrame)),
+                ("threaded_pps_64", .number(Measure.median(threaded.small).perSecond.rounded())),
+                ("threaded_cpu_ns_per_frame_1500", .number(threaded.largeCPU.nanosecondsPerFrame)),
+                ("threaded_cpu_ns_per_frame_64", .number(threaded.smallCPU.nanosecondsPerFrame)),
+                ("threaded_static_gbit_1500", .number(threadedStaticGbit)),
+                ("threaded_static_ratio", .number(threadedStaticGbit / baseline)),
+                ("threaded_static_pps_64", .number(Measure.median(threadedStatics.small).perSecond.rounded())),
+                ("threaded_static_cpu_ns_per_frame_1500", .number(threadedStatics.largeCPU.nanosecondsPerFrame)),
+                ("threaded_static_cpu_ns_per_frame_64", .number(threadedStatics.smallCPU.nanosecondsPerFrame)),
                 ("in_flight", .integer(Int64(NetBenchRig.slots))),
                 ("frames", .integer(Int64(b.rxPackets))),
             ])
@@ -197,7 +208,7 @@ final class NetBenchRig {
     private var txPort = EventPort(0), rxPort = EventPort(0)
     /// Each frontend's control ring, and the page it lists grants in for ADD_/DEL_GREF_MAPPING.
     private var controls: [(guest: SimulatedGuest, backend: NetBackend, ring: FrontRing<vireo_xen_netif_ctrl_request, vireo_xen_netif_ctrl_response>,
-                            list: GuestFrame, listRef: GrantRef, grants: [GrantRef], readOnly: Bool)] = []
+                            port: EventPort, list: GuestFrame, listRef: GrantRef, grants: [GrantRef], readOnly: Bool)] = []
     private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
 
@@ -221,8 +232,8 @@ final class NetBenchRig {
         rx = b.rx
         txPort = a.port
         rxPort = b.port
-        controls = [(one, sender, a.control, try one.allocatePage(), GrantRef(0), [], true),
-                    (two, receiver, b.control, try two.allocatePage(), GrantRef(0), [], false)]
+        controls = [(one, sender, a.control, a.controlPort, try one.allocatePage(), GrantRef(0), [], true),
+                    (two, receiver, b.control, b.controlPort, try two.allocatePage(), GrantRef(0), [], false)]
         for i in controls.indices {
             controls[i].listRef = try controls[i].guest.grantAccess(to: host.id, frame: controls[i].list, readOnly: false)
         }
@@ -255,7 +266,7 @@ final class NetBenchRig {
     /// port, Linux netfront's keys, Connected.
     private static func connect(_ guest: SimulatedGuest, _ backend: NetBackend, store: XenStore, host: HostEventDomain) throws
         -> (tx: FrontRing<vireo_netif_tx_request, vireo_netif_tx_response>, rx: FrontRing<vireo_netif_rx_request, vireo_netif_rx_response>,
-            port: EventPort, control: FrontRing<vireo_xen_netif_ctrl_request, vireo_xen_netif_ctrl_response>) {
+            port: EventPort, control: FrontRing<vireo_xen_netif_ctrl_request, vireo_xen_netif_ctrl_response>, controlPort: EventPort) {
         let txFrame = try guest.allocatePage(), rxFrame = try guest.allocatePage(), controlFrame = try guest.allocatePage()
         let tx: FrontRing<vireo_netif_tx_request, vireo_netif_tx_response> = try guest.frontRing(on: txFrame)
         let rx: FrontRing<vireo_netif_rx_request, vireo_netif_rx_response> = try guest.frontRing(on: rxFrame)
@@ -274,15 +285,14 @@ final class NetBenchRig {
             _ = store.request(XenStoreMessage(type: .write, payload: Array(path.utf8) + [0] + Array(value.utf8)), from: session)
         }
         backend.poll()
-        return (tx, rx, port, control)
+        return (tx, rx, port, control, controlPort)
     }
 
     /// Each frontend asks its backend over the control ring to keep every page it puts on its
     /// rings mapped (ADD_GREF_MAPPING: the sender's transmit pages read-only, the receiver's
-    /// receive pages writable), or to let them go (DEL_GREF_MAPPING). Called while the
-    /// backends are served from this thread.
+    /// receive pages writable), or to let them go (DEL_GREF_MAPPING). With the backends on
+    /// their own threads, the frontend notifies and waits for the answer.
     func useStaticGrants(_ on: Bool) throws {
-        precondition(threads.isEmpty, "switched only while this thread serves the backends")
         for i in controls.indices {
             let c = controls[i]
             let page = try c.guest.page(c.list)
@@ -297,9 +307,21 @@ final class NetBenchRig {
             request.type = UInt16(on ? VIREO_XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING : VIREO_XEN_NETIF_CTRL_TYPE_DEL_GREF_MAPPING)
             request.data = (0, c.listRef.rawValue, UInt32(c.grants.count))
             try controls[i].ring.produceRequest(request)
-            _ = controls[i].ring.pushRequestsAndCheckNotify()
-            c.backend.poll()
-            let response = try controls[i].ring.consumeResponse()
+            let notify = controls[i].ring.pushRequestsAndCheckNotify()
+            var response: vireo_xen_netif_ctrl_response?
+            if threads.isEmpty {
+                c.backend.poll()
+                response = try controls[i].ring.consumeResponse()
+            } else {
+                if notify { try c.guest.notify(c.port) }
+                let deadline = ContinuousClock.now.advanced(by: .seconds(5))
+                while response == nil && ContinuousClock.now < deadline {
+                    response = try controls[i].ring.consumeResponse()
+                    if response == nil, try !controls[i].ring.finalCheckForResponses() {
+                        _ = c.guest.waitForEvents(timeout: .milliseconds(5))
+                    }
+                }
+            }
             guard let response, response.id == request.id, response.status == UInt32(VIREO_XEN_NETIF_CTRL_STATUS_SUCCESS) else {
                 throw BenchmarkError.unavailable(name: benchmark, reason: "the control ring refused \(on ? "ADD" : "DEL")_GREF_MAPPING: \(String(describing: response))")
             }
