@@ -991,24 +991,33 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         Self.copyHeader(from: page, at: offset, to: buffer, at: 0, count: headerLength)
         let header = UnsafeRawBufferPointer(start: txBuffer, count: headerLength)
         guard let destination = route(header) else { return nil }
-        if !routing.held {
-            destination._withUnsafeGuaranteedRef { $0.holdInbox() }
-            routing.held = true
-        }
         func write(into targets: UnsafeMutableBufferPointer<SharedRegion>) {
             Self.copyHeader(from: buffer, at: 0, to: targets[0], at: 0, count: headerLength)
             targets[0].copyBytes(from: page, offset: offset + headerLength, to: headerLength, count: size - headerLength)
         }
         let checksum: FrameChecksum = request.flags == 0 ? .unknown : .validated
-        let delivery = destination._withUnsafeGuaranteedRef {
-            $0.deliverHeld(header: header, length: size, checksum: checksum, scratch: rxScratch, copy: write)
+        guard deliverStraight(to: destination, header: header, length: size, checksum: checksum, copy: write) == .delivered else {
+            return nil
         }
-        guard delivery == .delivered else { return nil }
         routing.frames += 1
         routing.delivered += 1
         pending.txPackets += 1
         pending.txBytes += size
         return Int16(VIREO_NETIF_RSP_OKAY)
+    }
+
+    /// A routed frame into `destination`'s posted pages (``deliverHeld(header:length:checksum:scratch:copy:)``),
+    /// taking its inbox lock first if this pass does not hold it yet (``endRouting()`` releases it).
+    @inline(__always)
+    private func deliverStraight(to destination: Unmanaged<NetDevice>, header: UnsafeRawBufferPointer, length: Int,
+                                 checksum: FrameChecksum, copy: (UnsafeMutableBufferPointer<SharedRegion>) -> Void) -> Delivery {
+        if !routing.held {
+            destination._withUnsafeGuaranteedRef { $0.holdInbox() }
+            routing.held = true
+        }
+        return destination._withUnsafeGuaranteedRef {
+            $0.deliverHeld(header: header, length: length, checksum: checksum, scratch: rxScratch, copy: copy)
+        }
     }
 
     /// A frame's first bytes from one region to another: a whole ``routeBytes`` line as four
@@ -1080,11 +1089,6 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
         let frame = UnsafeMutableRawBufferPointer(start: txBuffer, count: size)
         let taken: Bool
         if let destination = route(header) {
-            let scratch = rxScratch
-            if !routing.held {
-                destination._withUnsafeGuaranteedRef { $0.holdInbox() }
-                routing.held = true
-            }
             // The frame into the receiver's pinned pages (page i holds frame bytes from i * 4096):
             // the header from the checked copy, the rest straight from the sender's pages.
             func write(into targets: UnsafeMutableBufferPointer<SharedRegion>) {
@@ -1100,10 +1104,7 @@ public final class NetDevice: XenbusDevice, @unchecked Sendable {  // the contro
                     }
                 }
             }
-            let delivery = destination._withUnsafeGuaranteedRef {
-                $0.deliverHeld(header: header, length: size, checksum: checksum, scratch: scratch, copy: write)
-            }
-            if delivery == .delivered {
+            if deliverStraight(to: destination, header: header, length: size, checksum: checksum, copy: write) == .delivered {
                 taken = true
             } else {
                 gather(pages, from: headerLength, to: size) { page, offset, at, count in
