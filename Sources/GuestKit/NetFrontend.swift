@@ -114,10 +114,11 @@ public final class NetFrontend<Platform: GuestPlatform> {
         var packet: UInt64 = 0
         /// The copy buffer of this id (0 until first used, or after its grant leaked).
         var page: UInt64 = 0
-        /// The copy buffer's grant for the connection (static grants), or nil.
+        /// The copy buffer's grant for the connection (static grants), or nil. A slot whose
+        /// `ref` is this one keeps it after the response; any other `ref` is revoked then.
         var bufferRef: GrantRef?
-        /// Whether `ref` is `bufferRef` (kept after the response) rather than a grant of its own.
-        var refIsBuffers = false
+        /// Whether the slot's grant is one of its own, revoked once the slot is answered.
+        var ownsRef: Bool { ref != bufferRef }
     }
     var txSlots: [TxSlot] = []
     var freeTxIDs: [UInt16] = []
@@ -352,8 +353,6 @@ public final class NetFrontend<Platform: GuestPlatform> {
             let id = freeTxIDs.removeLast()
             ids.append(id)
             if txSlots[Int(id)].page == 0 { txSlots[Int(id)].page = guest.platform.allocatePage() }
-            // Granted for the connection (static grants): the copy goes out under that grant.
-            txSlots[Int(id)].refIsBuffers = txSlots[Int(id)].bufferRef != nil
             let page = txSlots[Int(id)].page
             let length = bytes.count - offset < guestPageSize ? bytes.count - offset : guestPageSize
             bytes.withUnsafeBytes { source in
@@ -387,11 +386,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
         guard !checksumBlank || !backendNoChecksumOffload else { throw GuestError.ENOSYS }
         try waitForTransmitSlots(fragments.count)
         var ids: [UInt16] = []
-        for _ in fragments {
-            let id = freeTxIDs.removeLast()
-            txSlots[Int(id)].refIsBuffers = false
-            ids.append(id)
-        }
+        for _ in fragments { ids.append(freeTxIDs.removeLast()) }
         return try post(fragments, ids: ids, checksumBlank: checksumBlank)
     }
 
@@ -415,12 +410,14 @@ public final class NetFrontend<Platform: GuestPlatform> {
     func post(_ fragments: [NetFragment], ids: [UInt16], checksumBlank: Bool) throws(GuestError) -> UInt64 {
         var refs: [GrantRef] = []
         for (i, fragment) in fragments.enumerated() {
-            if txSlots[Int(ids[i])].refIsBuffers, let buffer = txSlots[Int(ids[i])].bufferRef {
+            // The slot's own copy buffer, granted for the connection (static grants): sent under that grant.
+            let slot = txSlots[Int(ids[i])]
+            if let buffer = slot.bufferRef, fragment.frame == GuestFrame(slot.page >> guestPageShift) {
                 refs.append(buffer)
                 continue
             }
             guard let ref = grants.grantAccess(to: bus.backendDomain, frame: fragment.frame, readOnly: true) else {
-                for (j, r) in refs.enumerated() where !txSlots[Int(ids[j])].refIsBuffers && !grants.endAccess(r) { leakedGrants += 1 }
+                for (j, r) in refs.enumerated() where r != txSlots[Int(ids[j])].bufferRef && !grants.endAccess(r) { leakedGrants += 1 }
                 freeTxIDs += ids.reversed()
                 throw GuestError.ENOSPC
             }
@@ -464,7 +461,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
                 badResponses += 1
                 continue
             }
-            if !txSlots[id].refIsBuffers && !grants.endAccess(txSlots[id].ref) {
+            if txSlots[id].ownsRef && !grants.endAccess(txSlots[id].ref) {
                 // The backend still holds the page: it stays granted and is never reused.
                 leakedGrants += 1
                 txSlots[id].page = 0
@@ -628,7 +625,7 @@ public final class NetFrontend<Platform: GuestPlatform> {
         _ = try bus.waitForBackend([.closed])
         guard txRing != nil else { return }
         for i in 0..<txSlots.count {
-            if txSlots[i].inFlight && !txSlots[i].refIsBuffers && !grants.endAccess(txSlots[i].ref) { leakedGrants += 1 }
+            if txSlots[i].inFlight && txSlots[i].ownsRef && !grants.endAccess(txSlots[i].ref) { leakedGrants += 1 }
             if let buffer = txSlots[i].bufferRef, !grants.endAccess(buffer) { leakedGrants += 1 }
             txSlots[i].bufferRef = nil
             if txSlots[i].inFlight { freeTxIDs.append(UInt16(i)) }
