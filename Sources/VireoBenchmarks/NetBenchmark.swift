@@ -36,6 +36,27 @@ public struct NetBenchmark: Benchmark {
         // The same phases in this thread's CPU time: on a shared host a phase that loses the
         // core for a while loses wall-clock time, not CPU time.
         var largeCPU = ThreadCPU(), smallCPU = ThreadCPU()
+
+        /// One phase of `seconds` running `batch` (which returns the frames it moved), counted
+        /// with the 1500-byte (`large`) or the 64-byte figures.
+        mutating func measure(large: Bool, seconds: Double, _ batch: () throws -> UInt64) rethrows {
+            if large {
+                self.large.append(try Measure.rate(seconds: seconds) { try largeCPU.count(batch) })
+            } else {
+                small.append(try Measure.rate(seconds: seconds) { try smallCPU.count(batch) })
+            }
+        }
+
+        /// The figures every kind of frontend reports, named `prefix` + gbit_1500, ratio (over
+        /// `baseline` Gbit/s), pps_64 and cpu_ns_per_frame_1500 and _64.
+        func fields(_ prefix: String, baseline: Double) -> [(key: String, value: JSONValue)] {
+            let gbit = Measure.median(large).perSecond * 1500 * 8 / 1e9
+            return [(prefix + "gbit_1500", .number(gbit)),
+                    (prefix + "ratio", .number(gbit / baseline)),
+                    (prefix + "pps_64", .number(Measure.median(small).perSecond.rounded())),
+                    (prefix + "cpu_ns_per_frame_1500", .number(largeCPU.nanosecondsPerFrame)),
+                    (prefix + "cpu_ns_per_frame_64", .number(smallCPU.nanosecondsPerFrame))]
+        }
     }
 
     public func run(_ options: BenchmarkOptions) async throws -> BenchmarkResult {
@@ -49,28 +70,18 @@ public struct NetBenchmark: Benchmark {
         defer { copier.release() }
         for round in 1...rounds {
             options.log("net: round \(round): 1500-byte and 64-byte frames, static grants, per-copy grants and memcpy")
-            for (bytes, large) in [(1500, true), (64, false)] {
+            for bytes in [1500, 64] {
                 try rig.load(frameBytes: bytes)
-                for useStatics in [true, false] {
-                    try rig.useStaticGrants(useStatics)
-                    var p = useStatics ? statics : perCopy
-                    if large {
-                        p.large.append(try Measure.rate(seconds: seconds) { try p.largeCPU.count { UInt64(try rig.drive(batch)) } })
-                    } else {
-                        p.small.append(try Measure.rate(seconds: seconds) { try p.smallCPU.count { UInt64(try rig.drive(batch)) } })
-                    }
-                    if useStatics { statics = p } else { perCopy = p }
-                }
-                if large {
-                    base.large.append(Measure.rate(seconds: seconds) { base.largeCPU.count { copier.copy(batch, bytes: 1500) } })
-                } else {
-                    base.small.append(Measure.rate(seconds: seconds) { base.smallCPU.count { copier.copy(batch, bytes: 64) } })
-                }
+                try rig.useStaticGrants(true)
+                try statics.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
+                try rig.useStaticGrants(false)
+                try perCopy.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
+                base.measure(large: bytes == 1500, seconds: seconds) { copier.copy(batch, bytes: bytes) }
             }
         }
         let gbit = { (rate: Measure.Rate, bytes: Int) in rate.perSecond * Double(bytes) * 8 / 1e9 }
         // Last, the deployed shape: each backend on its own thread, woken by events.
-        options.log("net: backends on their own threads, woken by events (per-copy grants)")
+        options.log("net: backends on their own threads, woken by events")
         // The CPU time is the whole process's (every thread's: the frontends', both backends',
         // the idle dispatcher's), per frame: what the deployed shape costs the host beside
         // what it delivers.
@@ -79,20 +90,15 @@ public struct NetBenchmark: Benchmark {
         var threadedStatics = threaded
         for round in 1...rounds {
             options.log("net: threaded round \(round), per-copy and static grants")
-            for useStatics in [false, true] {
-                try rig.useStaticGrants(useStatics)
-                var p = useStatics ? threadedStatics : threaded
-                try rig.load(frameBytes: 1500)
-                p.large.append(try Measure.rate(seconds: seconds) { try p.largeCPU.count { UInt64(try rig.drive(batch)) } })
-                try rig.load(frameBytes: 64)
-                p.small.append(try Measure.rate(seconds: seconds) { try p.smallCPU.count { UInt64(try rig.drive(batch)) } })
-                if useStatics { threadedStatics = p } else { threaded = p }
+            for bytes in [1500, 64] {
+                try rig.load(frameBytes: bytes)
+                try rig.useStaticGrants(false)
+                try threaded.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
+                try rig.useStaticGrants(true)
+                try threadedStatics.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
             }
         }
-        let threadedGbit = gbit(Measure.median(threaded.large), 1500)
-        let threadedStaticGbit = gbit(Measure.median(threadedStatics.large), 1500)
         let value = gbit(Measure.median(statics.large), 1500), baseline = gbit(Measure.median(base.large), 1500)
-        let perCopyGbit = gbit(Measure.median(perCopy.large), 1500)
         let a = rig.sender.statistics, b = rig.receiver.statistics
         guard a.txErrors == 0, a.txDropped == 0, b.rxErrors == 0, b.rxDropped == 0 else {
             throw BenchmarkError.unavailable(name: name, reason: "frames were lost: sender \(a), receiver \(b)")
@@ -114,22 +120,10 @@ public struct NetBenchmark: Benchmark {
                 ("ratio_cpu", .number(base.largeCPU.nanosecondsPerFrame / statics.largeCPU.nanosecondsPerFrame)),
                 ("cpu_ns_per_frame_64", .number(statics.smallCPU.nanosecondsPerFrame)),
                 ("cpu_ns_per_frame_64_baseline", .number(base.smallCPU.nanosecondsPerFrame)),
-                ("per_copy_gbit_1500", .number(perCopyGbit)),
-                ("per_copy_ratio", .number(perCopyGbit / baseline)),
-                ("per_copy_pps_64", .number(Measure.median(perCopy.small).perSecond.rounded())),
-                ("per_copy_cpu_ns_per_frame_1500", .number(perCopy.largeCPU.nanosecondsPerFrame)),
                 ("per_copy_ratio_cpu", .number(base.largeCPU.nanosecondsPerFrame / perCopy.largeCPU.nanosecondsPerFrame)),
-                ("per_copy_cpu_ns_per_frame_64", .number(perCopy.smallCPU.nanosecondsPerFrame)),
-                ("threaded_gbit_1500", .number(threadedGbit)),
-                ("threaded_ratio", .number(threadedGbit / baseline)),
-                ("threaded_pps_64", .number(Measure.median(threaded.small).perSecond.rounded())),
-                ("threaded_cpu_ns_per_frame_1500", .number(threaded.largeCPU.nanosecondsPerFrame)),
-                ("threaded_cpu_ns_per_frame_64", .number(threaded.smallCPU.nanosecondsPerFrame)),
-                ("threaded_static_gbit_1500", .number(threadedStaticGbit)),
-                ("threaded_static_ratio", .number(threadedStaticGbit / baseline)),
-                ("threaded_static_pps_64", .number(Measure.median(threadedStatics.small).perSecond.rounded())),
-                ("threaded_static_cpu_ns_per_frame_1500", .number(threadedStatics.largeCPU.nanosecondsPerFrame)),
-                ("threaded_static_cpu_ns_per_frame_64", .number(threadedStatics.smallCPU.nanosecondsPerFrame)),
+            ] + perCopy.fields("per_copy_", baseline: baseline)
+              + threaded.fields("threaded_", baseline: baseline)
+              + threadedStatics.fields("threaded_static_", baseline: baseline) + [
                 ("in_flight", .integer(Int64(NetBenchRig.slots))),
                 ("frames", .integer(Int64(b.rxPackets))),
             ])
@@ -206,9 +200,10 @@ final class NetBenchRig {
     @exclusivity(unchecked) private var rxRefs: [GrantRef] = []
     @exclusivity(unchecked) private var frameBytes = 0
     private var txPort = EventPort(0), rxPort = EventPort(0)
-    /// Each frontend's control ring, and the page it lists grants in for ADD_/DEL_GREF_MAPPING.
+    /// Each frontend's control ring, and the page listing its ring pages' grants (`count` of
+    /// them) for ADD_/DEL_GREF_MAPPING.
     private var controls: [(guest: SimulatedGuest, backend: NetBackend, ring: FrontRing<vireo_xen_netif_ctrl_request, vireo_xen_netif_ctrl_response>,
-                            port: EventPort, list: GuestFrame, listRef: GrantRef, grants: [GrantRef], readOnly: Bool)] = []
+                            port: EventPort, list: GuestFrame, listRef: GrantRef, count: Int)] = []
     private var dispatcher: HostEventDispatcher?
     private var threads: [Thread] = []
 
@@ -232,8 +227,8 @@ final class NetBenchRig {
         rx = b.rx
         txPort = a.port
         rxPort = b.port
-        controls = [(one, sender, a.control, a.controlPort, try one.allocatePage(), GrantRef(0), [], true),
-                    (two, receiver, b.control, b.controlPort, try two.allocatePage(), GrantRef(0), [], false)]
+        controls = [(one, sender, a.control, a.controlPort, try one.allocatePage(), GrantRef(0), Self.slots),
+                    (two, receiver, b.control, b.controlPort, try two.allocatePage(), GrantRef(0), Self.slots)]
         for i in controls.indices {
             controls[i].listRef = try controls[i].guest.grantAccess(to: host.id, frame: controls[i].list, readOnly: false)
         }
@@ -247,9 +242,18 @@ final class NetBenchRig {
             let target = try two.allocatePage()
             rxRefs.append(try two.grantAccess(to: host.id, frame: target, readOnly: false))
         }
+        // The grants each frontend would have its backend hold: the sender's transmit pages
+        // read-only, the receiver's receive pages writable.
+        for (control, refs, readOnly) in [(controls[0], txRefs, true), (controls[1], rxRefs, false)] {
+            let list = try control.guest.page(control.list)
+            for (n, ref) in refs.enumerated() {
+                var entry = vireo_xen_netif_gref()
+                entry.ref = ref.rawValue
+                entry.flags = readOnly ? UInt16(VIREO_XEN_NETIF_CTRLF_GREF_readonly) : 0
+                list.store(entry, at: n * MemoryLayout<vireo_xen_netif_gref>.stride)
+            }
+        }
         // Every receive page posted; each response reposts its page under the same id.
-        controls[0].grants = txRefs
-        controls[1].grants = rxRefs
         for id in 0..<Self.slots { try rx.produceRequest(Self.rxRequest(id: id, ref: rxRefs[id])) }
         _ = rx.pushRequestsAndCheckNotify()
         receiver.poll()
@@ -295,17 +299,10 @@ final class NetBenchRig {
     func useStaticGrants(_ on: Bool) throws {
         for i in controls.indices {
             let c = controls[i]
-            let page = try c.guest.page(c.list)
-            for (n, ref) in c.grants.enumerated() {
-                var entry = vireo_xen_netif_gref()
-                entry.ref = ref.rawValue
-                entry.flags = c.readOnly ? UInt16(VIREO_XEN_NETIF_CTRLF_GREF_readonly) : 0
-                page.store(entry, at: n * MemoryLayout<vireo_xen_netif_gref>.stride)
-            }
             var request = vireo_xen_netif_ctrl_request()
             request.id = on ? 1 : 2
             request.type = UInt16(on ? VIREO_XEN_NETIF_CTRL_TYPE_ADD_GREF_MAPPING : VIREO_XEN_NETIF_CTRL_TYPE_DEL_GREF_MAPPING)
-            request.data = (0, c.listRef.rawValue, UInt32(c.grants.count))
+            request.data = (0, c.listRef.rawValue, UInt32(c.count))
             try controls[i].ring.produceRequest(request)
             let notify = controls[i].ring.pushRequestsAndCheckNotify()
             var response: vireo_xen_netif_ctrl_response?
