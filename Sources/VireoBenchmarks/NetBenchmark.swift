@@ -68,14 +68,18 @@ public struct NetBenchmark: Benchmark {
         var statics = Phases(), perCopy = Phases(), base = Phases()
         let copier = Copier(pages: NetBenchRig.slots)
         defer { copier.release() }
+        /// One phase of `bytes`-byte frames for each kind of frontend: static grants, then per copy.
+        func measureBothGrants(_ statics: inout Phases, _ perCopy: inout Phases, bytes: Int) throws {
+            try rig.load(frameBytes: bytes)
+            try rig.useStaticGrants(true)
+            try statics.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
+            try rig.useStaticGrants(false)
+            try perCopy.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
+        }
         for round in 1...rounds {
             options.log("net: round \(round): 1500-byte and 64-byte frames, static grants, per-copy grants and memcpy")
             for bytes in [1500, 64] {
-                try rig.load(frameBytes: bytes)
-                try rig.useStaticGrants(true)
-                try statics.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
-                try rig.useStaticGrants(false)
-                try perCopy.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
+                try measureBothGrants(&statics, &perCopy, bytes: bytes)
                 base.measure(large: bytes == 1500, seconds: seconds) { copier.copy(batch, bytes: bytes) }
             }
         }
@@ -90,13 +94,7 @@ public struct NetBenchmark: Benchmark {
         var threadedStatics = threaded
         for round in 1...rounds {
             options.log("net: threaded round \(round), per-copy and static grants")
-            for bytes in [1500, 64] {
-                try rig.load(frameBytes: bytes)
-                try rig.useStaticGrants(false)
-                try threaded.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
-                try rig.useStaticGrants(true)
-                try threadedStatics.measure(large: bytes == 1500, seconds: seconds) { UInt64(try rig.drive(batch)) }
-            }
+            for bytes in [1500, 64] { try measureBothGrants(&threadedStatics, &threaded, bytes: bytes) }
         }
         let value = gbit(Measure.median(statics.large), 1500), baseline = gbit(Measure.median(base.large), 1500)
         let a = rig.sender.statistics, b = rig.receiver.statistics
